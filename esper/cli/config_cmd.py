@@ -1,0 +1,33 @@
+"""`esper config show|validate`."""
+
+from __future__ import annotations
+
+import typer
+
+from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, handle_errors, load_config, print_json, stderr
+
+app = typer.Typer(help="Show or validate the resolved configuration.", no_args_is_help=True)
+
+
+@app.command("show")
+@handle_errors
+def show(ctx: typer.Context, config: ConfigOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the resolved config (file + --set overrides + defaults) as TOML, or JSON with --json."""
+    resolved = load_config(ctx, config, sets)
+    if as_json:
+        print_json(resolved.config.to_dict())
+    else:
+        typer.echo(f"# resolved from {resolved.path}" + (f" with {list(resolved.overrides)}" if resolved.overrides else ""))
+        typer.echo(resolved.config.to_toml(), nl=False)
+
+
+@app.command("validate")
+@handle_errors
+def validate(ctx: typer.Context, config: ConfigOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Validate the config; exit 0 when valid, 3 with the reasons when not."""
+    resolved = load_config(ctx, config, sets)
+    doc = {"valid": True, "path": str(resolved.path), "hash": resolved.config.config_hash()}
+    if as_json:
+        print_json(doc)
+    else:
+        stderr().print(f"[green]ok[/]: {resolved.path} is valid (hash {doc['hash'][:12]})", highlight=False)

@@ -1,0 +1,46 @@
+"""The `esper` console script: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from esper import __version__
+from esper.cli import config_cmd
+from esper.cli.common import ConfigOpt, GlobalOptions, QuietOpt, SetOpt
+from esper.cli.lifecycle import lifecycle
+
+app = typer.Typer(
+    name="esper",
+    help="Esper: grow seed modules into a host network, safely, from one TOML file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"esper {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    quiet: QuietOpt = False,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """Global options apply to every command; a command's own --config/--set take precedence."""
+    ctx.obj = GlobalOptions(config=config, sets=list(sets or []), quiet=quiet)
+
+
+app.command("lifecycle")(lifecycle)
+app.add_typer(config_cmd.app, name="config")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

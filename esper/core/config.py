@@ -1,0 +1,391 @@
+"""The one typed configuration: schema, resolution, ``--set`` overrides and readable errors.
+
+Every default lives in this schema, once. ``esper.toml`` at the repository root documents each key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esper.core.errors import ConfigError
+from esper.core.faults import CATALOGUE, parse_at
+
+ENV_VAR = "ESPER_CONFIG"
+DEFAULT_PATH = Path("esper.toml")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_factory_ref(text: str) -> bool:
+    """Whether ``text`` has the ``module:function`` form used for plug-ins."""
+    return bool(_FACTORY.match(text))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class RunConfig(_Section):
+    seed: int = Field(42, ge=0, description="global RNG seed; a CPU run is bit-reproducible for a given seed")
+    output_dir: str = Field("runs", min_length=1, description="parent directory of run directories")
+    run_id: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", description="run id; empty generates one")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="device to train on; never falls back")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+
+
+class DataConfig(_Section):
+    task: str = Field("digits", description="digits | synthetic | module:function")
+    batch_size: int = Field(64, ge=1, le=65536, description="training mini-batch size")
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out fraction for validation")
+    synthetic_samples: int = Field(512, ge=16, description="synthetic task: number of samples")
+    synthetic_features: int = Field(16, ge=2, description="synthetic task: input features")
+    synthetic_classes: int = Field(4, ge=2, description="synthetic task: classes")
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        if v in ("digits", "synthetic") or is_factory_ref(v):
+            return v
+        raise ValueError(f"must be 'digits', 'synthetic' or 'module:function', got {v!r}")
+
+
+class HostConfig(_Section):
+    factory: str = Field("mlp", description="mlp | module:function")
+    hidden: list[int] = Field(default_factory=lambda: [16, 16], min_length=1,
+                              description="hidden widths of the built-in MLP host; layers are hidden1..N")
+    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="activation of the MLP host")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        if v == "mlp" or is_factory_ref(v):
+            return v
+        raise ValueError(f"must be 'mlp' or 'module:function', got {v!r}")
+
+    @field_validator("hidden")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if any(w < 1 for w in v):
+            raise ValueError(f"every width must be >= 1, got {v}")
+        return v
+
+
+class SlotConfig(_Section):
+    name: str = Field(min_length=1, description="slot name")
+    layer: str = Field(min_length=1, description="host layer whose output the slot augments")
+
+
+class BlendConfig(_Section):
+    mode: Literal["convex", "residual", "channel", "confidence"] = Field("convex", description="blend mode")
+    steps: int = Field(60, ge=1, description="optimizer steps for alpha to ramp 0 -> 1")
+    channel_alpha: list[float] = Field(default_factory=list, description="per-channel weights (channel mode)")
+    confidence_margin: float = Field(0.5, gt=0.0, description="confidence mode: logit margin for full gate")
+
+
+class SeedsConfig(_Section):
+    enabled: bool = Field(True, description="grow seeds at all; false trains the host alone")
+    slots: list[SlotConfig] = Field(
+        default_factory=lambda: [SlotConfig(name="s1", layer="hidden1"), SlotConfig(name="s2", layer="hidden2")],
+        description="slots at named host layers",
+    )
+    blueprints: list[str] = Field(default_factory=lambda: ["residual_mlp", "lowrank", "bottleneck"],
+                                  min_length=1, description="blueprints the controller may germinate")
+    user_blueprints: dict[str, str] = Field(default_factory=dict, description="name -> module:function")
+    max_active: int = Field(1, ge=1, description="seeds alive (not DORMANT/FOSSILIZED/retired) at once")
+    param_budget: int = Field(20000, ge=1, description="max parameters of one seed (G0)")
+    min_training_epochs: int = Field(2, ge=1, description="epochs in TRAINING before G2 may pass")
+    g2_min_improvement: float = Field(0.02, ge=0.0, description="relative drop of the seed's own loss for G2")
+    max_step_latency_ms: float = Field(250.0, gt=0.0, description="G2 budget for the seed's step latency")
+    shadowing_epochs: int = Field(1, ge=1, description="epochs in SHADOWING")
+    probation_epochs: int = Field(1, ge=1, description="epochs in PROBATIONARY before G4 is asked")
+    embargo_epochs: int = Field(2, ge=0, description="epochs a slot cools down after a cull")
+    isolation_sample: int = Field(4096, ge=16, description="gradient entries sampled by the isolation monitor")
+    isolation_max_cosine: float = Field(1e-6, ge=0.0, description="largest host/seed gradient cosine (G1)")
+    blend: BlendConfig = Field(default_factory=BlendConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> SeedsConfig:
+        names = [s.name for s in self.slots]
+        if len(set(names)) != len(names):
+            raise ValueError(f"slot names must be unique, got {names}")
+        for name, ref in self.user_blueprints.items():
+            if not is_factory_ref(ref):
+                raise ValueError(f"user_blueprints.{name} must be 'module:function', got {ref!r}")
+        if self.blend.mode == "channel" and not self.blend.channel_alpha:
+            raise ValueError("blend.mode = 'channel' requires blend.channel_alpha")
+        return self
+
+
+class RiskConfig(_Section):
+    max_loss_volatility: float = Field(0.5, gt=0.0, description="max coefficient of variation of recent val loss")
+    volatility_window: int = Field(3, ge=2, description="epochs in the volatility window")
+    max_step_latency_ms: float = Field(1000.0, gt=0.0, description="defer germination above this step latency")
+    max_recent_rollbacks: int = Field(0, ge=0, description="reject mutations after more rollbacks than this")
+    rollback_window_epochs: int = Field(3, ge=1, description="epochs that count as 'recent' for rollbacks")
+
+
+class ControllerConfig(_Section):
+    policy: str = Field("heuristic", description="heuristic | module:function")
+    timeout_ms: int = Field(2000, ge=1, description="budget of one controller decision")
+    plateau_window: int = Field(2, ge=1, description="epochs compared to detect a validation-loss plateau")
+    plateau_min_delta: float = Field(0.02, ge=0.0, description="relative improvement below which loss plateaus")
+    warmup_epochs: int = Field(1, ge=0, description="epochs before the first germination is considered")
+    fossilize_min_improvement: float = Field(0.0, description="G4: val accuracy with seed minus without")
+    stall_epochs: int = Field(6, ge=1, description="cull a seed stuck this many epochs in one stage")
+    report_window_epochs: int = Field(2, ge=1, description="epochs observed before a field report is filed")
+    risk: RiskConfig = Field(default_factory=RiskConfig)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        if v == "heuristic" or is_factory_ref(v):
+            return v
+        raise ValueError(f"must be 'heuristic' or 'module:function', got {v!r}")
+
+
+class ProfilerConfig(_Section):
+    enabled: bool = Field(False, description="record a torch.profiler window")
+    dir: str = Field("", description="trace directory (relative paths live in the run directory)")
+    wait: int = Field(1, ge=0, description="steps skipped before the window")
+    warmup: int = Field(1, ge=0, description="warm-up steps of the window")
+    active: int = Field(3, ge=1, le=1000, description="recorded steps (bounded)")
+
+    @model_validator(mode="after")
+    def _dir(self) -> ProfilerConfig:
+        if self.enabled and not self.dir:
+            raise ValueError("enabled = true requires dir")
+        return self
+
+
+class TrainerConfig(_Section):
+    epochs: int = Field(14, ge=1, le=100000, description="epochs to train")
+    lr: float = Field(0.1, gt=0.0, description="base learning rate of every param group")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
+    lr_policy: Literal["constant", "cosine", "step"] = Field("cosine", description="LR policy")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up length in global steps")
+    warmup_start_factor: float = Field(0.1, gt=0.0, le=1.0, description="warm-up starts at this factor of lr")
+    cosine_t_max: int = Field(0, ge=0, description="cosine period in steps; 0 = the whole run")
+    cosine_past_t_max: Literal["floor", "restart"] = Field("floor", description="cosine after t_max")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine floor")
+    step_size: int = Field(200, ge=1, description="step policy: steps between decays")
+    step_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step policy: decay factor")
+    grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 disables clipping")
+    profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
+
+
+class CheckpointConfig(_Section):
+    every_epochs: int = Field(1, ge=1, description="write a checkpoint every N epochs")
+    keep_last: int = Field(3, ge=1, description="verified checkpoints kept on disk")
+
+
+class RollbackConfig(_Section):
+    fast_sla_ms: float = Field(500.0, gt=0.0, description="fast (in-memory) rollback SLA")
+    full_sla_ms: float = Field(12000.0, gt=0.0, description="full (checkpoint) rollback SLA")
+
+
+class EmergencyConfig(_Section):
+    recovery_epochs: int = Field(2, ge=1, description="healthy epochs before a policy downgrade")
+    loss_explosion_factor: float = Field(10.0, gt=1.0, description="loss > factor x EWMA escalates")
+    ewma_alpha: float = Field(0.1, gt=0.0, le=1.0, description="EWMA smoothing of the training loss")
+    max_consecutive_rollbacks: int = Field(2, ge=1, description="rollbacks without a healthy epoch -> CONSERVATIVE")
+    max_checkpoint_failures: int = Field(2, ge=1, description="failed checkpoint writes in a row -> HALT")
+    slow_step_ms: float = Field(2000.0, gt=0.0, description="a step slower than this raises NOTICE")
+
+
+class TelemetryConfig(_Section):
+    batch_size: int = Field(64, ge=1, description="events buffered before a write (CRITICAL bypasses)")
+    rate_limit_per_s: int = Field(2000, ge=1, description="INFO/WARNING events per second before dropping")
+    critical_retries: int = Field(3, ge=0, description="write retries for a CRITICAL event before escalation")
+
+
+class FaultConfig(_Section):
+    name: str = Field(description="a fault of `esper faults list`")
+    at: str = Field(description="EPOCH[:STEP] where it fires")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v not in CATALOGUE:
+            close = difflib.get_close_matches(v, list(CATALOGUE), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown fault {v!r}{hint}")
+        return v
+
+    @field_validator("at")
+    @classmethod
+    def _at(cls, v: str) -> str:
+        parse_at(v)
+        return v
+
+
+class BenchConfig(_Section):
+    warmup: int = Field(3, ge=0, description="untimed rounds before measuring")
+    repeats: int = Field(7, ge=1, description="timed ABAB pairs per measurement")
+    rollback_sizes: list[int] = Field(default_factory=lambda: [0, 10_000_000, 100_000_000],
+                                      description="parameter counts for P-2 (0 = the default model)")
+
+
+class EsperConfig(_Section):
+    """The whole run configuration."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    host: HostConfig = Field(default_factory=HostConfig)
+    seeds: SeedsConfig = Field(default_factory=SeedsConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    rollback: RollbackConfig = Field(default_factory=RollbackConfig)
+    emergency: EmergencyConfig = Field(default_factory=EmergencyConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    faults: list[FaultConfig] = Field(default_factory=list)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON form: equal configs hash equal whatever their file layout."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    config: EsperConfig
+    path: Path
+    overrides: tuple[str, ...]
+
+
+def resolve_path(explicit: Path | None, env: Mapping[str, str] | None = None) -> Path:
+    """``--config`` beats ``$ESPER_CONFIG`` beats ``./esper.toml``."""
+    env = os.environ if env is None else env
+    if explicit is not None:
+        return explicit
+    if env.get(ENV_VAR):
+        return Path(env[ENV_VAR])
+    return DEFAULT_PATH
+
+
+def load(
+    explicit: Path | None = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> ResolvedConfig:
+    """Read, override and validate the config; every problem is a ConfigError with a readable message."""
+    path = resolve_path(explicit, env)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (tried --config, ${ENV_VAR}, ./esper.toml in that order)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from exc
+    for item in overrides:
+        apply_override(raw, item)
+    return ResolvedConfig(validate(raw, source=str(path)), path, tuple(overrides))
+
+
+def from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> EsperConfig:
+    """Validate a config given as a dict (tests, resumed checkpoints)."""
+    data = json.loads(json.dumps(raw))
+    for item in overrides:
+        apply_override(data, item)
+    return validate(data, source="<dict>")
+
+
+def from_toml_text(text: str, source: str = "<text>") -> EsperConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: TOML syntax error: {exc}") from exc
+    return validate(raw, source=source)
+
+
+def validate(raw: Mapping[str, Any], source: str) -> EsperConfig:
+    try:
+        return EsperConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from exc
+
+
+_BARE = re.compile(r"^[A-Za-z_][\w.:/+-]*$")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``dotted.key=TOML_VALUE``. A bare word that is not TOML is taken as a string (Hydra-style)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+        raise ConfigError(f"malformed --set {item!r}: expected dotted.key=TOML_VALUE, e.g. trainer.epochs=3")
+    text = text.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        if not _BARE.match(text) or text in ("true", "false"):
+            raise ConfigError(f"malformed --set {item!r}: value of {key} is not TOML ({exc})") from exc
+        value = text
+    return parts, value
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    parts, value = parse_override(item)
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"malformed --set {item!r}: {'.'.join(parts[: i + 1])} is not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    loc = [str(p) for p in err.get("loc", ())]
+    path = ".".join(loc) or "<root>"
+    if err.get("type") == "extra_forbidden":
+        options = _fields_at(err.get("loc", ())[:-1])
+        close = difflib.get_close_matches(loc[-1], options, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*loc[:-1], close[0]])!r}?" if close else ""
+        where = ".".join(loc[:-1]) or "top level"
+        return f"{path}: unknown key (allowed in {where}: {', '.join(sorted(options))}){hint}"
+    msg = str(err.get("msg", "invalid"))
+    msg = msg.removeprefix("Value error, ")
+    got = err.get("input")
+    if err.get("type") == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}: {msg} (got {got!r})"
+
+
+def _fields_at(loc: Sequence[Any]) -> list[str]:
+    model: Any = EsperConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        if get_origin(ann) in (list, dict):
+            ann = get_args(ann)[-1]
+        model = ann
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []

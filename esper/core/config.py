@@ -113,6 +113,10 @@ class SeedsConfig(_Section):
     isolation_sample: int = Field(4096, ge=16, description="gradient entries sampled by the isolation monitor")
     isolation_max_cosine: float = Field(1e-6, ge=0.0, description="largest host/seed gradient cosine (G1)")
     blend: BlendConfig = Field(default_factory=BlendConfig)
+    compile: bool = Field(False, description="torch.compile blueprints on load; a failure rejects the germination")
+    cache_bytes: int = Field(64 * 2**20, ge=0, description="blueprint load cache bound in bytes")
+    prefetch_workers: int = Field(2, ge=1, le=32, description="concurrent blueprint prefetches")
+    load_timeout_ms: int = Field(5000, ge=1, description="budget of one blueprint load")
 
     @model_validator(mode="after")
     def _check(self) -> SeedsConfig:
@@ -138,10 +142,12 @@ class RiskConfig(_Section):
 class ControllerConfig(_Section):
     policy: str = Field("heuristic", description="heuristic | module:function")
     timeout_ms: int = Field(2000, ge=1, description="budget of one controller decision")
+    isolation: Literal["process", "inline"] = Field(
+        "process", description="process: decisions run in a worker the mediator can kill; inline: in-process")
     plateau_window: int = Field(2, ge=1, description="epochs compared to detect a validation-loss plateau")
     plateau_min_delta: float = Field(0.02, ge=0.0, description="relative improvement below which loss plateaus")
     warmup_epochs: int = Field(1, ge=0, description="epochs before the first germination is considered")
-    fossilize_min_improvement: float = Field(0.0, description="G4: val accuracy with seed minus without")
+    fossilize_min_improvement: float = Field(0.0, description="G4: val loss without the seed minus with it")
     stall_epochs: int = Field(6, ge=1, description="cull a seed stuck this many epochs in one stage")
     report_window_epochs: int = Field(2, ge=1, description="epochs observed before a field report is filed")
     risk: RiskConfig = Field(default_factory=RiskConfig)

@@ -8,6 +8,7 @@ from esper import __version__
 from esper.cli import config_cmd
 from esper.cli.common import ConfigOpt, GlobalOptions, QuietOpt, SetOpt
 from esper.cli.lifecycle import lifecycle
+from esper.cli.train import train
 
 app = typer.Typer(
     name="esper",
@@ -37,6 +38,7 @@ def main(
     ctx.obj = GlobalOptions(config=config, sets=list(sets or []), quiet=quiet)
 
 
+app.command("train")(train)
 app.command("lifecycle")(lifecycle)
 app.add_typer(config_cmd.app, name="config")
 

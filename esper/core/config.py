@@ -33,7 +33,8 @@ def is_factory_ref(text: str) -> bool:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # inf/nan would pass one-sided bounds (lr = inf) or none at all, and poison every comparison downstream.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(_Section):
@@ -99,7 +100,7 @@ class SeedsConfig(_Section):
         default_factory=lambda: [SlotConfig(name="s1", layer="hidden1"), SlotConfig(name="s2", layer="hidden2")],
         description="slots at named host layers",
     )
-    blueprints: list[str] = Field(default_factory=lambda: ["residual_mlp", "lowrank", "bottleneck"],
+    blueprints: list[str] = Field(default_factory=lambda: ["residual_mlp", "lowrank", "gated"],
                                   min_length=1, description="blueprints the controller may germinate")
     user_blueprints: dict[str, str] = Field(default_factory=dict, description="name -> module:function")
     max_active: int = Field(1, ge=1, description="seeds alive (not DORMANT/FOSSILIZED/retired) at once")
@@ -191,10 +192,17 @@ class TrainerConfig(_Section):
     grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 disables clipping")
     profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
 
+    @model_validator(mode="after")
+    def _floor(self) -> TrainerConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
 
 class CheckpointConfig(_Section):
     every_epochs: int = Field(1, ge=1, description="write a checkpoint every N epochs")
     keep_last: int = Field(3, ge=1, description="verified checkpoints kept on disk")
+    commit_delay_ms: int = Field(0, ge=0, description="drills only: pause before committing a checkpoint")
 
 
 class RollbackConfig(_Section):
@@ -267,8 +275,13 @@ class EsperConfig(_Section):
         return tomli_w.dumps(self.to_dict())
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON form: equal configs hash equal whatever their file layout."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the canonical JSON form: equal configs hash equal whatever their file layout.
+
+        ``faults`` are drill injections, not part of what is trained, so they do not enter the hash: a run
+        halted by an injected fault resumes with the plain config.
+        """
+        body = {k: v for k, v in self.to_dict().items() if k != "faults"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -377,6 +390,8 @@ def _describe(err: Mapping[str, Any]) -> str:
     got = err.get("input")
     if err.get("type") == "missing":
         return f"{path}: required key is missing"
+    if isinstance(got, Mapping):  # a section-level check: echoing the whole section buries the message
+        return f"{path}: {msg}"
     return f"{path}: {msg} (got {got!r})"
 
 

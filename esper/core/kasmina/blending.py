@@ -1,0 +1,90 @@
+"""Blend modes (T-4): one parser for the blend config, one pure function per mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from esper.core.config import BlendConfig
+from esper.core.errors import EsperError
+
+
+class BlendError(EsperError):
+    """Blend inputs are inconsistent with the configured mode."""
+
+
+@dataclass(frozen=True)
+class BlendSpec:
+    """A validated blend configuration (the only form Kasmina and the controller use)."""
+
+    mode: str
+    steps: int
+    channel_alpha: tuple[float, ...] = ()
+    confidence_margin: float = 0.5
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.mode == "confidence"
+
+
+def parse_blend(cfg: BlendConfig | dict[str, object]) -> BlendSpec:
+    """Validate a blend config (pydantic model or plain dict)."""
+    model = cfg if isinstance(cfg, BlendConfig) else BlendConfig.model_validate(cfg)
+    if model.mode == "channel":
+        if not model.channel_alpha:
+            raise BlendError("blend mode 'channel' requires channel_alpha (a per-channel vector)")
+        if any(not 0.0 <= a <= 1.0 for a in model.channel_alpha):
+            raise BlendError(f"channel_alpha values must lie in [0, 1], got {model.channel_alpha}")
+    return BlendSpec(model.mode, model.steps, tuple(model.channel_alpha), model.confidence_margin)
+
+
+def alpha_at(step: int, steps: int) -> float:
+    """Linear ramp that reaches exactly 1.0 at ``step == steps`` (no float drift)."""
+    if step >= steps:
+        return 1.0
+    return max(0.0, step / steps)
+
+
+def blend(
+    host: torch.Tensor,
+    seed: torch.Tensor,
+    alpha: float | torch.Tensor,
+    spec: BlendSpec,
+    logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Combine the host activation with the seed output. Never mutates ``alpha`` or its inputs."""
+    if seed.shape != host.shape:
+        raise BlendError(f"seed output shape {tuple(seed.shape)} != host activation {tuple(host.shape)}")
+    a = torch.as_tensor(alpha, dtype=host.dtype, device=host.device)
+    a = a.clamp(0.0, 1.0)  # out-of-place: the caller's tensor is left as it was
+    if spec.mode == "convex":
+        return (1 - a) * host + a * seed
+    if spec.mode == "residual":
+        # seed output is x + delta(x) on the detached host activation; add delta only, keep host gradient whole
+        return host + a * (seed - host.detach())
+    if spec.mode == "channel":
+        if not spec.channel_alpha:
+            raise BlendError("blend mode 'channel' requires a per-channel alpha vector")
+        vec = torch.tensor(spec.channel_alpha, dtype=host.dtype, device=host.device)
+        if vec.numel() != host.shape[1]:
+            raise BlendError(f"channel_alpha has {vec.numel()} entries, activation has {host.shape[1]} channels")
+        w = a * vec
+        return (1 - w) * host + w * seed
+    if spec.mode == "confidence":
+        if logits is None:
+            raise BlendError("blend mode 'confidence' needs the host's class logits [N, C]; none were given")
+        if logits.dim() != 2 or logits.shape[0] != host.shape[0] or logits.shape[1] < 2:
+            raise BlendError(f"confidence logits must be [N, C>=2] with N={host.shape[0]}, got {tuple(logits.shape)}")
+        top2 = logits.detach().topk(2, dim=1).values
+        margin = top2[:, 0] - top2[:, 1]
+        # trust the seed where the host is unsure (small margin)
+        gate = (1 - (margin / spec.confidence_margin).clamp(0.0, 1.0)).unsqueeze(1)
+        w = a * gate
+        return (1 - w) * host + w * seed
+    raise BlendError(f"unknown blend mode {spec.mode!r}")
+
+
+def gate_sparsity(weights: torch.Tensor, eps: float = 1e-3) -> float:
+    """Fraction of blend weights that are effectively zero (telemetry)."""
+    return float((weights.abs() < eps).float().mean())

@@ -1,0 +1,43 @@
+"""Gradient isolation monitor (T-5): host/seed gradient overlap as a cosine on an O(k) sample."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+class IsolationMonitor:
+    """Samples ``k`` fixed gradient coordinates across parameters (never ``randperm(numel)``)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], k: int, seed: int) -> None:
+        total = sum(p.numel() for p in params)
+        gen = torch.Generator().manual_seed(seed)
+        self.params = list(params)
+        self.index: list[torch.Tensor] = []
+        for p in self.params:
+            share = max(1, math.ceil(k * p.numel() / max(total, 1)))
+            self.index.append(torch.randint(0, p.numel(), (min(share, p.numel()),), generator=gen))
+
+    @property
+    def sample_size(self) -> int:
+        return sum(int(i.numel()) for i in self.index)
+
+    def sample(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """The sampled coordinates of ``grads`` (None -> zeros), as one vector of length ``sample_size``."""
+        parts = []
+        for idx, g, p in zip(self.index, grads, self.params, strict=True):
+            if g is None:
+                parts.append(torch.zeros(idx.numel(), dtype=p.dtype))
+            else:
+                parts.append(g.detach().reshape(-1).index_select(0, idx).to("cpu"))
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    @staticmethod
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        """|cos(a, b)|; 0 when either vector is zero (no overlap)."""
+        na, nb = float(a.norm()), float(b.norm())
+        if na == 0.0 or nb == 0.0:
+            return 0.0
+        return abs(float(a @ b) / (na * nb))

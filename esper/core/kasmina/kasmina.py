@@ -1,0 +1,350 @@
+"""Kasmina: slots on the host, blueprint instantiation, gates, and the seed lifecycle's automatic advances."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.core.config import EsperConfig
+from esper.core.kasmina import gates
+from esper.core.kasmina.blending import BlendSpec, blend, parse_blend
+from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
+from esper.core.kasmina.isolation import IsolationMonitor
+from esper.core.kasmina.slot import BLENDED, LIVE, Mode, SeedSlot, SeedStats
+from esper.core.optim import ParamGroupSpec
+from esper.statemachines import GateRejected, TransitionRecord
+
+Emit = Callable[..., Any]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (x, y, bypass_slots) -> (val_loss, val_accuracy)
+Evaluator = Callable[[frozenset[str]], tuple[float, float]]
+
+
+class Kasmina:
+    """Owns the slots of one host. Every stage change goes through the slot's strict machine."""
+
+    def __init__(
+        self,
+        cfg: EsperConfig,
+        host: nn.Module,
+        widths: dict[str, int],
+        emit: Emit,
+        build_module: Callable[[str, int, int], nn.Module] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.scfg = cfg.seeds
+        self.host = host
+        self.emit = emit
+        self.registry = BlueprintRegistry(cfg.seeds)
+        self.spec: BlendSpec = parse_blend(cfg.seeds.blend)
+        self.build_module = build_module or self.registry.build
+        self.slots: dict[str, SeedSlot] = {}
+        modules = dict(host.named_modules())
+        self._handles = []
+        for sc in cfg.seeds.slots:
+            slot = SeedSlot(sc.name, sc.layer, widths[sc.layer], self.spec, self._observer)
+            self.slots[sc.name] = slot
+            self._handles.append(modules[sc.layer].register_forward_hook(slot.hook))
+        self._upstream: dict[str, list[nn.Parameter]] = {}
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Host forward with every slot applied; confidence mode first gets the host's own logits."""
+        if self.spec.needs_logits and any(s.module is not None for s in self.slots.values()):
+            with torch.no_grad(), self.modes(Mode.BYPASS, self.slots):
+                logits = self.host(x)
+            for s in self.slots.values():
+                s.logits = logits
+        return self.host(x)
+
+    class _Modes:
+        def __init__(self, slots: list[SeedSlot], mode: Mode) -> None:
+            self.slots, self.mode = slots, mode
+            self.prev: list[Mode] = []
+
+        def __enter__(self) -> None:
+            self.prev = [s.mode for s in self.slots]
+            for s in self.slots:
+                s.mode = self.mode
+
+        def __exit__(self, *exc: object) -> None:
+            for s, m in zip(self.slots, self.prev, strict=True):
+                s.mode = m
+
+    def modes(self, mode: Mode, names: Any) -> Kasmina._Modes:
+        return Kasmina._Modes([self.slots[n] for n in names], mode)
+
+    def seed_pass(self, slot: SeedSlot, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> float:
+        """TRAINING seed's own step: task loss with the seed substituted; gradients go to the seed only."""
+        t0 = time.perf_counter()
+        with self.modes(Mode.SUBSTITUTE, [slot.name]):
+            loss = loss_fn(self.forward(x), y)
+        params = slot.params()
+        grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        slot.stats.loss_sum += float(loss.detach())
+        slot.stats.loss_count += 1
+        slot.stats.latency_ms_sum += (time.perf_counter() - t0) * 1000.0
+        return float(loss.detach())
+
+    # -------------------------------------------------------------- parameters
+    def param_groups(self) -> list[ParamGroupSpec]:
+        """Host group (host + fossilized seeds) and one group per live seed."""
+        host_params = list(self.host.parameters())
+        groups = []
+        for s in self.slots.values():
+            if s.module is None:
+                continue
+            if s.stage == "FOSSILIZED":
+                host_params.extend(s.params())
+            else:
+                groups.append(ParamGroupSpec(name=f"seed:{s.name}", params=s.params()))
+        return [ParamGroupSpec(name="host", params=host_params), *groups]
+
+    def seed_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{s.name}.{k}": v for s in self.slots.values() if s.module is not None
+                for k, v in s.module.state_dict().items()}
+
+    def candidate_params(self, slot_name: str) -> dict[str, int]:
+        """Parameter count each allowed blueprint would have in this slot (risk stage's budget check)."""
+        width = self.slots[slot_name].width
+        return {b: self.registry[b].bounds(width)[1] for b in self.scfg.blueprints}
+
+    def total_params(self) -> int:
+        return param_count(self.host) + sum(param_count(s.module) for s in self.slots.values() if s.module)
+
+    # --------------------------------------------------------------- commands
+    def germinate(self, slot_name: str, blueprint: str, reason: str) -> gates.GateResult:
+        """DORMANT -> GERMINATED through G0. Raises GateRejected / IllegalTransition; nothing changes then."""
+        slot = self.slots[slot_name]
+        slot.machine.require("germinate")
+        known = blueprint in self.registry and blueprint in self.scfg.blueprints
+        module: nn.Module | None = None
+        out_shape: tuple[int, ...] | None = None
+        finite = False
+        n = 0
+        bounds = (0, 0)
+        if known:
+            module = self.build_module(blueprint, slot.width, self.init_seed(slot))
+            n = param_count(module)
+            bounds = self.registry[blueprint].bounds(slot.width)
+            finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
+            with torch.no_grad():
+                out_shape = tuple(module(torch.zeros(2, slot.width)).shape)
+        result = gates.g0_sanity(blueprint=blueprint, known=known, n_params=n, bounds=bounds,
+                                 budget=self.scfg.param_budget, finite=finite, out_shape=out_shape,
+                                 expected_shape=(2, slot.width))
+        self._gate_event(slot, "germinate", result)
+
+        def attach() -> None:
+            slot.module = module
+            slot.blueprint = blueprint
+            slot.germinations += 1
+            slot.seed_id = f"{slot.name}-{slot.germinations}"
+            slot.stats.clear()
+
+        slot.machine.fire("germinate", reason=reason, gate=result, prepare=attach)
+        return result
+
+    def probe_g1(self, slot_name: str, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> gates.GateResult:
+        """G1 on a probe batch: finite non-zero seed gradients, no leak into host parameters upstream."""
+        slot = self.slots[slot_name]
+        upstream = self._upstream_params(slot, x)
+        monitor = IsolationMonitor(upstream, self.scfg.isolation_sample, self.cfg.run.seed)
+        before = [None if p.grad is None else p.grad.clone() for p in self.host.parameters()]
+        with self.modes(Mode.BYPASS, [slot.name]):
+            host_loss = loss_fn(self.forward(x), y)
+        host_grads = torch.autograd.grad(host_loss, upstream, allow_unused=True) if upstream else []
+        seed_loss = loss_fn(self._probe_forward(slot, x), y)
+        seed_params = slot.params()
+        grads = torch.autograd.grad(seed_loss, [*seed_params, *upstream], allow_unused=True)
+        seed_grads, leak = grads[: len(seed_params)], grads[len(seed_params):]
+        finite = all(g is not None and bool(torch.isfinite(g).all()) for g in seed_grads)
+        norm = float(sum(float(g.norm()) for g in seed_grads if g is not None))
+        cosine = monitor.cosine(monitor.sample(host_grads), monitor.sample(leak)) if upstream else 0.0
+        after = [None if p.grad is None else p.grad for p in self.host.parameters()]
+        unchanged = all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                        for a, b in zip(before, after, strict=True))
+        result = gates.g1_gradient_health(seed_grad_norm=norm, seed_grads_finite=finite, isolation_cosine=cosine,
+                                          max_cosine=self.scfg.isolation_max_cosine, host_grads_unchanged=unchanged)
+        result.attributes["sample_size"] = monitor.sample_size
+        if cosine > self.scfg.isolation_max_cosine:
+            self.emit("kasmina", "isolation.violation", "ERROR", slot=slot.name, cosine=cosine,
+                      seed_id=slot.seed_id)
+        return result
+
+    def _probe_forward(self, slot: SeedSlot, x: torch.Tensor) -> torch.Tensor:
+        # SUBSTITUTE only acts in TRAINING; a GERMINATED seed is probed as if it were training.
+        module = slot.module
+        assert module is not None
+
+        def substitute(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
+            x_in = out.detach() if slot.detach_input else out
+            return blend(x_in if slot.detach_input else out, module(x_in), 1.0, self.spec, slot.logits)
+
+        handle = dict(self.host.named_modules())[slot.layer].register_forward_hook(substitute)
+        try:
+            with self.modes(Mode.BYPASS, [slot.name]):
+                return self.forward(x)
+        finally:
+            handle.remove()
+
+    def start_training(self, slot_name: str, result: gates.GateResult, reason: str) -> None:
+        slot = self.slots[slot_name]
+        self._gate_event(slot, "start_training", result)
+        slot.machine.fire("start_training", reason=reason, gate=result, prepare=slot.stats.clear)
+
+    def cull(self, slot_name: str, reason: str) -> None:
+        """Remove a live seed from the forward pass (its optimizer group goes with the next rebuild)."""
+        slot = self.slots[slot_name]
+        slot.machine.require("cull")
+
+        def detach() -> None:
+            slot.module = None
+
+        slot.machine.fire("cull", reason=reason, prepare=detach)
+        slot.machine.fire("embargo", reason=f"cool down {self.scfg.embargo_epochs} epoch(s) after cull",
+                          prepare=lambda: setattr(slot.stats, "embargo_left", self.scfg.embargo_epochs))
+        if self.scfg.embargo_epochs == 0:
+            self._reset(slot)
+
+    def fossilize(self, slot_name: str, reason: str) -> gates.GateResult:
+        """PROBATIONARY -> FOSSILIZED through G4 (counterfactual measured at the last epoch end)."""
+        slot = self.slots[slot_name]
+        slot.machine.require("fossilize")
+        cf = slot.stats.counterfactual
+        result = gates.g4_system_impact(loss_with=cf.get("loss_with", float("nan")),
+                                        loss_without=cf.get("loss_without", float("nan")),
+                                        min_improvement=self.cfg.controller.fossilize_min_improvement,
+                                        degraded=slot.module is None)
+        self._gate_event(slot, "fossilize", result)
+        slot.machine.fire("fossilize", reason=reason, gate=result)
+        return result
+
+    # ------------------------------------------------------------- automatic
+    def after_step(self) -> None:
+        for s in self.slots.values():
+            if s.stage == "BLENDING":
+                s.stats.alpha_step += 1
+
+    def end_epoch(self, evaluate: Evaluator) -> list[str]:
+        """Advance stages whose conditions are met; returns the names of slots whose params changed."""
+        changed: list[str] = []
+        for slot in self.slots.values():
+            stage = slot.stage
+            st = slot.stats
+            if stage in LIVE:
+                st.epochs_in_stage += 1
+            if stage == "TRAINING":
+                if st.loss_count:
+                    st.epoch_losses.append(st.loss_sum / st.loss_count)
+                latency = st.latency_ms_sum / max(st.loss_count, 1)
+                st.loss_sum, st.loss_count, st.latency_ms_sum = 0.0, 0, 0.0
+                if st.epochs_in_stage >= self.scfg.min_training_epochs and st.epoch_losses:
+                    result = gates.g2_stability(
+                        epochs_in_training=st.epochs_in_stage, min_epochs=self.scfg.min_training_epochs,
+                        loss_start=st.epoch_losses[0], loss_now=st.epoch_losses[-1],
+                        min_improvement=self.scfg.g2_min_improvement, step_latency_ms=latency,
+                        latency_budget_ms=self.scfg.max_step_latency_ms)
+                    self._auto(slot, "start_blending", result, changed)
+            elif stage == "BLENDING" and slot.alpha == 1.0:
+                out = slot.last_output
+                ref = slot.last_input
+                present = list(dict(self.host.named_modules()))
+                result = gates.g3_interface(
+                    alpha=slot.alpha,
+                    out_shape=tuple(out.shape) if out is not None else (),
+                    host_shape=tuple(ref.shape) if ref is not None else (),
+                    out_dtype=str(out.dtype) if out is not None else "-",
+                    host_dtype=str(ref.dtype) if ref is not None else "-",
+                    out_device=str(out.device) if out is not None else "-",
+                    host_device=str(ref.device) if ref is not None else "-",
+                    required_layers=[slot.layer], present_layers=present)
+                self._auto(slot, "start_shadowing", result, changed)
+            elif stage == "SHADOWING" and st.epochs_in_stage >= self.scfg.shadowing_epochs:
+                slot.machine.fire("start_probation", reason=f"stable for {st.epochs_in_stage} epoch(s) at alpha 1")
+                st.epochs_in_stage = 0
+            elif stage == "EMBARGOED":
+                st.embargo_left -= 1
+                if st.embargo_left <= 0:
+                    self._reset(slot)
+        for slot in self.slots.values():
+            if slot.stage == "PROBATIONARY":
+                loss_with, _ = evaluate(frozenset())
+                loss_without, _ = evaluate(frozenset({slot.name}))
+                slot.stats.counterfactual = {"loss_with": loss_with, "loss_without": loss_without,
+                                             "gain": loss_without - loss_with}
+        return changed
+
+    def _auto(self, slot: SeedSlot, trigger: str, result: gates.GateResult, changed: list[str]) -> None:
+        """An automatic advance: a failed G1-G4 culls the seed (SPEC §3.2)."""
+        self._gate_event(slot, trigger, result)
+        if result.passed:
+            slot.machine.fire(trigger, reason=result.reason, gate=result)
+            slot.stats.epochs_in_stage = 0
+            return
+        self.cull(slot.name, reason=f"{result.gate} failed on {trigger}: {result.reason}")
+        changed.append(slot.name)
+
+    def _reset(self, slot: SeedSlot) -> None:
+        def clear() -> None:
+            slot.module = None
+            slot.blueprint = None
+            slot.seed_id = None
+            slot.stats.clear()
+
+        slot.machine.fire("reset", reason="embargo expired", prepare=clear)
+        result = gates.g5_reset_clean(module_detached=slot.module is None,
+                                      optimizer_groups_removed=not any(True for _ in slot.params()),
+                                      counters_cleared=slot.stats.is_clear())
+        self._gate_event(slot, "reactivate", result)
+        slot.machine.fire("reactivate", reason="slot clean", gate=result)
+
+    # ---------------------------------------------------------------- helpers
+    def init_seed(self, slot: SeedSlot) -> int:
+        """Seed of the blueprint init RNG for the slot's next germination (deterministic, resumable)."""
+        index = list(self.slots).index(slot.name)
+        return self.cfg.run.seed * 7_919 + index * 1_009 + slot.germinations
+
+    def _upstream_params(self, slot: SeedSlot, x: torch.Tensor) -> list[nn.Parameter]:
+        """Host parameters the slot's input depends on (where a leak would land)."""
+        if slot.layer not in self._upstream:
+            captured: list[torch.Tensor] = []
+            handle = dict(self.host.named_modules())[slot.layer].register_forward_hook(
+                lambda _m, _i, out: captured.append(out))
+            try:
+                with self.modes(Mode.BYPASS, self.slots):
+                    self.host(x[:2])
+            finally:
+                handle.remove()
+            params = [p for p in self.host.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(captured[0].sum(), params, allow_unused=True)
+            self._upstream[slot.layer] = [p for p, g in zip(params, grads, strict=True) if g is not None]
+        return self._upstream[slot.layer]
+
+    def _observer(self, record: TransitionRecord) -> None:
+        level = "WARNING" if record.dest == "CULLED" else "INFO"
+        self.emit("kasmina", "seed.transition", level, slot=record.subject, transition=record.to_dict())
+
+    def _gate_event(self, slot: SeedSlot, trigger: str, result: gates.GateResult) -> None:
+        self.emit("kasmina", "gate.result", "INFO" if result.passed else "WARNING", slot=slot.name,
+                  seed_id=slot.seed_id, trigger=trigger, **result.to_dict())
+
+    def records(self) -> list[dict[str, Any]]:
+        return [s.record() for s in self.slots.values()]
+
+    def alive(self) -> int:
+        return sum(1 for s in self.slots.values() if s.stage in LIVE)
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+__all__ = ["BLENDED", "LIVE", "GateRejected", "Kasmina", "SeedStats"]

@@ -1,0 +1,143 @@
+"""One slot at a named host layer, holding at most one seed driven by the L-1 machine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.core.kasmina.blending import BlendSpec, alpha_at, blend
+from esper.statemachines import SEED, StrictMachine
+from esper.statemachines.machine import Observer
+
+
+class Mode(enum.Enum):
+    NORMAL = "normal"  # stage-driven behaviour
+    BYPASS = "bypass"  # host alone (counterfactual evaluation, confidence logits)
+    SUBSTITUTE = "substitute"  # TRAINING seed's own loss: seed output replaces the host activation
+
+
+# Stages in which the seed contributes to the host output (input still detached until FOSSILIZED).
+BLENDED = frozenset({"BLENDING", "SHADOWING", "PROBATIONARY"})
+# Stages that hold a live, not-yet-permanent seed.
+LIVE = frozenset({"GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY"})
+
+
+class SeedForwardError(RuntimeError):
+    """A seed's forward pass raised; the trainer treats it as an emergency for this seed."""
+
+    def __init__(self, slot: str, cause: BaseException) -> None:
+        self.slot = slot
+        super().__init__(f"seed in slot {slot!r} failed in forward: {cause!r}")
+
+
+@dataclass
+class SeedStats:
+    """Per-seed counters; all cleared by a reset (G5 checks that)."""
+
+    epochs_in_stage: int = 0
+    alpha_step: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    latency_ms_sum: float = 0.0
+    counterfactual: dict[str, float] = field(default_factory=dict)
+    embargo_left: int = 0
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def is_clear(self) -> bool:
+        return self == SeedStats()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+                for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SeedStats:
+        return cls(**d)
+
+
+class SeedSlot:
+    """Forward-hook behaviour of one slot, per stage of its seed."""
+
+    def __init__(self, name: str, layer: str, width: int, spec: BlendSpec, observer: Observer | None) -> None:
+        self.name = name
+        self.layer = layer
+        self.width = width
+        self.spec = spec
+        self.machine = StrictMachine(SEED, name, observer=observer)
+        self.module: nn.Module | None = None
+        self.blueprint: str | None = None
+        self.seed_id: str | None = None
+        self.germinations = 0
+        self.stats = SeedStats()
+        self.mode = Mode.NORMAL
+        self.detach_input = True  # T-5; only a unit test of the isolation monitor turns this off
+        self.logits: torch.Tensor | None = None
+        self.last_output: torch.Tensor | None = None
+        self.last_input: torch.Tensor | None = None
+        self.fail_forward: BaseException | None = None  # fault injection: raised inside the seed's forward
+
+    @property
+    def stage(self) -> str:
+        return self.machine.state
+
+    @property
+    def alpha(self) -> float:
+        if self.stage == "FOSSILIZED" or self.stage in BLENDED - {"BLENDING"}:
+            return 1.0
+        if self.stage == "BLENDING":
+            return alpha_at(self.stats.alpha_step, self.spec.steps)
+        return 0.0
+
+    def params(self) -> list[nn.Parameter]:
+        return list(self.module.parameters()) if self.module is not None else []
+
+    def _seed(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.module is not None
+        if self.fail_forward is not None:
+            cause, self.fail_forward = self.fail_forward, None
+            raise SeedForwardError(self.name, cause)
+        return self.module(x)
+
+    def hook(self, _module: nn.Module, _inputs: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        self.last_input = out
+        stage = self.stage
+        if self.mode is Mode.BYPASS or self.module is None:
+            return out
+        if stage == "TRAINING":
+            if self.mode is not Mode.SUBSTITUTE:
+                return out  # output computed only in the seed's own pass: host gradients stay bit-identical
+            x = out.detach()
+            s = self._seed(x)
+            self.last_output = s
+            return blend(x, s, 1.0, self.spec, self.logits)
+        if stage in BLENDED:
+            s = self._seed(out.detach() if self.detach_input else out)
+            self.last_output = s
+            return blend(out, s, self.alpha, self.spec, self.logits)
+        if stage == "FOSSILIZED":
+            s = self._seed(out)
+            return blend(out, s, 1.0, self.spec, self.logits)
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """The slot's seed record (checkpoints, summary, inspect)."""
+        return {
+            "slot": self.name,
+            "layer": self.layer,
+            "seed_id": self.seed_id,
+            "blueprint": self.blueprint,
+            "stage": self.stage,
+            "stage_value": self.machine.value,
+            "alpha": self.alpha,
+            "epochs_in_stage": self.stats.epochs_in_stage,
+            "germinations": self.germinations,
+            "stats": self.stats.to_dict(),
+            "history": [r.to_dict() for r in self.machine.history],
+        }

@@ -274,8 +274,13 @@ def test_cosine_t_max_defaults_to_the_rest_of_the_run() -> None:
 
 
 def test_cosine_min_lr_above_lr_is_an_error() -> None:
-    with pytest.raises(OptimizerError, match="min_lr"):
+    # the schema refuses it (a config error naming the key) ...
+    with pytest.raises(ValueError, match="min_lr"):
         _sched(lr=0.1, min_lr=0.2, lr_policy="cosine")
+    # ... and the schedule refuses it too if an unvalidated config gets through
+    with pytest.raises(OptimizerError, match="min_lr"):
+        LRSchedule(TrainerConfig.model_construct(**{**TrainerConfig().model_dump(), "lr": 0.1, "min_lr": 0.2}),
+                   1000)
 
 
 def test_warmup_from_near_zero_has_no_hidden_floor() -> None:

@@ -17,13 +17,16 @@ def show(ctx: typer.Context, config: ConfigOpt = None, sets: SetOpt = None, as_j
     if as_json:
         print_json(resolved.config.to_dict())
     else:
-        typer.echo(f"# resolved from {resolved.path}" + (f" with {list(resolved.overrides)}" if resolved.overrides else ""))
+        extra = f" with {list(resolved.overrides)}" if resolved.overrides else ""
+        typer.echo(f"# resolved from {resolved.path}{extra}")
         typer.echo(resolved.config.to_toml(), nl=False)
 
 
 @app.command("validate")
 @handle_errors
-def validate(ctx: typer.Context, config: ConfigOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+def validate(
+    ctx: typer.Context, config: ConfigOpt = None, sets: SetOpt = None, as_json: JsonOpt = False
+) -> None:
     """Validate the config; exit 0 when valid, 3 with the reasons when not."""
     resolved = load_config(ctx, config, sets)
     doc = {"valid": True, "path": str(resolved.path), "hash": resolved.config.config_hash()}

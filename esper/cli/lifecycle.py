@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -13,13 +13,13 @@ from esper.statemachines import TABLES
 from esper.statemachines.render import to_mermaid
 
 
-class Machine(str, Enum):
+class Machine(StrEnum):
     seed = "seed"
     trainer = "trainer"
     emergency = "emergency"
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     table = "table"
     mermaid = "mermaid"
     json = "json"
@@ -41,14 +41,15 @@ def lifecycle(
         return
     console = stdout()
     states = Table(title=f"{table.name} lifecycle: states", title_justify="left")
+    # names must stay whole at 80 columns (rich would elide them with "…"); prose columns wrap instead
     for col in ("value", "state", "meaning", "exits"):
-        states.add_column(col)
+        states.add_column(col, no_wrap=col in ("value", "state"))
     for name, value, meaning in table.states:
         kind = " (initial)" if name == table.initial else " (terminal)" if name in table.terminal else ""
         states.add_row(str(value), name + kind, meaning, ", ".join(table.legal_triggers(name)) or "-")
     edges = Table(title=f"{table.name} lifecycle: transitions", title_justify="left")
     for col in ("trigger", "from", "to", "gate", "note"):
-        edges.add_column(col)
+        edges.add_column(col, no_wrap=col in ("trigger", "to", "gate"))
     for e in table.edges:
         edges.add_row(e.trigger, ", ".join(e.sources), e.dest, e.gate or "-", e.note or "")
     console.print(states)

@@ -7,7 +7,9 @@ import typer
 from esper import __version__
 from esper.cli import config_cmd
 from esper.cli.common import ConfigOpt, GlobalOptions, QuietOpt, SetOpt
+from esper.cli.inspect import inspect_checkpoint
 from esper.cli.lifecycle import lifecycle
+from esper.cli.reports import reports
 from esper.cli.train import train
 
 app = typer.Typer(
@@ -39,6 +41,8 @@ def main(
 
 
 app.command("train")(train)
+app.command("inspect-checkpoint")(inspect_checkpoint)
+app.command("reports")(reports)
 app.command("lifecycle")(lifecycle)
 app.add_typer(config_cmd.app, name="config")
 

@@ -33,7 +33,8 @@ class LifecycleTable:
 
     def __post_init__(self) -> None:
         validate(self)
-        object.__setattr__(self, "enum", IntEnum(self.name.title() + "State", [(n, v) for n, v, _ in self.states]))
+        members = [(n, v) for n, v, _ in self.states]
+        object.__setattr__(self, "enum", IntEnum(self.name.title() + "State", members))
 
     @property
     def state_names(self) -> tuple[str, ...]:

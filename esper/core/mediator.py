@@ -1,0 +1,528 @@
+"""The one mediator for every call Tolaria makes into Tamiyo (the controller) and Kasmina (SPEC T-7).
+
+Deadlines, cancellation and latency/timeout telemetry live here and nowhere else (Tolaria arch 1, Tamiyo
+arch 2). A controller runs behind a :class:`ControllerEndpoint`:
+
+* :class:`ControllerWorker` (``controller.isolation = "process"``) runs the controller in a child process
+  started with the ``spawn`` context (the parent holds torch threads, so it must never fork). A decision over
+  its budget is abandoned for real: the child is terminated, then killed, and the next request starts a fresh
+  one. Every reply carries the id of its request; a reply for any other id is a late result and is discarded
+  and counted, never returned (Tamiyo #18, #19).
+* :class:`InlineController` (``"inline"``) calls the controller in-process. A hung decision hangs the caller,
+  so it cannot enforce a deadline: an over-budget result is discarded after the fact. Tests/benchmarks only.
+
+Messages cross the pipe as JSON bytes (never pickle), so payloads and replies must be JSON-able. Keep the
+controller's state in the parent: the payload carries it in and the reply carries the new state out, so a
+restarted child needs nothing. A controller that does keep state may expose ``restore(state)``; the worker
+calls it on every fresh child with the state last given to :meth:`ControllerWorker.restore`.
+
+This module deliberately imports no torch: the child imports it, and a torch import would add seconds to
+every restart.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+import time
+import traceback
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, TypeVar
+
+from esper.core.errors import EsperError
+from esper.core.plugins import load_factory
+
+Emit = Callable[..., Any]
+Json = dict[str, Any]  # a JSON object: what crosses the pipe
+T = TypeVar("T")
+
+SOURCE = "tolaria"
+_CONFIG_KEY = "controller.policy"
+
+
+class MediatorError(EsperError):
+    """A mediated call could not be made (no controller attached, worker closed, bad reply)."""
+
+
+class CallTimeout(MediatorError):
+    """A mediated call ran past its deadline; its result (if any ever comes) is discarded."""
+
+
+class ControllerTimeout(CallTimeout):
+    """A controller decision ran past ``controller.timeout_ms``; it is abandoned (→ CONSERVATIVE)."""
+
+
+class ControllerCrashed(MediatorError):
+    """The controller raised or its process died; ``child_traceback`` holds the child's traceback text."""
+
+    def __init__(self, message: str, child_traceback: str = "") -> None:
+        super().__init__(message if not child_traceback else f"{message}\n{child_traceback}")
+        self.child_traceback = child_traceback
+
+
+# ----------------------------------------------------------------------------------------------------------
+# wire format: JSON bytes, one message per send_bytes
+
+
+def _encode(message: list[Any]) -> bytes:
+    try:
+        return json.dumps(message, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise MediatorError(f"controller message is not JSON-able: {exc}") from exc
+
+
+def _decode(raw: bytes) -> list[Any]:
+    message = json.loads(raw.decode("utf-8"))
+    if not isinstance(message, list) or len(message) != 3:
+        raise MediatorError(f"malformed controller message: {raw[:200]!r}")
+    return message
+
+
+def _child_main(conn: multiprocessing.connection.Connection, factory_ref: str, args_json: str) -> None:
+    """Entry point of the worker process: build the controller, then answer requests until EOF."""
+    try:
+        controller = load_factory(factory_ref, _CONFIG_KEY)(**json.loads(args_json))
+    except Exception:  # noqa: BLE001 -- not swallowed: sent to the parent, which raises ControllerCrashed
+        conn.send_bytes(_encode(["", "init_error", traceback.format_exc()]))
+        return
+    conn.send_bytes(_encode(["", "ready", os.getpid()]))
+    while True:
+        try:
+            raw = conn.recv_bytes()
+        except EOFError:  # the parent closed its end: that is the shutdown signal
+            return
+        request_id, method, payload = _decode(raw)
+        try:
+            handler = getattr(controller, method) if not method.startswith("_") else None
+            if handler is None or not callable(handler):
+                raise AttributeError(f"controller {type(controller).__name__} has no method {method!r}")
+            reply: list[Any] = [request_id, "ok", handler(payload)]
+            encoded = _encode(reply)
+        except Exception:  # noqa: BLE001 -- not swallowed: sent to the parent, which raises ControllerCrashed
+            encoded = _encode([request_id, "error", traceback.format_exc()])
+        conn.send_bytes(encoded)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# endpoints
+
+
+class ControllerEndpoint(Protocol):
+    """What the mediator needs from a controller host (process worker or inline)."""
+
+    restarts: int
+    late_discarded: int
+
+    def request(self, method: str, payload: Json, request_id: str, timeout_ms: int) -> Json:
+        """Run ``controller.<method>(payload)`` under ``timeout_ms``; return its reply."""
+        ...
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Remember the state a fresh controller is seeded with."""
+        ...
+
+    def close(self) -> None:
+        """Release the controller; idempotent."""
+        ...
+
+
+_LIVE_WORKERS: weakref.WeakSet[ControllerWorker] = weakref.WeakSet()
+
+
+def _close_live_workers() -> None:
+    # a worker the caller forgot to close must not outlive the parent
+    for worker in list(_LIVE_WORKERS):
+        worker.close()
+
+
+atexit.register(_close_live_workers)
+
+
+class ControllerWorker:
+    """A controller in a child process that can be abandoned for real (``controller.isolation = "process"``).
+
+    ``factory_ref`` is ``module:function``; the child imports it and calls it with the JSON-able
+    ``factory_args`` to build the controller. The child starts on the first request (or :meth:`start`);
+    start-up time is bounded by ``start_timeout_ms`` and does not count against a decision's budget.
+    """
+
+    def __init__(self, factory_ref: str, factory_args: dict[str, Any] | None = None, *,
+                 start_timeout_ms: int = 30_000, kill_grace_s: float = 0.5) -> None:
+        if ":" not in factory_ref:
+            raise MediatorError(f"controller factory must be 'module:function', got {factory_ref!r}")
+        self.factory_ref = factory_ref
+        self._args_json = _encode_args(factory_args or {})
+        self.start_timeout_ms = start_timeout_ms
+        self.kill_grace_s = kill_grace_s
+        self._ctx = multiprocessing.get_context("spawn")
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._restore_state: dict[str, Any] | None = None
+        self._lock = threading.Lock()  # one request at a time: replies are matched to the current id
+        self._closed = False
+        self._started_once = False
+        self.restarts = 0
+        self.late_discarded = 0
+        self.last_startup_ms = 0.0
+        _LIVE_WORKERS.add(self)
+
+    @property
+    def pid(self) -> int | None:
+        """The live child's pid, or None when no child is running."""
+        return self._process.pid if self._process is not None and self._process.is_alive() else None
+
+    def start(self) -> None:
+        """Start the child now (otherwise the first request does)."""
+        with self._lock:
+            self._ensure_child()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Seed every fresh child with ``state`` (via the controller's ``restore``); the live one too."""
+        _encode(["", "restore", state])  # fail here, not in a later restart, if it is not JSON-able
+        with self._lock:
+            self._restore_state = dict(state)
+            if self._process is not None:
+                self._restore_live(self._restore_state)
+
+    def request(self, method: str, payload: Json, request_id: str, timeout_ms: int) -> Json:
+        """Send ``(request_id, method, payload)``; wait up to ``timeout_ms`` for the reply with that id.
+
+        Raises ControllerTimeout (the child is killed; the next request starts a fresh one) or
+        ControllerCrashed (the controller raised, or its process died).
+        """
+        if not request_id:
+            raise MediatorError("a controller request needs a non-empty request id")
+        message = _encode([request_id, method, payload])
+        with self._lock:
+            self._ensure_child()
+            return self._exchange(message, request_id, timeout_ms / 1000.0, f"{method}[{request_id}]")
+
+    def close(self) -> None:
+        """Terminate the child and join it; idempotent, and safe at interpreter exit."""
+        with self._lock:
+            self._closed = True
+            self._kill_child()
+        _LIVE_WORKERS.discard(self)
+
+    def __enter__(self) -> ControllerWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals (called with self._lock held) -----------------------------------------------------------
+
+    def _ensure_child(self) -> None:
+        if self._closed:
+            raise MediatorError("controller worker is closed")
+        if self._process is not None and self._process.is_alive():
+            return
+        if self._process is not None:  # it died between requests (crash or kill): reap it before replacing
+            self._kill_child()
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=_child_main, args=(child_conn, self.factory_ref, self._args_json),
+                                    name="esper-controller", daemon=True)
+        t0 = time.perf_counter()
+        process.start()
+        child_conn.close()  # only the child holds its end, so our recv sees EOF when it dies
+        self._process, self._conn = process, parent_conn
+        if self._started_once:
+            self.restarts += 1
+        self._started_once = True
+        kind, body = self._await_ready(self.start_timeout_ms / 1000.0)
+        if kind != "ready":
+            self._kill_child()
+            raise ControllerCrashed(f"controller {self.factory_ref!r} failed to start", str(body))
+        self.last_startup_ms = (time.perf_counter() - t0) * 1000.0
+        if self._restore_state is not None:
+            self._restore_live(self._restore_state)
+
+    def _await_ready(self, timeout_s: float) -> tuple[str, Any]:
+        assert self._conn is not None and self._process is not None
+        ready = multiprocessing.connection.wait([self._conn, self._process.sentinel], timeout_s)
+        if not ready:
+            self._kill_child()
+            raise ControllerTimeout(f"controller {self.factory_ref!r} did not start within {timeout_s:.1f}s")
+        message = self._recv()
+        if message is None:
+            code = self._process.exitcode
+            self._kill_child()
+            raise ControllerCrashed(f"controller process exited during start-up (exit code {code})")
+        _, kind, body = message
+        return kind, body
+
+    def _restore_live(self, state: dict[str, Any]) -> None:
+        rid = f"restore-{uuid.uuid4().hex}"
+        self._exchange(_encode([rid, "restore", state]), rid, self.start_timeout_ms / 1000.0, "restore")
+
+    def _exchange(self, message: bytes, request_id: str, timeout_s: float, label: str) -> dict[str, Any]:
+        assert self._conn is not None and self._process is not None
+        try:
+            self._conn.send_bytes(message)
+        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+            self._kill_child()
+            raise ControllerCrashed(f"controller process is gone ({exc}); {label} not delivered") from exc
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            ready = remaining > 0 and multiprocessing.connection.wait(
+                [self._conn, self._process.sentinel], remaining)
+            if not ready:
+                self._kill_child()
+                raise ControllerTimeout(f"controller {label} exceeded {timeout_s * 1000:.0f} ms; abandoned")
+            message_in = self._recv()
+            if message_in is None:
+                code = self._process.exitcode
+                self._kill_child()
+                raise ControllerCrashed(f"controller process died during {label} (exit code {code})")
+            reply_id, kind, body = message_in
+            if reply_id != request_id:
+                self.late_discarded += 1  # a result for an abandoned request: never applied
+                continue
+            if kind == "error":
+                raise ControllerCrashed(f"controller raised during {label}", str(body))
+            if kind != "ok":
+                raise MediatorError(f"unexpected controller reply kind {kind!r} for {label}")
+            if not isinstance(body, dict):
+                raise ControllerCrashed(f"controller {label} returned {type(body).__name__}, expected a dict")
+            return body
+
+    def _recv(self) -> list[Any] | None:
+        """The next message, or None when the child end is closed (process gone)."""
+        assert self._conn is not None
+        if not self._conn.poll(0):
+            return None  # woken by the process sentinel with nothing to read: it died
+        try:
+            return _decode(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            return None
+
+    def _kill_child(self) -> None:
+        process, conn = self._process, self._conn
+        self._process, self._conn = None, None
+        if process is not None:
+            if process.is_alive():
+                process.terminate()
+                process.join(self.kill_grace_s)
+            if process.is_alive():  # ignored SIGTERM (or is stuck in C code): no more grace
+                process.kill()
+            process.join()
+            process.close()
+        if conn is not None:
+            # replies that landed before the child died answer abandoned requests: count and drop them
+            while True:
+                try:
+                    if not conn.poll(0):
+                        break
+                    conn.recv_bytes()
+                except (EOFError, OSError):
+                    break
+                self.late_discarded += 1
+            conn.close()
+
+
+def _encode_args(args: dict[str, Any]) -> str:
+    try:
+        return json.dumps(args, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise MediatorError(f"controller factory arguments are not JSON-able: {exc}") from exc
+
+
+class InlineController:
+    """The controller called in-process (``controller.isolation = "inline"``); for tests and benchmarks only.
+
+    Same interface as :class:`ControllerWorker`, but nothing can stop a hung decision: a result that arrives
+    over budget is discarded (ControllerTimeout) only after the call returns.
+    """
+
+    def __init__(self, factory_ref: str, factory_args: dict[str, Any] | None = None) -> None:
+        self.factory_ref = factory_ref
+        self._args_json = _encode_args(factory_args or {})
+        self._controller: Any = None
+        self._restore_state: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.restarts = 0  # always 0: an in-process controller is never replaced
+        self.late_discarded = 0
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Seed the controller with ``state`` (now, and after a crash rebuilds it)."""
+        _encode(["", "restore", state])
+        with self._lock:
+            self._restore_state = dict(state)
+            if self._controller is not None:
+                self._call("restore", self._restore_state, "restore")
+
+    def request(self, method: str, payload: Json, request_id: str, timeout_ms: int) -> Json:
+        """Run the method in-process; a result later than ``timeout_ms`` is discarded (ControllerTimeout)."""
+        # the round trip through JSON keeps inline and process semantics identical (no shared mutable state)
+        wire_payload = _decode(_encode([request_id, method, payload]))[2]
+        label = f"{method}[{request_id}]"
+        with self._lock:
+            if self._closed:
+                raise MediatorError("controller is closed")
+            if self._controller is None:
+                self._build()
+            t0 = time.perf_counter()
+            reply = self._call(method, wire_payload, label)
+            elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        if elapsed_ms > timeout_ms:
+            self.late_discarded += 1
+            raise ControllerTimeout(
+                f"controller {label} took {elapsed_ms:.0f} ms > {timeout_ms} ms; result discarded")
+        return reply
+
+    def close(self) -> None:
+        """Drop the controller; idempotent."""
+        with self._lock:
+            self._closed = True
+            self._controller = None
+
+    def _build(self) -> None:
+        try:
+            self._controller = load_factory(self.factory_ref, _CONFIG_KEY)(**json.loads(self._args_json))
+        except EsperError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- re-raised typed, as the process worker would report it
+            raise ControllerCrashed(f"controller {self.factory_ref!r} failed to start",
+                                    traceback.format_exc()) from exc
+        if self._restore_state is not None:
+            self._call("restore", self._restore_state, "restore")
+
+    def _call(self, method: str, payload: dict[str, Any], label: str) -> dict[str, Any]:
+        handler = getattr(self._controller, method, None) if not method.startswith("_") else None
+        if handler is None or not callable(handler):
+            raise ControllerCrashed(f"controller {type(self._controller).__name__} has no method {method!r}")
+        try:
+            reply = handler(payload)
+            _encode([label, "ok", reply])
+        except Exception as exc:  # noqa: BLE001 -- re-raised typed with the traceback, like the process path
+            raise ControllerCrashed(f"controller raised during {label}", traceback.format_exc()) from exc
+        if not isinstance(reply, dict):
+            raise ControllerCrashed(f"controller {label} returned {type(reply).__name__}, expected a dict")
+        return reply
+
+
+def open_controller(isolation: Literal["process", "inline"], factory_ref: str,
+                    factory_args: dict[str, Any] | None = None) -> ControllerWorker | InlineController:
+    """The endpoint ``controller.isolation`` asks for."""
+    if isolation == "process":
+        return ControllerWorker(factory_ref, factory_args)
+    if isolation == "inline":
+        return InlineController(factory_ref, factory_args)
+    raise MediatorError(f"unknown controller isolation {isolation!r} (process | inline)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the mediator
+
+
+class Mediator:
+    """Every trainer call into the controller or Kasmina goes through here: deadline, ids, telemetry.
+
+    ``emit(source, event, level, **attributes)`` receives one event per call (source ``tolaria``):
+    ``mediated_call`` / ``mediated_call_timeout`` / ``mediated_call_failed`` for :meth:`call`, and
+    ``controller_decision`` / ``controller_timeout`` / ``controller_crash`` for :meth:`decide`, each with
+    ``latency_ms``, ``timeout`` and, for decisions, ``request_id``, ``restarts`` and ``late_discarded``.
+    """
+
+    def __init__(self, timeout_ms: int = 2000, emit: Emit | None = None, *,
+                 controller: ControllerEndpoint | None = None) -> None:
+        if timeout_ms < 1:
+            raise MediatorError(f"timeout_ms must be >= 1, got {timeout_ms}")
+        self.timeout_ms = timeout_ms
+        self._emit = emit
+        self._controller = controller
+        self._ids = itertools.count(1)
+        self._prefix = uuid.uuid4().hex[:8]  # ids stay unique across mediators sharing a worker
+
+    @property
+    def controller(self) -> ControllerEndpoint | None:
+        """The attached controller endpoint, if any."""
+        return self._controller
+
+    def attach(self, controller: ControllerEndpoint) -> None:
+        """Route decisions to ``controller`` (closing the previous one)."""
+        if self._controller is not None and self._controller is not controller:
+            self._controller.close()
+        self._controller = controller
+
+    def next_request_id(self) -> str:
+        """A fresh decision id; the reply must carry it to be applied."""
+        return f"{self._prefix}-{next(self._ids)}"
+
+    def call(self, name: str, fn: Callable[..., T], *args: Any, deadline_ms: int | None = None) -> T:
+        """Run ``fn(*args)`` in this thread with latency telemetry.
+
+        An in-thread call cannot be pre-empted; a result that arrives past the deadline is discarded and
+        CallTimeout raised, so a late result is never applied. Use callees with their own deadline (such as
+        the blueprint loader) for work that must be cut short.
+        """
+        budget = self.timeout_ms if deadline_ms is None else deadline_ms
+        t0 = time.perf_counter()
+        try:
+            result = fn(*args)
+        except EsperError as exc:
+            self._send("mediated_call_failed", "WARNING", name=name, latency_ms=_ms(t0), timeout=False,
+                       error=type(exc).__name__, reason=str(exc))
+            raise
+        latency = _ms(t0)
+        if latency > budget:
+            self._send("mediated_call_timeout", "WARNING", name=name, latency_ms=latency, timeout=True,
+                       deadline_ms=budget, late_discarded=1)
+            raise CallTimeout(f"{name} took {latency:.0f} ms > {budget} ms; result discarded")
+        self._send("mediated_call", "INFO", name=name, latency_ms=latency, timeout=False, deadline_ms=budget)
+        return result
+
+    def decide(self, method: str, payload: Json, *, deadline_ms: int | None = None) -> Json:
+        """Ask the controller (``controller.<method>(payload)``) under the decision budget.
+
+        Raises ControllerTimeout or ControllerCrashed; both are failures the trainer escalates to
+        CONSERVATIVE (SPEC T-7), never a pause command.
+        """
+        if self._controller is None:
+            raise MediatorError("no controller attached to the mediator")
+        budget = self.timeout_ms if deadline_ms is None else deadline_ms
+        request_id = self.next_request_id()
+        endpoint = self._controller
+        t0 = time.perf_counter()
+        try:
+            reply = endpoint.request(method, payload, request_id, budget)
+        except ControllerTimeout as exc:
+            self._send("controller_timeout", "WARNING", method=method, request_id=request_id,
+                       latency_ms=_ms(t0), timeout=True, deadline_ms=budget, restarts=endpoint.restarts,
+                       late_discarded=endpoint.late_discarded, reason=str(exc))
+            raise
+        except ControllerCrashed as exc:
+            self._send("controller_crash", "ERROR", method=method, request_id=request_id,
+                       latency_ms=_ms(t0), timeout=False, deadline_ms=budget, restarts=endpoint.restarts,
+                       late_discarded=endpoint.late_discarded, reason=str(exc).splitlines()[0])
+            raise
+        except MediatorError as exc:
+            self._send("controller_call_failed", "ERROR", method=method, request_id=request_id,
+                       latency_ms=_ms(t0), timeout=False, deadline_ms=budget, reason=str(exc))
+            raise
+        self._send("controller_decision", "INFO", method=method, request_id=request_id, latency_ms=_ms(t0),
+                   timeout=False, deadline_ms=budget, restarts=endpoint.restarts,
+                   late_discarded=endpoint.late_discarded)
+        return reply
+
+    def close(self) -> None:
+        """Close the attached controller (kills its worker process)."""
+        if self._controller is not None:
+            self._controller.close()
+
+    def _send(self, event: str, level: str, **attributes: Any) -> None:
+        if self._emit is not None:
+            self._emit(SOURCE, event, level, **attributes)
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0

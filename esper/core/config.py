@@ -63,7 +63,7 @@ class DataConfig(_Section):
 
 class HostConfig(_Section):
     factory: str = Field("mlp", description="mlp | module:function")
-    hidden: list[int] = Field(default_factory=lambda: [16, 16], min_length=1,
+    hidden: list[int] = Field(default_factory=lambda: [8, 8], min_length=1,
                               description="hidden widths of the built-in MLP host; layers are hidden1..N")
     activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="activation of the MLP host")
 
@@ -89,7 +89,7 @@ class SlotConfig(_Section):
 
 class BlendConfig(_Section):
     mode: Literal["convex", "residual", "channel", "confidence"] = Field("convex", description="blend mode")
-    steps: int = Field(60, ge=1, description="optimizer steps for alpha to ramp 0 -> 1")
+    steps: int = Field(40, ge=1, description="optimizer steps for alpha to ramp 0 -> 1")
     channel_alpha: list[float] = Field(default_factory=list, description="per-channel weights (channel mode)")
     confidence_margin: float = Field(0.5, gt=0.0, description="confidence mode: logit margin for full gate")
 
@@ -103,7 +103,7 @@ class SeedsConfig(_Section):
     blueprints: list[str] = Field(default_factory=lambda: ["residual_mlp", "lowrank", "gated"],
                                   min_length=1, description="blueprints the controller may germinate")
     user_blueprints: dict[str, str] = Field(default_factory=dict, description="name -> module:function")
-    max_active: int = Field(1, ge=1, description="seeds alive (not DORMANT/FOSSILIZED/retired) at once")
+    max_active: int = Field(2, ge=1, description="seeds alive (not DORMANT/FOSSILIZED/retired) at once")
     param_budget: int = Field(20000, ge=1, description="max parameters of one seed (G0)")
     min_training_epochs: int = Field(2, ge=1, description="epochs in TRAINING before G2 may pass")
     g2_min_improvement: float = Field(0.02, ge=0.0, description="relative drop of the seed's own loss for G2")
@@ -176,12 +176,12 @@ class ProfilerConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    epochs: int = Field(14, ge=1, le=100000, description="epochs to train")
-    lr: float = Field(0.1, gt=0.0, description="base learning rate of every param group")
+    epochs: int = Field(24, ge=1, le=100000, description="epochs to train")
+    lr: float = Field(0.05, gt=0.0, description="base learning rate of every param group")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
-    lr_policy: Literal["constant", "cosine", "step"] = Field("cosine", description="LR policy")
+    lr_policy: Literal["constant", "cosine", "step"] = Field("constant", description="LR policy")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up length in global steps")
     warmup_start_factor: float = Field(0.1, gt=0.0, le=1.0, description="warm-up starts at this factor of lr")
     cosine_t_max: int = Field(0, ge=0, description="cosine period in steps; 0 = the whole run")

@@ -27,6 +27,7 @@ from esper.core.kasmina.kasmina import Kasmina
 from esper.core.kasmina.slot import LIVE, Mode, SeedForwardError
 from esper.core.optim import LRSchedule, build_optimizer, rebuild_optimizer
 from esper.core.rundir import RunDir, append_jsonl, write_atomic
+from esper.core.tamiyo import FieldReportLog
 from esper.core.telemetry import Emitter
 from esper.core.tolaria.emergency import EmergencyManager, Signal
 from esper.core.tolaria.state import Position, capture, checkpoint_name, restore
@@ -103,7 +104,7 @@ class Trainer:
         self.failure: dict[str, Any] | None = None
         self._controller_factory = controller_factory
         self.stats: EpochStats | None = None  # the epoch in progress
-        self.reports: list[Any] = []
+        self.step_in_epoch = 0
         self.stop_signal: int | None = None  # set by the signal handler; acted on after the current step
         self.last_checkpoint: Path | None = None
         self.checkpoint_failures = 0
@@ -127,6 +128,7 @@ class Trainer:
         self.emergency = EmergencyManager(cfg.emergency, self.emit)
         self.controller = self._controller_factory(cfg, self.run_id) if (
             self._controller_factory and cfg.seeds.enabled) else None
+        self.report_log = FieldReportLog(self.run_dir.field_reports)
         n = min(len(self.data.x_train), cfg.data.batch_size)
         self.probe = (self.data.x_train[:n].to(self.device), self.data.y_train[:n].to(self.device))
 
@@ -242,44 +244,53 @@ class Trainer:
             if self.stop_signal is not None:
                 self._graceful_stop(epoch, index)
                 return None
-            t0 = time.perf_counter()
             self.emitter.set_context(epoch=epoch, step=self.global_step)
-            x, y = x.to(self.device), y.to(self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            try:
-                logits = self.kasmina.forward(x)
-            except SeedForwardError as exc:
-                self._signal(Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
-                             cull=exc.slot)
-                continue
-            loss = _loss(logits, y)
-            value = float(loss.detach())
-            signal = self.emergency.check_loss(value)
-            if signal is not None:
-                self._signal(signal, stats)
-                continue
-            loss.backward()
-            for slot in training_slots:
-                self.kasmina.seed_pass(slot, x, y, _loss)
-            signal = self.emergency.check_grads(self._named_params())
-            if signal is not None:
-                self._signal(signal, stats)
-                continue
-            if self.cfg.trainer.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                               self.cfg.trainer.grad_clip)
-            self.schedule.apply(self.optimizer, self.global_step)
-            self.optimizer.step()
-            self.global_step += 1
-            self.kasmina.after_step()
-            self.emergency.accept_loss(value)
-            correct = int((logits.detach().argmax(dim=1) == y).sum())
-            stats.add(value, correct, len(y), (time.perf_counter() - t0) * 1000.0)
-            self.reporter.step(value)
+            self.step_in_epoch = index
+            self.train_step(x, y, stats, training_slots)
         if self.stop_signal is not None and epoch < self.cfg.trainer.epochs:
             self._graceful_stop(epoch, self.steps_per_epoch)
             return None
         return stats
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: EpochStats,
+                   training_slots: list[Any] | None = None) -> bool:
+        """One optimizer step with every safety check; returns whether the step was applied."""
+        t0 = time.perf_counter()
+        if training_slots is None:
+            training_slots = [s for s in self.kasmina.slots.values() if s.stage == "TRAINING"]
+        x, y = x.to(self.device), y.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            logits = self.kasmina.forward(x)
+        except SeedForwardError as exc:
+            self._signal(Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
+                         cull=exc.slot)
+            return False
+        loss = _loss(logits, y)
+        value = float(loss.detach())
+        signal_ = self.emergency.check_loss(value)
+        if signal_ is not None:
+            self._signal(signal_, stats)
+            return False
+        loss.backward()
+        for slot in training_slots:
+            self.kasmina.seed_pass(slot, x, y, _loss)
+        signal_ = self.emergency.check_grads(self._named_params())
+        if signal_ is not None:
+            self._signal(signal_, stats)
+            return False
+        if self.cfg.trainer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.cfg.trainer.grad_clip)
+        self.schedule.apply(self.optimizer, self.global_step)
+        self.optimizer.step()
+        self.global_step += 1
+        self.kasmina.after_step()
+        self.emergency.accept_loss(value)
+        correct = int((logits.detach().argmax(dim=1) == y).sum())
+        stats.add(value, correct, len(y), (time.perf_counter() - t0) * 1000.0)
+        self.reporter.step(value)
+        return True
 
     def _graceful_stop(self, epoch: int, index: int) -> None:
         """SIGINT/SIGTERM: the current step is finished; write a checkpoint, then STOPPED."""
@@ -333,8 +344,8 @@ class Trainer:
         if any(cmd.kind != "cull" for cmd in decision.accepted):
             obs = self._observation(epoch, stats, val_loss, val_acc)  # stages changed by applied commands
         for report in self.controller.observe_outcomes(obs):
-            self.reports.append(report)
-            self.emit("tamiyo", "field_report.filed", "INFO", **report.to_dict())
+            written = self.report_log.append(report)  # False: already on disk (a resumed run re-files it)
+            self.emit("tamiyo", "field_report.filed", "INFO", written=written, **report.to_dict())
         return out
 
     def _observation(self, epoch: int, stats: EpochStats, val_loss: float, val_acc: float) -> dict[str, Any]:

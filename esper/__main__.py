@@ -2,4 +2,5 @@
 
 from esper.cli.main import run
 
-run()
+if __name__ == "__main__":  # spawn-started worker processes import this module as __mp_main__
+    run()

@@ -7,6 +7,7 @@ import typer
 from esper import __version__
 from esper.cli import config_cmd
 from esper.cli.common import ConfigOpt, GlobalOptions, QuietOpt, SetOpt
+from esper.cli.drill import simulate_emergency
 from esper.cli.inspect import inspect_checkpoint
 from esper.cli.lifecycle import lifecycle
 from esper.cli.reports import reports
@@ -43,6 +44,7 @@ def main(
 app.command("train")(train)
 app.command("inspect-checkpoint")(inspect_checkpoint)
 app.command("reports")(reports)
+app.command("simulate-emergency")(simulate_emergency)
 app.command("lifecycle")(lifecycle)
 app.add_typer(config_cmd.app, name="config")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +24,8 @@ from esper.cli.common import (
     stderr,
     stdout,
 )
-from esper.core.session import TrainSession
+from esper.core.config import ENV_VAR
+from esper.core.session import TrainSession, checkpoint_config
 
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: run.output_dir/RUN_ID).")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint dir, run dir or manifest to resume.")]
@@ -142,12 +144,20 @@ def train(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the host and grow seeds as configured; writes the run directory."""
-    resolved = load_config(ctx, config, sets)
-    quiet = quiet or global_options(ctx).quiet
-    session = TrainSession.prepare(resolved.config, run_dir=run_dir, resume=resume, faults=list(fault or []),
+    """Train the host and grow seeds as configured; writes the run directory.
+
+    With --resume and no --config, the checkpoint's own config is the base (--set still overrides it); a
+    config that differs from the checkpoint's is refused unless --allow-config-change names every changed key.
+    """
+    g = global_options(ctx)
+    quiet = quiet or g.quiet
+    if resume is not None and config is None and g.config is None and not os.environ.get(ENV_VAR):
+        cfg = checkpoint_config(resume, [*g.sets, *(sets or [])])
+    else:
+        cfg = load_config(ctx, config, sets).config
+    session = TrainSession.prepare(cfg, run_dir=run_dir, resume=resume, faults=list(fault or []),
                                    allow_config_change=list(allow_config_change or []))
-    epochs = resolved.config.trainer.epochs
+    epochs = cfg.trainer.epochs
     if as_json:
         summary = session.run(reporter=None)
         print_json(summary)

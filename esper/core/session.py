@@ -11,17 +11,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from esper.core.checkpoint import LoadedCheckpoint, load_checkpoint
+from esper.core.checkpoint import LoadedCheckpoint, load_checkpoint, resolve_checkpoint, verify_checkpoint
 from esper.core.config import EsperConfig, FaultConfig, from_dict, from_toml_text
-from esper.core.errors import ConfigError
+from esper.core.errors import CheckpointError, ConfigError
 from esper.core.rundir import RunDir
-from esper.core.tamiyo import Tamiyo
 from esper.core.tolaria.trainer import Reporter, Trainer
-
-
-def controller_factory(cfg: EsperConfig, run_id: str) -> Tamiyo:
-    """The run's controller, built once from the resolved config (Tamiyo #16)."""
-    return Tamiyo(cfg.controller, cfg.seeds, run_id)
 
 
 def parse_fault_flag(text: str) -> FaultConfig:
@@ -46,6 +40,15 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             keys.append(path)
     return keys
+
+
+def checkpoint_config(path: Path, overrides: list[str]) -> EsperConfig:
+    """The config a checkpoint was trained with (plus ``--set`` overrides): the base of a plain ``--resume``."""
+    report = verify_checkpoint(resolve_checkpoint(path))
+    if not report.ok or report.manifest is None:
+        raise CheckpointError(f"{path}: checkpoint does not verify: {'; '.join(report.problems)}")
+    saved = from_toml_text(report.manifest["config_toml"], source=f"{path} [config_toml]")
+    return from_dict(saved.to_dict(), overrides)
 
 
 @dataclass
@@ -85,15 +88,15 @@ class TrainSession:
         return cls(cfg, rd, loaded, changes)
 
     def run(self, reporter: Reporter | None) -> dict[str, Any]:
-        trainer = Trainer(self.cfg, self.run_dir, reporter=reporter, controller_factory=controller_factory)
+        trainer = Trainer(self.cfg, self.run_dir, reporter=reporter)
         if self.config_changes:
             trainer.emit("cli", "config.changed_on_resume", "WARNING", keys=self.config_changes)
-        with _graceful_signals(trainer):
+        with graceful_signals(trainer):
             return trainer.run(resume=self.resume)
 
 
 @contextmanager
-def _graceful_signals(trainer: Trainer) -> Iterator[None]:
+def graceful_signals(trainer: Trainer) -> Iterator[None]:
     """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second SIGINT aborts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -48,6 +48,7 @@ class EmergencyManager:
         self.healthy_epochs = 0
         self.consecutive_rollbacks = 0
         self.incident_epoch_unhealthy = False
+        self.last_epoch_healthy = True
         self.signals: list[dict[str, Any]] = []
 
     @property
@@ -84,7 +85,7 @@ class EmergencyManager:
         self.incident_epoch_unhealthy = True
         self.signals.append({"level": level, "reason": reason, **attributes})
         if target <= self.machine.value:
-            self.emit("tolaria", "emergency.signal", "WARNING", level=level, current=self.level, reason=reason,
+            self.emit("tolaria", "emergency.signal", "WARNING", signal_level=level, current=self.level, reason=reason,
                       **attributes)
             return False
         if level == "NOMINAL":
@@ -101,6 +102,7 @@ class EmergencyManager:
 
     def end_epoch(self) -> None:
         """Count healthy epochs; after ``recovery_epochs`` of them the policy clears the incident."""
+        self.last_epoch_healthy = not self.incident_epoch_unhealthy
         if self.incident_epoch_unhealthy:
             self.healthy_epochs = 0
         else:
@@ -119,7 +121,10 @@ class EmergencyManager:
                 "consecutive_rollbacks": self.consecutive_rollbacks, "history": self.history()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.machine = StrictMachine(EMERGENCY, "run", observer=self._on_change, initial=d["level"],
+        """Restore on resume. HALT is terminal for a process, so a run resumed from an emergency checkpoint
+        starts a new incident-free machine (the history, with the HALT, is kept)."""
+        level = "NOMINAL" if d["level"] == "HALT" else d["level"]
+        self.machine = StrictMachine(EMERGENCY, "run", observer=self._on_change, initial=level,
                                      history=[TransitionRecord(**h) for h in d["history"]])
         self.ewma = d["ewma"]
         self.healthy_epochs = d["healthy_epochs"]
@@ -127,5 +132,5 @@ class EmergencyManager:
 
     def _on_change(self, record: TransitionRecord) -> None:
         # CRITICAL: the emitter makes it durable before the action this change announces runs
-        self.emit("tolaria", "emergency.level", "CRITICAL", level=record.dest, previous=record.source,
+        self.emit("tolaria", "emergency.level", "CRITICAL", to_level=record.dest, from_level=record.source,
                   transition=record.to_dict())

@@ -6,6 +6,7 @@ records, emergency and controller state, config). Nothing here pickles.
 
 from __future__ import annotations
 
+import copy
 import platform
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,8 +39,11 @@ def checkpoint_name(pos: Position, reason: str) -> str:
     return base + ("-emergency" if reason == "emergency" else "")
 
 
-def capture(tr: Trainer, pos: Position, reason: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Tensors and payload describing the trainer at ``pos``."""
+def capture(tr: Trainer, pos: Position, reason: str, *, with_tensors: bool = True,
+            ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Tensors and payload describing the trainer at ``pos`` (``with_tensors=False``: payload only)."""
+    if not with_tensors:
+        return {}, _payload(tr, pos, reason, _opt_json(tr)[0], _opt_json(tr)[1])
     model = {f"host.{k}": v for k, v in tr.host.state_dict().items()}
     model.update({f"seed.{k}": v for k, v in tr.kasmina.seed_tensors().items()})
     opt = tr.optimizer.state_dict()
@@ -56,7 +60,20 @@ def capture(tr: Trainer, pos: Position, reason: str) -> tuple[dict[str, dict[str
     tensors = {"model": model, "optimizer": opt_tensors, "rng": rng}
     if not opt_tensors:
         tensors.pop("optimizer")
-    payload: dict[str, Any] = {
+    return tensors, _payload(tr, pos, reason, groups, opt_scalars)
+
+
+def _opt_json(tr: Trainer) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    opt = tr.optimizer.state_dict()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+    scalars = {str(i): {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+               for i, st in opt["state"].items()}
+    return groups, {i: v for i, v in scalars.items() if v}
+
+
+def _payload(tr: Trainer, pos: Position, reason: str, groups: list[dict[str, Any]],
+             opt_scalars: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
         "run_id": tr.run_id,
         "reason": reason,
         "epoch": pos.epochs_done,
@@ -77,12 +94,15 @@ def capture(tr: Trainer, pos: Position, reason: str) -> tuple[dict[str, dict[str
         "config_hash": tr.cfg.config_hash(),
         "versions": {"esper": esper.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
-    return tensors, payload
 
 
-def restore(tr: Trainer, tensors: dict[str, dict[str, torch.Tensor]], payload: dict[str, Any]) -> Position:
-    """Put a built trainer into the captured state. Any mismatch is a CheckpointError (nothing half-applied
-    matters: the caller discards the trainer on failure)."""
+def restore(tr: Trainer, tensors: dict[str, dict[str, torch.Tensor]], payload: dict[str, Any], *,
+            rollback: bool = False) -> Position:
+    """Put a built trainer into the captured state; any mismatch is a CheckpointError.
+
+    ``rollback=True`` keeps what must survive a rollback: the emergency incident, the rollback log and the
+    command counters; the controller is rewound instead of replaced.
+    """
     model = tensors.get("model", {})
     host_sd = {k.removeprefix("host."): v for k, v in model.items() if k.startswith("host.")}
     try:
@@ -94,27 +114,20 @@ def restore(tr: Trainer, tensors: dict[str, dict[str, torch.Tensor]], payload: d
         raise CheckpointError(f"checkpoint slots {sorted(records)} != configured slots {sorted(tr.kasmina.slots)}")
     for name, slot in tr.kasmina.slots.items():
         rec = records[name]
-        slot.machine = StrictMachine(SEED, name, observer=slot.machine.observer, initial=rec["stage"],
-                                     history=[TransitionRecord(**h) for h in rec["history"]])
-        slot.blueprint = rec["blueprint"]
-        slot.seed_id = rec["seed_id"]
-        slot.germinations = rec["germinations"]
-        slot.stats = SeedStats.from_dict(rec["stats"])
         prefix = f"seed.{name}."
         seed_sd = {k.removeprefix(prefix): v for k, v in model.items() if k.startswith(prefix)}
-        if seed_sd:
-            if slot.blueprint is None:
-                raise CheckpointError(f"checkpoint has seed tensors for slot {name} but no blueprint")
-            slot.germinations -= 1
-            module = tr.kasmina.build_module(slot.blueprint, slot.width, tr.kasmina.init_seed(slot))
-            slot.germinations += 1
-            try:
-                module.load_state_dict(seed_sd, strict=True)
-            except RuntimeError as exc:
-                raise CheckpointError(f"seed tensors of slot {name} do not fit {slot.blueprint}: {exc}") from exc
-            slot.module = module
-        else:
+        if not seed_sd:
             slot.module = None
+            continue
+        if rec["blueprint"] is None:
+            raise CheckpointError(f"checkpoint has seed tensors for slot {name} but no blueprint")
+        module = tr.kasmina.build_module(rec["blueprint"], slot.width, 0)  # weights come from the checkpoint
+        try:
+            module.load_state_dict(seed_sd, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"seed tensors of slot {name} do not fit {rec['blueprint']}: {exc}") from exc
+        slot.module = module
+    restore_json(tr, payload, rollback=rollback)
     tr.rebuild_optimizer_fresh()
     opt = payload["optimizer"]
     state: dict[int, dict[str, Any]] = {}
@@ -128,14 +141,32 @@ def restore(tr: Trainer, tensors: dict[str, dict[str, torch.Tensor]], payload: d
         tr.optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"optimizer state does not fit the restored parameters: {exc}") from exc
-    torch.set_rng_state(tensors["rng"]["torch"])
+    if "rng" in tensors:
+        torch.set_rng_state(tensors["rng"]["torch"])
+    return Position(int(payload["epoch"]), int(payload["step_in_epoch"]), int(payload["global_step"]))
+
+
+def restore_json(tr: Trainer, payload: dict[str, Any], *, rollback: bool) -> None:
+    """The non-tensor half of a restore: seed lifecycles and counters, history, controller, emergency."""
+    records = {r["slot"]: r for r in payload["seeds"]}
+    for name, slot in tr.kasmina.slots.items():
+        rec = records[name]
+        slot.machine = StrictMachine(SEED, name, observer=slot.machine.observer, initial=rec["stage"],
+                                     history=[TransitionRecord(**h) for h in rec["history"]])
+        slot.blueprint = rec["blueprint"]
+        slot.seed_id = rec["seed_id"]
+        slot.germinations = rec["germinations"]
+        slot.stats = SeedStats.from_dict(copy.deepcopy(rec["stats"]))
+    tr.history = list(payload["history"])
+    tr.global_step = int(payload["global_step"])
+    tr.restore_partial_stats(payload["epoch_stats"])
+    if rollback:
+        if tr.controller is not None:
+            tr.controller.rewind(int(payload["epoch"]), "rollback to last-known-good")
+        return
     tr.emergency.load_state_dict(payload["emergency"])
     if tr.controller is not None and payload.get("controller") is not None:
         tr.controller.load_state_dict(payload["controller"])
-    tr.history = list(payload["history"])
     tr.rollbacks = list(payload["rollbacks"])
     tr.commands.clear()
     tr.commands.update(payload["commands"])
-    tr.global_step = int(payload["global_step"])
-    tr.restore_partial_stats(payload["epoch_stats"])
-    return Position(int(payload["epoch"]), int(payload["step_in_epoch"]), int(payload["global_step"]))

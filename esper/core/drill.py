@@ -1,0 +1,167 @@
+"""Emergency drills (E-2): a short real run with one injected fault or forced level, checked against the
+catalogue's expected outcome."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from esper.core.checkpoint import latest_checkpoint, verify_checkpoint
+from esper.core.config import EsperConfig, from_dict
+from esper.core.errors import ConfigError
+from esper.core.faults import CATALOGUE, FaultSpec, parse_at
+from esper.core.rundir import RunDir
+from esper.core.session import graceful_signals
+from esper.core.telemetry import read_events
+from esper.core.tolaria.emergency import LEVELS
+from esper.core.tolaria.trainer import Trainer
+
+# A small, fast run in which every fault has something to act on: a seed germinates at the first epoch end
+# (so seed faults find a live seed), checkpoints every epoch, steps are short.
+DRILL_OVERRIDES: dict[str, Any] = {
+    "data": {"task": "synthetic", "synthetic_samples": 256},
+    "trainer": {"epochs": 6},
+    "controller": {"warmup_epochs": 0, "plateau_window": 1, "plateau_min_delta": 1.0, "timeout_ms": 1500},
+    "seeds": {"min_training_epochs": 1, "g2_min_improvement": 0.0},
+    "emergency": {"slow_step_ms": 250.0, "recovery_epochs": 2},
+}
+
+# Where each fault fires by default: after the first germination (epoch 1 end), before the last epoch.
+DEFAULT_AT = {"sigterm": "3:2", "seed_forward_error": "3:1", "checkpoint_corrupt": "3:0", "checkpoint_write_error": "3:0"}
+
+FORCED = {  # what a forced level must lead to
+    "NOTICE": FaultSpec("force:NOTICE", "level forced to NOTICE", "NOTICE", "event only", "COMPLETED", 0),
+    "ELEVATED": FaultSpec("force:ELEVATED", "level forced to ELEVATED", "ELEVATED", "fast rollback",
+                          "COMPLETED", 0),
+    "CONSERVATIVE": FaultSpec("force:CONSERVATIVE", "level forced to CONSERVATIVE", "CONSERVATIVE",
+                              "trainer paused until recovery", "COMPLETED", 0),
+    "HALT": FaultSpec("force:HALT", "level forced to HALT", "HALT",
+                      "emergency checkpoint of last-known-good; halted", "HALTED", 6),
+}
+
+
+def drill_config(base: EsperConfig, user_sets: bool) -> EsperConfig:
+    """The drill's config: the user's, with the drill defaults underneath anything they set explicitly."""
+    if user_sets:
+        return base
+    merged = base.to_dict()
+    for section, values in DRILL_OVERRIDES.items():
+        merged[section].update(values)
+    return from_dict(merged)
+
+
+def run_drill(cfg: EsperConfig, *, fault: str | None, level: str | None, at: str | None,
+              run_dir: Path | None) -> dict[str, Any]:
+    """Run the drill and build its report (see ``esper simulate-emergency --json``)."""
+    if (fault is None) == (level is None):
+        raise ConfigError("give exactly one of --fault NAME or --level LEVEL")
+    if fault is not None and fault not in CATALOGUE:
+        raise ConfigError(f"unknown fault {fault!r}; see `esper faults list`")
+    if level is not None and level.upper() not in FORCED:
+        raise ConfigError(f"unknown level {level!r}; levels: {', '.join(x.lower() for x in LEVELS[1:])}")
+    if fault == "controller_timeout" and cfg.controller.isolation != "process":
+        raise ConfigError("controller_timeout needs controller.isolation = 'process' (an inline decision cannot "
+                          "be abandoned)")
+    point = at or DEFAULT_AT.get(fault or "", "2:1")
+    parse_at(point)
+    expected = CATALOGUE[fault] if fault else FORCED[level.upper()]  # type: ignore[union-attr]
+    faults = [{"name": fault, "at": point}] if fault else []
+    cfg = from_dict({**cfg.to_dict(), "faults": [*cfg.to_dict()["faults"], *faults]})
+    path = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="esper-drill-"))
+    rd = RunDir.create(cfg, path)
+    rd.write_config(cfg)
+    forced = (level.upper(), point) if level else None
+    trainer = Trainer(cfg, rd, forced_level=forced)
+    summary = _run_with_signal_handling(trainer)
+    return report(summary, rd, expected, fault=fault, level=level, at=point)
+
+
+def _run_with_signal_handling(trainer: Trainer) -> dict[str, Any]:
+    with graceful_signals(trainer):
+        return trainer.run()
+
+
+def report(summary: dict[str, Any], rd: RunDir, expected: FaultSpec, *, fault: str | None, level: str | None,
+           at: str) -> dict[str, Any]:
+    events = read_events(rd.events).records
+    fired = [e for e in events if e["event"] == "fault.injected"]
+    detected = None
+    for e in events:
+        if e["event"] in ("emergency.level", "emergency.signal", "stop.requested") or (
+                e["event"] == "fault.injected" and expected.level == "NOMINAL"):
+            detected = {"epoch": e["epoch"], "step": e["step"], "event": e["event"]}
+            break
+    reached = max((LEVELS.index(h["dest"]) for h in summary["emergencies"] if h["trigger"].startswith("raise_")),
+                  default=0)
+    level_reached = LEVELS[reached]
+    actions = _actions(events)
+    rollback = summary["rollbacks"][0] if summary["rollbacks"] else None
+    ckpt = latest_checkpoint(rd.checkpoints)
+    verified = verify_checkpoint(ckpt).ok if ckpt is not None else False
+    mismatches = []
+    if not fired:
+        mismatches.append("the fault never fired (is --at past the end of the run?)")
+    if level_reached != expected.level:
+        mismatches.append(f"level reached {level_reached}, expected {expected.level}")
+    if summary["status"] != expected.final_state:
+        mismatches.append(f"final state {summary['status']}, expected {expected.final_state}")
+    if summary["exit_code"] != expected.exit_code:
+        mismatches.append(f"exit code {summary['exit_code']}, expected {expected.exit_code}")
+    if not verified:
+        mismatches.append("the last checkpoint does not verify")
+    if rollback is not None and not rollback["within_sla"]:
+        mismatches.append(f"rollback took {rollback['latency_ms']:.1f} ms > SLA {rollback['sla_ms']} ms")
+    if "rollback" in expected.action and rollback is None:
+        mismatches.append("expected a rollback, none happened")
+    return {
+        "fault": fault,
+        "level_forced": level.upper() if level else None,
+        "at": at,
+        "run_dir": str(rd.path),
+        "detected": detected,
+        "level_reached": level_reached,
+        "actions": actions,
+        "rollback": None if rollback is None else {
+            k: rollback[k] for k in ("tier", "latency_ms", "sla_ms", "within_sla", "deadline_missed_at_ms", "path",
+                                     "fell_through")},
+        "rollbacks": len(summary["rollbacks"]),
+        "final_state": summary["status"],
+        "exit_code": summary["exit_code"],
+        "checkpoint": {"path": str(ckpt) if ckpt else None, "verified": verified},
+        "expected": expected.to_dict(),
+        "matched": not mismatches,
+        "mismatches": mismatches,
+        "summary": {k: summary[k] for k in ("run_id", "epochs_completed", "final", "failure")},
+    }
+
+
+_ACTION_EVENTS = {
+    "rollback.completed": "rollback", "rollback.failed": "rollback_failed", "seed.transition": None,
+    "controller.suspended": "controller_suspended", "checkpoint.failed": "checkpoint_write_failed",
+    "checkpoint.corrupt_detected": "corruption_detected", "command.rejected": "command_rejected",
+    "stop.requested": "graceful_stop",
+}
+
+
+def _actions(events: list[dict[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    after_fault = False
+    for e in events:
+        if e["event"] == "fault.injected":
+            after_fault = True
+        if not after_fault:
+            continue
+        name = _ACTION_EVENTS.get(e["event"])
+        if e["event"] == "seed.transition" and e["attributes"].get("transition", {}).get("dest") == "CULLED":
+            name = "seed_culled"
+        if e["event"] == "trainer.transition":
+            dest = e["attributes"]["transition"]["dest"]
+            name = {"PAUSED": "trainer_paused", "HALTED": "halted", "STOPPED": "stopped"}.get(dest)
+            if dest == "CHECKPOINTING" and "emergency" in e["attributes"]["transition"]["reason"]:
+                name = "emergency_checkpoint"
+        if e["event"] == "emergency.level" and e["attributes"].get("transition", {}).get("trigger") == "clear":
+            name = "downgraded"
+        if name and name not in seen:
+            seen.append(name)
+    return seen

@@ -6,6 +6,7 @@ Every blueprint maps activations ``[N, w] -> [N, w]`` and returns ``x + delta(x)
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from torch import nn
 from esper.core.config import SeedsConfig
 from esper.core.errors import ConfigError
 from esper.core.plugins import check_type, load_factory
+
+_BUILD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,12 @@ class BlueprintRegistry:
         return sorted(self._items)
 
     def build(self, name: str, width: int, generator_seed: int) -> nn.Module:
-        """Instantiate a blueprint with its own RNG stream, so init does not depend on global RNG history."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(generator_seed)
+        """Instantiate a blueprint with its own RNG stream, so init does not depend on global RNG history.
+
+        Builds may run on prefetch threads; the lock keeps two of them from interleaving on the global RNG.
+        """
+        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(generator_seed + sum(name.encode()) * 131 + width)
             return self._items[name].build(width)
 
 

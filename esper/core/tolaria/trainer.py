@@ -40,6 +40,7 @@ from esper.core.tamiyo import FieldReportLog, Tamiyo
 from esper.core.tamiyo import worker as tamiyo_worker
 from esper.core.telemetry import Emitter, TelemetryDeliveryError
 from esper.core.tolaria.emergency import EmergencyManager, Signal
+from esper.core.tolaria.profiler import ProfilerWindow
 from esper.core.tolaria.rollback import RollbackManager
 from esper.core.tolaria.safety import Halt, Restart, Safety
 from esper.core.tolaria.state import Position, capture, checkpoint_name, restore
@@ -172,6 +173,7 @@ class Trainer:
                                        tamiyo_worker.factory_args(cfg.controller, cfg.seeds, self.run_id))
             self.mediator = Mediator(cfg.controller.timeout_ms, self.emit, controller=endpoint)
         self.report_log = FieldReportLog(self.run_dir.field_reports)
+        self.profiler = ProfilerWindow(cfg.trainer.profiler, self.run_dir.path, self.emit)
         n = min(len(self.data.x_train), cfg.data.batch_size)
         self.probe = (self.data.x_train[:n].to(self.device), self.data.y_train[:n].to(self.device))
 
@@ -195,7 +197,8 @@ class Trainer:
                     start = self._resume(resume)
                 self.machine.fire("ready", reason="built" if resume is None else f"restored {resume.path}")
                 self.rollback_mgr.take(start)
-                self._loop(start)
+                with self.profiler:
+                    self._loop(start)
             except Halt as h:
                 self.safety.halt(h.reason)
         except KeyboardInterrupt:
@@ -304,6 +307,7 @@ class Trainer:
                 self.safety.handle(Signal("ELEVATED", "dataloader_error", str(exc), {}))
                 raise
             self.train_step(x, y, stats, training_slots, inject)
+            self.profiler.step()
             next_index = index + 1
         if self.stop_signal is not None and epoch < self.cfg.trainer.epochs:
             self._graceful_stop(epoch, self.steps_per_epoch)

@@ -32,9 +32,9 @@ from esper.core.faults import FaultInjector
 from esper.core.host import build_host, layer_widths
 from esper.core.kasmina.kasmina import Kasmina
 from esper.core.kasmina.slot import LIVE, Mode, SeedForwardError
-from esper.core.kasmina_loader import BlueprintLoadError, BlueprintLoadManager
+from esper.core.kasmina_loader import BlueprintLoadError, BlueprintLoadManager, ParameterOwnership
 from esper.core.mediator import ControllerCrashed, ControllerTimeout, Mediator, open_controller
-from esper.core.optim import LRSchedule, build_optimizer, rebuild_optimizer
+from esper.core.optim import LRSchedule, OptimizerError, build_optimizer, rebuild_optimizer
 from esper.core.rundir import RunDir, append_jsonl, write_atomic
 from esper.core.tamiyo import FieldReportLog, Tamiyo
 from esper.core.tamiyo import worker as tamiyo_worker
@@ -163,7 +163,8 @@ class Trainer:
             for name in cfg.seeds.blueprints:
                 for width in sorted(set(widths.values())):
                     loader.prefetch(name, width)
-        self.optimizer = build_optimizer(cfg.trainer, self.kasmina.param_groups())
+        self.ownership = ParameterOwnership()
+        self.rebuild_optimizer_fresh()
         self.steps_per_epoch = steps_per_epoch(self.data, cfg.data.batch_size)
         self.schedule = LRSchedule(cfg.trainer, cfg.trainer.epochs * self.steps_per_epoch)
         self.emergency = EmergencyManager(cfg.emergency, self.emit)
@@ -474,7 +475,20 @@ class Trainer:
         self.stats = EpochStats(**d) if d is not None else None
 
     def rebuild_optimizer_fresh(self) -> None:
+        self._check_ownership()
         self.optimizer = build_optimizer(self.cfg.trainer, self.kasmina.param_groups())
+
+    def _check_ownership(self) -> None:
+        """Every optimized parameter has exactly one owner: the host or one seed (a user blueprint that reuses
+        host parameters is a conflict, never silently trained twice)."""
+        self.ownership.register_host(self.host)  # re-registering resets every earlier claim (Kasmina #19)
+        for s in self.kasmina.slots.values():
+            if s.module is not None:
+                self.ownership.claim(f"seed:{s.name}", s.params())
+        issues = self.ownership.validate(self._named_params())
+        if issues:
+            self.emit("kasmina", "ownership.invalid", "ERROR", issues=[vars(i) for i in issues[:20]])
+            raise OptimizerError(f"parameter ownership: {len(issues)} problem(s), first: {issues[0]}")
 
     # ------------------------------------------------------------- controller
     def _decide(self, epoch: int, stats: EpochStats, val_loss: float, val_acc: float) -> dict[str, int]:
@@ -573,6 +587,7 @@ class Trainer:
     # ------------------------------------------------------------ optimizer
     def rebuild_optimizer(self, why: str) -> None:
         """Rebuild param groups after seed parameters changed, carrying every group's settings and state."""
+        self._check_ownership()
         self.optimizer, report = rebuild_optimizer(self.optimizer, self.cfg.trainer, self.kasmina.param_groups())
         self.emit("tolaria", "optimizer.rebuilt", "INFO", reason=why, **report.to_dict())
 

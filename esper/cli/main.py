@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from esper import __version__
-from esper.cli import config_cmd
+from esper.cli import config_cmd, faults, runbook
+from esper.cli.bench import bench
 from esper.cli.common import ConfigOpt, GlobalOptions, QuietOpt, SetOpt
 from esper.cli.drill import simulate_emergency
 from esper.cli.inspect import inspect_checkpoint
@@ -47,6 +48,9 @@ app.command("reports")(reports)
 app.command("simulate-emergency")(simulate_emergency)
 app.command("lifecycle")(lifecycle)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(faults.app, name="faults")
+app.add_typer(runbook.app, name="runbook")
+app.command("bench")(bench)
 
 
 def run() -> None:

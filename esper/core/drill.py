@@ -27,8 +27,10 @@ DRILL_OVERRIDES: dict[str, Any] = {
     "emergency": {"slow_step_ms": 250.0, "recovery_epochs": 2},
 }
 
-# Where each fault fires by default: after the first germination (epoch 1 end), before the last epoch.
-DEFAULT_AT = {"sigterm": "3:2", "seed_forward_error": "3:1", "checkpoint_corrupt": "3:0", "checkpoint_write_error": "3:0"}
+# Where each fault fires unless --at says otherwise: seed faults after the first germination (epoch 2 end),
+# checkpoint faults before the last epoch so their detection and recovery are inside the run.
+DEFAULT_AT = {"sigterm": "3:2", "seed_forward_error": "3:1", "checkpoint_corrupt": "3:0",
+              "checkpoint_write_error": "3:0"}
 
 FORCED = {  # what a forced level must lead to
     "NOTICE": FaultSpec("force:NOTICE", "level forced to NOTICE", "NOTICE", "event only", "COMPLETED", 0),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +14,9 @@ from esper.core.errors import ConfigError
 def load_factory(ref: str, key: str) -> Callable[..., Any]:
     """Import ``module:function``; any failure is a ConfigError naming the config key."""
     module_name, _, attr = ref.partition(":")
+    if os.getcwd() not in sys.path:
+        # like `python -m` (and uvicorn, pytest): a plug-in module beside the config is importable
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:  # the user's module, not one of ours: its absence is a config problem

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from esper.core.config import EsperConfig
+from esper.core.errors import ConfigError
 from esper.core.kasmina import gates
 from esper.core.kasmina.blending import BlendSpec, blend, parse_blend
 from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
@@ -50,6 +51,20 @@ class Kasmina:
             self.slots[sc.name] = slot
             self._handles.append(modules[sc.layer].register_forward_hook(slot.hook))
         self._upstream: dict[str, list[nn.Parameter]] = {}
+        self._check_config()
+
+    def _check_config(self) -> None:
+        """Problems a slot would only meet mid-run are config errors now (exit 3, before any training)."""
+        widths = sorted({s.width for s in self.slots.values()})
+        if self.spec.mode == "channel":
+            n = len(self.spec.channel_alpha)
+            bad = {s.name: s.width for s in self.slots.values() if s.width != n}
+            if bad:
+                raise ConfigError(f"seeds.blend.channel_alpha has {n} entries but slot widths are {bad}: "
+                                  "it needs one entry per channel of every slot")
+        for name in self.scfg.user_blueprints:
+            for width in widths:
+                self.registry.build(name, width, self.cfg.run.seed)  # ConfigError naming seeds.user_blueprints.NAME
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

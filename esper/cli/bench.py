@@ -1,0 +1,97 @@
+"""`esper bench`: the performance harness (SPEC §9) as a Rich table, or one JSON document."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from esper.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    SetOpt,
+    global_options,
+    handle_errors,
+    load_config,
+    print_json,
+    stderr,
+    stdout,
+)
+from esper.core.bench import BenchPlan, run_bench
+
+QuickOpt = Annotated[bool, typer.Option("--quick", help="Reduced run (well under a minute) for CI smoke tests.")]
+
+
+def _num(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 1:
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def _goal(r: dict[str, Any]) -> str:
+    goal = r["goal"]
+    if goal is None:
+        return "-"
+    if "max_ratio" in goal:
+        return f"<= {goal['max_ratio']:g}x"
+    return f"<= {_num(goal['max'])} {goal['unit']}"
+
+
+def _met(met: bool | None) -> str:
+    return "-" if met is None else "[green]yes[/]" if met else "[red]no[/]"
+
+
+def results_table(doc: dict[str, Any]) -> Table:
+    """measurement | baseline median | esper median | ratio | goal | met?"""
+    m = doc["machine"]
+    table = Table(title=f"esper bench{' --quick' if doc['quick'] else ''}: {m['cores_available']} cores, "
+                        f"torch {m['torch']} ({m['torch_threads']} threads), python {m['python']}",
+                  title_justify="left")
+    for col in ("measurement", "baseline median", "esper median", "ratio", "goal", "met?"):
+        table.add_column(col, justify="left" if col == "measurement" else "right")
+    for r in doc["results"]:
+        unit = r["unit"]
+        name = f"{r['id']} {r['name']}"
+        if r["kind"] == "ratio":
+            ratio = r["ratio"]
+            table.add_row(name, f"{_num(r['baseline']['median'])} {unit}", f"{_num(r['esper']['median'])} {unit}",
+                          f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})", _goal(r), _met(r["met"]))
+        else:
+            v = r["value"]
+            table.add_row(name, "-", f"{_num(v['median'])} {unit} (p99 {_num(v['p99'])}, max {_num(v['max'])})", "-",
+                          _goal(r), _met(r["met"]))
+    return table
+
+
+@handle_errors
+def bench(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    quick: QuickOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure Esper's overheads against plain-PyTorch baselines, alternating in one process (SPEC §9)."""
+    resolved = load_config(ctx, config, sets)
+    plan = BenchPlan.from_config(resolved.config.bench, quick=quick)
+    err = stderr()
+    quiet = global_options(ctx).quiet
+
+    def progress(msg: str) -> None:
+        if not quiet:
+            err.print(f"bench: {msg}", highlight=False, markup=False)
+
+    doc = run_bench(resolved.config, plan, progress=progress)
+    if as_json:
+        print_json(doc)
+        return
+    out = stdout()
+    out.print(results_table(doc))
+    s = doc["summary"]
+    out.print(f"goals met: {s['met']}/{s['goals']}" + (f"; missed: {', '.join(s['missed'])}" if s["missed"] else "")
+              + f"  ({doc['wall_s']:.1f} s)", highlight=False)

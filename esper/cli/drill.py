@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, global_options, handle_errors, load_config, print_json, stdout
+from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, global_options, handle_errors, print_json, stdout
+from esper.core import config as config_mod
 from esper.core.drill import drill_config, run_drill
 from esper.core.errors import ExitCode
 
@@ -27,12 +28,12 @@ def simulate_emergency(
 ) -> None:
     """Run a short drill, inject a fault (or force a level) and check the outcome against the catalogue.
 
-    Without --set overrides the drill runs a small synthetic task; with them, your config as given.
-    Exits 0 when the outcome matched the catalogue, 7 when it did not.
+    The drill takes the config file, puts a small fast run on top (synthetic task, 6 epochs, a seed that
+    germinates early), then applies --set. Exits 0 when the outcome matched the catalogue, 7 when not.
     """
-    resolved = load_config(ctx, config, sets)
-    explicit = bool(sets) or bool(global_options(ctx).sets)
-    cfg = drill_config(resolved.config, user_sets=explicit)
+    g = global_options(ctx)
+    base = config_mod.load(config or g.config).config  # the file alone: --set goes on top of the drill defaults
+    cfg = drill_config(base, [*g.sets, *(sets or [])])
     doc = run_drill(cfg, fault=fault, level=level, at=at, run_dir=run_dir)
     if as_json:
         print_json(doc)
@@ -50,7 +51,7 @@ def render(doc: dict[str, Any]) -> None:
     det = doc["detected"]
     rb = doc["rollback"]
     rows = [
-        ("detected", f"epoch {det['epoch']} step {det['step']} ({det['event']})" if det else "-"),
+        ("detected", f"epoch {det['epoch']}, global step {det['global_step']} ({det['event']})" if det else "-"),
         ("level reached", f"{doc['level_reached']} (expected {doc['expected']['level']})"),
         ("actions", ", ".join(doc["actions"]) or "-"),
         ("rollback", f"{rb['tier']} tier, {rb['latency_ms']:.1f} ms vs SLA {rb['sla_ms']:.0f} ms "

@@ -230,13 +230,13 @@ def _serialize(
     for stem, group in tensors.items():
         _check_name(stem, "tensor file stem")
         prepared: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
         for key, t in group.items():
             if not isinstance(key, str):
                 raise TypeError(f"{stem}: tensor key {key!r} is not a string")
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{stem}.{key}: expected a torch.Tensor, got {type(t).__name__}")
-            # A private contiguous CPU copy: safetensors refuses shared/aliased storage and strided views.
-            prepared[key] = t.detach().to(device="cpu", memory_format=torch.contiguous_format, copy=True)
+            prepared[key] = _owned_cpu(t.detach(), seen)
         fname = stem + SUFFIX
         blobs[fname] = safetensors.torch.save(prepared)
         dtypes: dict[str, int] = {}
@@ -250,6 +250,20 @@ def _serialize(
             "dtypes": dtypes,
         }
     return blobs, summary
+
+
+def _owned_cpu(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """The tensor as safetensors needs it: contiguous, on the CPU, alone in a storage it fully covers.
+
+    Only tensors that are not already so are copied (the copy was a fifth of a checkpoint write's time).
+    """
+    storage = t.untyped_storage()
+    complete = storage.nbytes() == t.numel() * t.element_size()
+    if (t.device.type == "cpu" and t.is_contiguous() and complete and storage.data_ptr() not in seen
+            and t.numel() > 0):
+        seen.add(storage.data_ptr())
+        return t
+    return t.to(device="cpu", memory_format=torch.contiguous_format, copy=True)
 
 
 def _manifest_bytes(payload: Mapping[str, Any], blobs: Mapping[str, bytes],

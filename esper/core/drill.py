@@ -43,14 +43,12 @@ FORCED = {  # what a forced level must lead to
 }
 
 
-def drill_config(base: EsperConfig, user_sets: bool) -> EsperConfig:
-    """The drill's config: the user's, with the drill defaults underneath anything they set explicitly."""
-    if user_sets:
-        return base
+def drill_config(base: EsperConfig, overrides: list[str]) -> EsperConfig:
+    """The drill's config: the config file, then the drill's small-run defaults, then the user's ``--set``."""
     merged = base.to_dict()
     for section, values in DRILL_OVERRIDES.items():
         merged[section].update(values)
-    return from_dict(merged)
+    return from_dict(merged, overrides)
 
 
 def run_drill(cfg: EsperConfig, *, fault: str | None, level: str | None, at: str | None,
@@ -92,7 +90,7 @@ def report(summary: dict[str, Any], rd: RunDir, expected: FaultSpec, *, fault: s
     for e in events:
         if e["event"] in ("emergency.level", "emergency.signal", "stop.requested") or (
                 e["event"] == "fault.injected" and expected.level == "NOMINAL"):
-            detected = {"epoch": e["epoch"], "step": e["step"], "event": e["event"]}
+            detected = {"epoch": e["epoch"], "global_step": e["step"], "event": e["event"]}
             break
     reached = max((LEVELS.index(h["dest"]) for h in summary["emergencies"] if h["trigger"].startswith("raise_")),
                   default=0)

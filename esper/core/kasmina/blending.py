@@ -56,8 +56,10 @@ def blend(
     """Combine the host activation with the seed output. Never mutates ``alpha`` or its inputs."""
     if seed.shape != host.shape:
         raise BlendError(f"seed output shape {tuple(seed.shape)} != host activation {tuple(host.shape)}")
-    a = torch.as_tensor(alpha, dtype=host.dtype, device=host.device)
-    a = a.clamp(0.0, 1.0)  # out-of-place: the caller's tensor is left as it was
+    if isinstance(alpha, torch.Tensor):
+        a: float | torch.Tensor = alpha.to(dtype=host.dtype, device=host.device).clamp(0.0, 1.0)  # out of place
+    else:
+        a = min(max(float(alpha), 0.0), 1.0)  # a float needs no tensor (this runs every step)
     if spec.mode == "convex":
         return (1 - a) * host + a * seed
     if spec.mode == "residual":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,12 +71,17 @@ class EmergencyManager:
         self.ewma = loss if self.ewma is None else (1 - a) * self.ewma + a * loss
 
     @staticmethod
-    def check_grads(named: Iterable[tuple[str, torch.nn.Parameter]]) -> Signal | None:
+    def check_grads(named: list[tuple[str, torch.nn.Parameter]]) -> Signal | None:
+        """One fused norm over every gradient (one sync per step); the offender is named only on failure."""
+        grads = [p.grad for _, p in named if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            return None
         for name, p in named:
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 return Signal("ELEVATED", "non_finite_gradient", f"gradient of {name} is not finite",
                               {"parameter": name})
-        return None
+        # the norm overflowed although every entry is finite: as dangerous for the step, and said so
+        return Signal("ELEVATED", "non_finite_gradient", "gradient norm overflows", {"parameter": None})
 
     # ------------------------------------------------------------------ levels
     def escalate(self, level: str, reason: str, **attributes: Any) -> bool:

@@ -137,6 +137,8 @@ class Trainer:
         self.mediator: Mediator | None = None
         self.loader: BlueprintLoadManager | None = None
         self.controller: Tamiyo | None = None
+        self._named_cache: list[tuple[str, nn.Parameter]] | None = None
+        self._quarantine: Path | None = None  # a corrupt checkpoint to move aside after the next good write
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -440,6 +442,13 @@ class Trainer:
             return None
         self.checkpoint_failures = 0
         self.last_checkpoint = path
+        if self._quarantine is not None and self._quarantine.exists():
+            # kept as evidence for triage, out of keep_last's reach, once a verified successor exists
+            target = self.run_dir.checkpoints / "quarantine" / self._quarantine.name
+            target.parent.mkdir(exist_ok=True)
+            os.rename(self._quarantine, target)
+            self.emit("tolaria", "checkpoint.quarantined", "WARNING", path=str(target))
+            self._quarantine = None
         self.emit("tolaria", "checkpoint.written", "INFO", path=str(path), reason=reason, epoch=pos.epochs_done,
                   step_in_epoch=pos.step_in_epoch, global_step=pos.global_step)
         if self.faults.take("checkpoint_corrupt"):
@@ -455,6 +464,7 @@ class Trainer:
         if not report.ok:
             self.emit("tolaria", "checkpoint.corrupt_detected", "CRITICAL", path=str(self.last_checkpoint),
                       problems=report.problems)
+            self._quarantine = self.last_checkpoint
             self.safety.handle(Signal("NOTICE", "checkpoint_corrupt", "; ".join(report.problems),
                                       {"path": str(self.last_checkpoint)}))
 
@@ -481,6 +491,7 @@ class Trainer:
     def _check_ownership(self) -> None:
         """Every optimized parameter has exactly one owner: the host or one seed (a user blueprint that reuses
         host parameters is a conflict, never silently trained twice)."""
+        self._named_cache = None  # parameters are about to change
         self.ownership.register_host(self.host)  # re-registering resets every earlier claim (Kasmina #19)
         for s in self.kasmina.slots.values():
             if s.module is not None:
@@ -594,10 +605,14 @@ class Trainer:
     _rebuild_optimizer = rebuild_optimizer  # the name tests and the bench know
 
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        """Every trained parameter by name; cached between optimizer rebuilds (the only time it changes)."""
+        if self._named_cache is not None:
+            return self._named_cache
         named = list(self.host.named_parameters())
         for s in self.kasmina.slots.values():
             if s.module is not None:
                 named.extend((f"{s.name}.{n}", p) for n, p in s.module.named_parameters())
+        self._named_cache = named
         return named
 
     # ---------------------------------------------------------------- records

@@ -1,0 +1,319 @@
+"""Runbooks (E-3): the file format, expectations, the step engine, and `esper runbook run`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from esper.cli.runbook import app
+from esper.core.errors import ExitCode
+from esper.core.runbook import (
+    MISSING,
+    Completed,
+    Expectation,
+    RunbookError,
+    check,
+    load_runbook,
+    resolve,
+    run_command,
+    run_runbook,
+    same,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "fixtures" / "runbooks").glob("*.toml"))
+runner = CliRunner()
+
+LIFECYCLE_OK = """
+[[step]]
+name = "seed lifecycle"
+run = "esper lifecycle seed --format json"
+[step.expect]
+"states.0.name" = "DORMANT"
+"states.0.value" = { gte = 1, lt = 2 }
+"terminal" = { contains = "TERMINATED" }
+"initial" = { in = ["DORMANT", "GERMINATED"] }
+"transitions" = { exists = true }
+"no.such.key" = { exists = false }
+"""
+
+
+def write(tmp_path: Path, body: str, header: str = 'name = "t"\ndescription = "test runbook"\n') -> Path:
+    path = tmp_path / "rb.toml"
+    path.write_text(header + body, encoding="utf-8")
+    return path
+
+
+def invoke(*args: str) -> Result:
+    return runner.invoke(app, list(args))
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+
+def test_load_parses_steps_defaults_and_placeholders(tmp_path: Path) -> None:
+    path = write(tmp_path, '[vars]\nrun = "{workdir}/run"\nepochs = 3\n'
+                           '[[step]]\nname = "a"\nrun = "esper train --run-dir {run} --set trainer.epochs={epochs} '
+                           '--config \'{runbook_dir}/my config.toml\'"\n'
+                           '[[step]]\nname = "b"\nrun = "esper x"\nexit_code = 4\ntimeout_s = 2.5\n'
+                           'expect = { "a.0" = 1, "b" = { lt = 2, ne = 0 } }\n')
+    rb = load_runbook(path)
+    a, b = rb.steps
+    assert (a.exit_code, a.timeout_s, a.expectations) == (0, 300.0, ())
+    values = rb.placeholders(Path("/w d"))
+    assert a.argv(values) == ["train", "--run-dir", "/w d/run", "--set", "trainer.epochs=3",
+                              "--config", f"{tmp_path.resolve()}/my config.toml"]
+    assert (b.exit_code, b.timeout_s) == (4, 2.5)
+    assert b.expectations == (Expectation("a.0", "eq", 1), Expectation("b", "lt", 2), Expectation("b", "ne", 0))
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ('[[step]]\nname = "a"\nrun = "esper x"\nbogus = 1\n', "step.0.bogus: unknown key"),
+    ('colour = "red"\n[[step]]\nname = "a"\nrun = "esper x"\n', "colour: unknown key"),
+    ('[[step]]\nname = "a"\n', "step.0.run: required key is missing"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\nexit_code = "0"\n', "step.0.exit_code"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\ntimeout_s = 0\n', "step.0.timeout_s"),
+    ("step = []\n", "step"),
+    ('[[step]]\nname = "a"\nrun = "esper x {nope}"\n', "unknown placeholder {nope}"),
+    ('[vars]\nworkdir = "x"\n[[step]]\nname = "a"\nrun = "esper x"\n', "shadows the built-in placeholder"),
+    ('[vars]\na = "1"\nb = "{a}"\n[[step]]\nname = "a"\nrun = "esper x"\n', "vars.b: unknown placeholder {a}"),
+    ('[[step]]\nname = "a"\nrun = "python -m esper x"\n', "must be an esper command line"),
+    ('[[step]]\nname = "a"\nrun = "esper x \'unclosed"\n', "cannot split the command line"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\n[[step]]\nname = "a"\nrun = "esper y"\n', "duplicate step name"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\nexpect = { rollback.tier = "fast" }\n',
+     'unknown comparison \'tier\''),
+    ('[[step]]\nname = "a"\nrun = "esper x"\nexpect = { "a" = { lt = "5" } }\n', "needs a number"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\nexpect = { "a" = { lt = true } }\n', "needs a number"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\nexpect = { "a" = { in = "A" } }\n', "needs a list"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\nexpect = { "a" = { exists = 1 } }\n', "needs true or false"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\nexpect = { "a" = {} }\n', "empty comparison table"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\nexpect = { "a..b" = 1 }\n', "malformed JSON path"),
+])
+def test_malformed_runbooks_are_rejected_naming_the_problem(tmp_path: Path, body: str, needle: str) -> None:
+    with pytest.raises(RunbookError) as info:
+        load_runbook(write(tmp_path, body))
+    assert needle in str(info.value)
+    assert info.value.exit_code is ExitCode.CONFIG
+
+
+def test_missing_header_keys_and_toml_errors_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(RunbookError, match="description: required key is missing"):
+        load_runbook(write(tmp_path, '[[step]]\nname = "a"\nrun = "esper x"\n', header='name = "t"\n'))
+    with pytest.raises(RunbookError, match="TOML syntax error"):
+        load_runbook(write(tmp_path, "[[step]\n"))
+    with pytest.raises(RunbookError, match="runbook not found"):
+        load_runbook(tmp_path / "absent.toml")
+
+
+# --- expectations -------------------------------------------------------------------------------------------
+
+DOC: dict[str, Any] = {"rollback": {"tier": "fast", "latency_ms": 12.5, "within_sla": True},
+                       "seeds": [{"stage": "TRAINING"}, {"stage": "DORMANT"}], "actions": ["rollback", "cull"],
+                       "n": 1, "nothing": None, "msg": "fast rollback; bad step not applied", "bad": math.nan}
+
+
+def test_resolve_walks_dicts_and_list_indexes() -> None:
+    assert resolve(DOC, "rollback.tier") == "fast"
+    assert resolve(DOC, "seeds.1.stage") == "DORMANT"
+    assert resolve(DOC, "seeds.-1.stage") == "DORMANT"
+    assert resolve(DOC, "nothing") is None
+    for missing in ("seeds.2.stage", "seeds.x", "rollback.tier.more", "nope", "nothing.x", "seeds.-3"):
+        assert resolve(DOC, missing) is MISSING, missing
+
+
+def test_equality_does_not_coerce_bools_or_strings() -> None:
+    assert same(1, 1.0) and same([1, {"a": True}], [1.0, {"a": True}])
+    assert not same(True, 1) and not same(1, True) and not same(False, 0)
+    assert not same("1", 1) and not same([1], [1, 2]) and not same({"a": 1}, {"a": 1, "b": 2})
+
+
+@pytest.mark.parametrize(("path", "op", "expected", "passes"), [
+    ("rollback.tier", "eq", "fast", True),
+    ("rollback.tier", "eq", "full", False),
+    ("rollback.within_sla", "eq", 1, False),
+    ("rollback.tier", "ne", "full", True),
+    ("rollback.tier", "ne", "fast", False),
+    ("rollback.latency_ms", "lt", 500, True),
+    ("rollback.latency_ms", "lt", 12.5, False),
+    ("rollback.latency_ms", "lte", 12.5, True),
+    ("rollback.latency_ms", "gt", 12.5, False),
+    ("n", "gte", 1, True),
+    ("n", "gte", 2, False),
+    ("rollback.tier", "lt", 5, False),  # not a number
+    ("rollback.within_sla", "gte", 0, False),  # a bool is not a number
+    ("bad", "lt", 5, False),  # NaN is never in range
+    ("seeds.0.stage", "in", ["TRAINING", "BLENDING"], True),
+    ("seeds.0.stage", "in", ["BLENDING"], False),
+    ("seeds.0.stage", "not_in", ["BLENDING"], True),
+    ("seeds.0.stage", "not_in", ["TRAINING"], False),
+    ("actions", "contains", "cull", True),
+    ("actions", "contains", "halt", False),
+    ("msg", "contains", "bad step", True),
+    ("msg", "contains", "good step", False),
+    ("n", "contains", 1, False),
+    ("nothing", "exists", True, True),
+    ("rollback.nope", "exists", True, False),
+    ("rollback.nope", "exists", False, True),
+    ("rollback", "exists", False, False),
+    ("rollback.nope", "eq", "fast", False),
+    ("rollback.nope", "ne", "fast", False),  # a missing path never satisfies a comparison
+])
+def test_comparison_operators(path: str, op: str, expected: Any, passes: bool) -> None:
+    result = check(Expectation(path, op, expected), DOC)
+    assert result.passed is passes, result.describe()
+
+
+def test_failed_expectation_describes_what_was_seen() -> None:
+    assert check(Expectation("seeds.0.stage", "eq", "X"), DOC).describe() == \
+        'expected seeds.0.stage eq "X", saw "TRAINING"'
+    assert "path not found" in check(Expectation("seeds.5", "eq", 1), DOC).describe()
+
+
+# --- engine (scripted commands) ---------------------------------------------------------------------------
+
+
+class Script:
+    """A fake executor: returns scripted results in order and records what it was asked to run."""
+
+    def __init__(self, *results: Completed) -> None:
+        self.results = list(results)
+        self.calls: list[tuple[list[str], Path, float]] = []
+
+    def __call__(self, argv: list[str], cwd: Path, timeout_s: float) -> Completed:
+        self.calls.append((argv, cwd, timeout_s))
+        return self.results.pop(0)
+
+
+def ok(doc: object = None, code: int = 0) -> Completed:
+    return Completed(code, "" if doc is None else json.dumps(doc), "some stderr", 0.01)
+
+
+THREE = ('[[step]]\nname = "one"\nrun = "esper a --dir {workdir}/x"\ntimeout_s = 7\nexpect = { "v" = 1 }\n'
+         '[[step]]\nname = "two"\nrun = "esper b"\nexit_code = 3\n'
+         '[[step]]\nname = "three"\nrun = "esper c"\nexpect = { "w" = { gt = 0 } }\n')
+
+
+def test_engine_runs_every_step_in_the_shared_workdir(tmp_path: Path) -> None:
+    script = Script(ok({"v": 1}), Completed(3, "not json, and not needed", "", 0.01), ok({"w": 2}))
+    result = run_runbook(load_runbook(write(tmp_path, THREE)), tmp_path / "wd", executor=script)
+    assert result.passed and [s.status for s in result.steps] == ["passed"] * 3
+    argv, cwd, timeout = script.calls[0]
+    assert argv == [sys.executable, "-m", "esper", "a", "--dir", f"{tmp_path / 'wd'}/x"]
+    assert (cwd, timeout) == (tmp_path / "wd", 7.0)
+    assert {c[1] for c in script.calls} == {tmp_path / "wd"}
+    assert result.to_dict(kept=False)["failed_step"] is None
+
+
+@pytest.mark.parametrize(("first", "needle"), [
+    (ok({"v": 2}), 'expected v eq 1, saw 2'),
+    (ok({"u": 1}), "path not found"),
+    (ok({"v": 1}, code=1), "expected exit code 0, saw 1"),
+    (Completed(None, "", "partial", 7.0), "timed out after 7 s"),
+    (Completed(0, "epoch 1 ...\n{}", "", 0.1), "exactly one JSON document"),
+    (Completed(0, '{"v": 1}\n{"v": 1}\n', "", 0.1), "exactly one JSON document"),
+    (Completed(0, "", "", 0.1), "stdout began: 'nothing'"),
+])
+def test_first_failure_stops_the_runbook(tmp_path: Path, first: Completed, needle: str) -> None:
+    script = Script(first)
+    result = run_runbook(load_runbook(write(tmp_path, THREE)), tmp_path, executor=script)
+    assert len(script.calls) == 1  # steps two and three never ran
+    assert not result.passed
+    assert [s.status for s in result.steps] == ["failed", "skipped", "skipped"]
+    failed = result.steps[0]
+    assert failed.failure is not None and needle in failed.failure
+    doc = result.to_dict(kept=False)
+    assert doc["failed_step"] == "one" and doc["passed"] is False and needle in doc["failure"]
+
+
+def test_all_expectations_of_the_failing_step_are_reported(tmp_path: Path) -> None:
+    body = '[[step]]\nname = "s"\nrun = "esper a"\nexpect = { "a" = 1, "b" = 2, "c" = 3 }\n'
+    result = run_runbook(load_runbook(write(tmp_path, body)), tmp_path, executor=Script(ok({"a": 1, "b": 0, "c": 0})))
+    step = result.steps[0]
+    assert [e.passed for e in step.expectations] == [True, False, False]
+    assert step.failure == "expected b eq 2, saw 0"  # the first one that failed
+
+
+def test_run_command_kills_a_command_past_its_timeout(tmp_path: Path) -> None:
+    start = time.monotonic()
+    done = run_command([sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"], tmp_path, 1.0)
+    assert done.exit_code is None and time.monotonic() - start < 30
+    assert done.stdout == "x\n"
+    done = run_command([sys.executable, "-c", "import os,sys; print(os.getcwd()); sys.exit(5)"], tmp_path, 60)
+    assert (done.exit_code, done.stdout.strip()) == (5, str(tmp_path))
+
+
+# --- `esper runbook run` (real esper subprocesses) --------------------------------------------------------
+
+
+def test_cli_passing_runbook_json_and_keep(tmp_path: Path) -> None:
+    body = LIFECYCLE_OK + ('[[step]]\nname = "no config is exit 3"\n'
+                           'run = "esper config validate --config {workdir}/absent.toml --json"\nexit_code = 3\n')
+    result = invoke("run", str(write(tmp_path, body)), "--json", "--keep")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["runbook"] == "t" and doc["passed"] is True and doc["failed_step"] is None
+    assert [s["status"] for s in doc["steps"]] == ["passed", "passed"]
+    assert [s["exit_code"] for s in doc["steps"]] == [0, 3]
+    assert all(e["passed"] for e in doc["steps"][0]["expectations"]) and len(doc["steps"][0]["expectations"]) == 7
+    workdir = Path(doc["workdir"])
+    assert doc["workdir_kept"] is True and workdir.is_dir()
+    assert doc["steps"][1]["command"] == f"esper config validate --config {workdir}/absent.toml --json"
+    assert f"work directory kept: {workdir}" in result.stderr
+    workdir.rmdir()
+
+
+def test_cli_wrong_expectation_exits_7_naming_the_step(tmp_path: Path) -> None:
+    body = ('[[step]]\nname = "check the initial stage"\nrun = "esper lifecycle seed --format json"\n'
+            'expect = { "initial" = "GERMINATED" }\n'
+            '[[step]]\nname = "never runs"\nrun = "esper lifecycle seed --format json"\n')
+    result = invoke("run", str(write(tmp_path, body)), "--json")
+    assert result.exit_code == ExitCode.EXPECTATION, result.output
+    doc = json.loads(result.stdout)
+    assert doc["passed"] is False and doc["failed_step"] == "check the initial stage"
+    assert [s["status"] for s in doc["steps"]] == ["failed", "skipped"]
+    assert doc["steps"][0]["expectations"][0]["seen"] == "DORMANT"
+    assert "step 'check the initial stage'" in result.stderr
+    assert 'expected initial eq "GERMINATED", saw "DORMANT"' in result.stderr
+    assert not Path(doc["workdir"]).exists()  # removed without --keep
+
+
+def test_cli_table_output_and_timeout(tmp_path: Path) -> None:
+    body = '[[step]]\nname = "too slow"\nrun = "esper lifecycle seed --format json"\ntimeout_s = 0.2\n'
+    result = runner.invoke(app, ["run", str(write(tmp_path, body))], env={"COLUMNS": "200"})
+    assert result.exit_code == ExitCode.EXPECTATION, result.output
+    assert "too slow" in result.stdout and "timeout" in result.stdout and "failed" in result.stdout
+    assert "failed at step 'too slow': timed out after 0.2 s" in result.stderr
+
+
+def test_cli_malformed_runbook_exits_3(tmp_path: Path) -> None:
+    result = invoke("run", str(write(tmp_path, '[[step]]\nname = "a"\n')), "--json")
+    assert result.exit_code == ExitCode.CONFIG
+    assert result.stdout == ""
+    assert "step.0.run: required key is missing" in result.stderr
+
+
+# --- shipped runbooks ---------------------------------------------------------------------------------------
+
+
+def test_three_runbooks_are_shipped_and_load() -> None:
+    assert [p.name for p in SHIPPED] == ["corrupt-checkpoint-triage.toml", "halt-and-resume.toml", "nan-drill.toml"]
+    for path in SHIPPED:
+        rb = load_runbook(path)
+        assert rb.steps and all(s.expectations for s in rb.steps), path
+        assert rb.steps[0].args[0] == "simulate-emergency"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_runbook_passes(path: Path) -> None:
+    result = invoke("run", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["passed"] is True and all(s["status"] == "passed" for s in doc["steps"])

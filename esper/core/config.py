@@ -107,7 +107,7 @@ class SeedsConfig(_Section):
     param_budget: int = Field(20000, ge=1, description="max parameters of one seed (G0)")
     min_training_epochs: int = Field(2, ge=1, description="epochs in TRAINING before G2 may pass")
     g2_min_improvement: float = Field(0.02, ge=0.0, description="relative drop of the seed's own loss for G2")
-    max_step_latency_ms: float = Field(250.0, gt=0.0, description="G2 budget for the seed's step latency")
+    max_step_latency_ms: float = Field(1000.0, gt=0.0, description="G2 budget for the seed's step latency")
     shadowing_epochs: int = Field(1, ge=1, description="epochs in SHADOWING")
     probation_epochs: int = Field(1, ge=1, description="epochs in PROBATIONARY before G4 is asked")
     embargo_epochs: int = Field(2, ge=0, description="epochs a slot cools down after a cull")

@@ -71,7 +71,14 @@ class Sink(Protocol):
 
 
 def _default_opener(path: Path) -> Sink:
-    return open(path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - the emitter owns the handle
+    fh = open(path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - the emitter owns the handle
+    if fh.tell() > 0:  # a crash mid-write may have left a torn last line: end it so new records stay whole
+        with open(path, "rb") as raw:
+            raw.seek(-1, os.SEEK_END)
+            if raw.read(1) != b"\n":
+                fh.write("\n")
+                fh.flush()
+    return fh
 
 
 def _json_safe(value: Any, where: str) -> Any:

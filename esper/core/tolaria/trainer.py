@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import esper
-from esper.core.checkpoint import CheckpointWriteError, LoadedCheckpoint, verify_checkpoint, write_checkpoint
+from esper.core.checkpoint import (
+    CheckpointPruneError,
+    CheckpointWriteError,
+    LoadedCheckpoint,
+    latest_checkpoint,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from esper.core.config import EsperConfig
 from esper.core.data import Dataset, batches, build_dataset, steps_per_epoch
 from esper.core.errors import EsperError, ExitCode
@@ -401,7 +408,14 @@ class Trainer:
         name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
         self.emit("tolaria", "stop.requested", "CRITICAL", signal=name, epoch=epoch, step_in_epoch=index)
         self.machine.fire("checkpoint", reason=f"{name}: graceful stop")
-        self.write_checkpoint(Position(epoch - 1, index, self.global_step), "graceful_stop")
+        pos = Position(epoch - 1, index, self.global_step)
+        current = latest_checkpoint(self.run_dir.checkpoints)
+        if current is not None and current.name == checkpoint_name(pos, "graceful_stop"):
+            # `latest` already holds exactly this state (the last periodic checkpoint, or the one resumed from)
+            self.last_checkpoint = current
+            self.emit("tolaria", "checkpoint.reused", "INFO", path=str(current), reason="graceful_stop")
+        else:
+            self.write_checkpoint(pos, "graceful_stop")
         self.machine.fire("stop", reason=f"{name} after a graceful checkpoint")
 
     @torch.no_grad()
@@ -430,6 +444,10 @@ class Trainer:
         try:
             path = write_checkpoint(self.run_dir.checkpoints, checkpoint_name(pos, reason), tensors, payload,
                                     keep_last=self.cfg.checkpoint.keep_last, before_commit=before_commit)
+        except CheckpointPruneError as exc:
+            # the new checkpoint is committed and verified; only removing old ones failed: disk use, not safety
+            path = exc.checkpoint
+            self.emit("tolaria", "checkpoint.prune_failed", "WARNING", path=str(path), error=str(exc))
         except CheckpointWriteError as exc:
             self.checkpoint_failures += 1
             self.emit("tolaria", "checkpoint.failed", "CRITICAL", reason=reason, error=str(exc),

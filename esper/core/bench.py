@@ -936,7 +936,7 @@ def run_bench(cfg: EsperConfig, plan: BenchPlan, *, progress: Progress | None = 
     parent = Path(cfg.run.output_dir)
     parent.mkdir(parents=True, exist_ok=True)
     # scratch lives where run directories live, so checkpoint writes hit the file system real runs use
-    scratch = Path(tempfile.mkdtemp(prefix=".bench-", dir=parent))
+    scratch = Path(tempfile.mkdtemp(prefix=".bench-", dir=parent)).resolve()  # children run elsewhere
     results: list[Result] = []
     try:
         say("P-1 train step overhead")

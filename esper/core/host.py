@@ -28,6 +28,16 @@ class MLPHost(nn.Module):
             x = getattr(self, f"hidden{i}")(x)
         return self.head(x)
 
+    def forward_from(self, layer: str, h: torch.Tensor) -> torch.Tensor:
+        """The rest of the network after ``layer`` given its output ``h`` (slot hooks downstream still apply).
+
+        Optional host protocol: a TRAINING seed's own loss then skips recomputing the layers below its slot.
+        """
+        start = int(layer.removeprefix("hidden"))
+        for i in range(start + 1, self.depth + 1):
+            h = getattr(self, f"hidden{i}")(h)
+        return self.head(h)
+
 
 def build_host(cfg: EsperConfig, n_features: int, n_classes: int) -> nn.Module:
     """Build the configured host (initialised from the run seed)."""

@@ -93,11 +93,26 @@ class Kasmina:
     def modes(self, mode: Mode, names: Any) -> Kasmina._Modes:
         return Kasmina._Modes([self.slots[n] for n in names], mode)
 
-    def seed_pass(self, slot: SeedSlot, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> float:
+    def seed_passes(self, slots: list[SeedSlot], x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> None:
+        """Own steps of every TRAINING seed, each from the slot input this step's main forward produced
+        (captured first: one seed's pass runs downstream hooks that would overwrite another's)."""
+        inputs = {s.name: s.last_input for s in slots}
+        for slot in slots:
+            self.seed_pass(slot, x, y, loss_fn, h=inputs[slot.name])
+
+    def seed_pass(self, slot: SeedSlot, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+                  h: torch.Tensor | None = None) -> float:
         """TRAINING seed's own step: task loss with the seed substituted; gradients go to the seed only."""
         t0 = time.perf_counter()
-        with self.modes(Mode.SUBSTITUTE, [slot.name]):
-            loss = loss_fn(self.forward(x), y)
+        forward_from = getattr(self.host, "forward_from", None)
+        if forward_from is not None and h is not None:
+            # the host activation at the slot is known from this step's forward: run only the layers after it
+            h = h.detach()
+            s = slot.seed_output(h)
+            loss = loss_fn(forward_from(slot.layer, blend(h, s, 1.0, self.spec, slot.logits)), y)
+        else:
+            with self.modes(Mode.SUBSTITUTE, [slot.name]):
+                loss = loss_fn(self.forward(x), y)
         params = slot.params()
         grads = torch.autograd.grad(loss, params)
         for p, g in zip(params, grads, strict=True):

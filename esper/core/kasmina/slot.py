@@ -98,6 +98,12 @@ class SeedSlot:
     def params(self) -> list[nn.Parameter]:
         return list(self.module.parameters()) if self.module is not None else []
 
+    def seed_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The seed's output on ``x`` (recorded for G3, faults applied)."""
+        out = self._seed(x)
+        self.last_output = out
+        return out
+
     def _seed(self, x: torch.Tensor) -> torch.Tensor:
         assert self.module is not None
         if self.fail_forward is not None:

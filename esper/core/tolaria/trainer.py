@@ -350,8 +350,7 @@ class Trainer:
             if signal_ is not None:
                 return self._bad_step(signal_, stats)
             loss.backward()
-            for slot in training_slots:
-                self.kasmina.seed_pass(slot, x, y, _loss)
+            self.kasmina.seed_passes(training_slots, x, y, _loss)
         except SeedForwardError as exc:
             return self._bad_step(Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
                                   cull=exc.slot)

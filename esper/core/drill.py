@@ -24,7 +24,7 @@ DRILL_OVERRIDES: dict[str, Any] = {
     "trainer": {"epochs": 6},
     "controller": {"warmup_epochs": 0, "plateau_window": 1, "plateau_min_delta": 1.0, "timeout_ms": 1500},
     "seeds": {"min_training_epochs": 1, "g2_min_improvement": 0.0},
-    "emergency": {"slow_step_ms": 250.0, "recovery_epochs": 2},
+    "emergency": {"recovery_epochs": 2},
 }
 
 # Where each fault fires unless --at says otherwise: seed faults after the first germination (epoch 2 end),
@@ -87,7 +87,10 @@ def report(summary: dict[str, Any], rd: RunDir, expected: FaultSpec, *, fault: s
     events = read_events(rd.events).records
     fired = [e for e in events if e["event"] == "fault.injected"]
     detected = None
+    start = fired[0]["seq"] if fired else None
     for e in events:
+        if start is None or e["seq"] < start:
+            continue  # a detection is the fault's only if it comes after the fault fired
         if e["event"] in ("emergency.level", "emergency.signal", "stop.requested") or (
                 e["event"] == "fault.injected" and expected.level == "NOMINAL"):
             detected = {"epoch": e["epoch"], "global_step": e["step"], "event": e["event"]}

@@ -440,8 +440,13 @@ class Trainer:
             if fail:
                 raise OSError(28, "No space left on device (injected fault: checkpoint_write_error)")
 
+        name = checkpoint_name(pos, reason)
+        current = latest_checkpoint(self.run_dir.checkpoints)
+        if current is not None and current.name.startswith(name) and reason != "graceful_stop":
+            # this position is trained again after a rollback: `latest` is never overwritten in place
+            name = f"{name}-redo-{len(self.rollbacks):03d}"
         try:
-            path = write_checkpoint(self.run_dir.checkpoints, checkpoint_name(pos, reason), tensors, payload,
+            path = write_checkpoint(self.run_dir.checkpoints, name, tensors, payload,
                                     keep_last=self.cfg.checkpoint.keep_last, before_commit=before_commit)
         except CheckpointPruneError as exc:
             # the new checkpoint is committed and verified; only removing old ones failed: disk use, not safety

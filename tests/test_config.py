@@ -68,7 +68,7 @@ def _has(doc: Any, path: str) -> bool:
 def test_defaults_validate() -> None:
     c = cfg.EsperConfig()
     assert cfg.from_dict(c.to_dict()) == c
-    assert c.trainer.epochs == 14 and c.data.task == "digits"
+    assert c.trainer.epochs == 24 and c.data.task == "digits"
 
 
 def test_shipped_file_validates_and_equals_defaults() -> None:

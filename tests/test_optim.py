@@ -279,7 +279,8 @@ def test_cosine_min_lr_above_lr_is_an_error() -> None:
         _sched(lr=0.1, min_lr=0.2, lr_policy="cosine")
     # ... and the schedule refuses it too if an unvalidated config gets through
     with pytest.raises(OptimizerError, match="min_lr"):
-        LRSchedule(TrainerConfig.model_construct(**{**TrainerConfig().model_dump(), "lr": 0.1, "min_lr": 0.2}),
+        LRSchedule(TrainerConfig.model_construct(**{**TrainerConfig().model_dump(), "lr": 0.1, "min_lr": 0.2,
+                                                    "lr_policy": "cosine"}),
                    1000)
 
 

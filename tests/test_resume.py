@@ -217,7 +217,9 @@ def test_resume_from_an_older_checkpoint_rewinds_metrics_without_duplicates(run2
     assert r.exit_code == 0, out(r)
     assert [row["epoch"] for row in metrics(run2)] == [1, 2]
     assert "metrics.rewound" in event_names(run2)
-    assert latest(run2).name == "epoch-0002" and verify(run2).exit_code == 0
+    # the redone epoch 2 never overwrites the abandoned timeline's epoch-0002 (which `latest` pointed at)
+    assert latest(run2).name.startswith("epoch-0002-redo") and verify(run2).exit_code == 0
+    assert (run2 / "checkpoints" / "epoch-0002").is_dir()
 
 
 # ----------------------------------------------------------------------------- refusals (C-3, config hash)

@@ -34,6 +34,11 @@ T0 = "2024-05-01T12:00:00+00:00"
 PARAMS = {"residual_mlp": 300, "lowrank": 100, "bottleneck": 200}
 
 
+def seeds_cfg(**kw: object) -> SeedsConfig:
+    """These tests reason about one live seed at a time: pin max_active instead of leaning on the default."""
+    return SeedsConfig(**{"max_active": 1, **kw})  # type: ignore[arg-type]
+
+
 def clock() -> str:
     return T0
 
@@ -59,7 +64,7 @@ def ctrl(**kw: Any) -> ControllerConfig:
 
 
 def tamiyo(controller: ControllerConfig | None = None, seeds: SeedsConfig | None = None, **kw: Any) -> Tamiyo:
-    return Tamiyo(controller or ctrl(), seeds or SeedsConfig(), RUN, clock=clock, **kw)
+    return Tamiyo(controller or ctrl(), seeds or seeds_cfg(), RUN, clock=clock, **kw)
 
 
 class FixedPolicy:
@@ -139,7 +144,7 @@ def test_blueprint_round_robin_and_slot_rotation() -> None:
 
 
 def test_regressed_blueprint_is_not_germinated_again() -> None:
-    t = tamiyo(seeds=SeedsConfig(blueprints=["residual_mlp"]))
+    t = tamiyo(seeds=seeds_cfg(blueprints=["residual_mlp"]))
     feed(t, [1.0, 1.0])
     germ = t.decide(obs(2, 1.0)).accepted[0]
     t.applied(germ)
@@ -151,7 +156,7 @@ def test_regressed_blueprint_is_not_germinated_again() -> None:
     # a plateau and a free slot, but the only blueprint regressed: no candidate, no command
     assert t.decide(obs(4, 1.0, slots=[slot("s1", "CULLED", "residual_mlp"), slot("s2")])).proposed == ()
     # a stalled (not regressed) cull does not ban the blueprint
-    t2 = tamiyo(ctrl(stall_epochs=1), SeedsConfig(blueprints=["residual_mlp"]))
+    t2 = tamiyo(ctrl(stall_epochs=1), seeds_cfg(blueprints=["residual_mlp"]))
     feed(t2, [1.0, 1.0])
     t2.applied(t2.decide(obs(2, 1.0)).accepted[0])
     stalled = t2.decide(obs(3, 1.0, slots=[slot("s1", "TRAINING", "residual_mlp", epochs=1), slot("s2")]))
@@ -160,7 +165,7 @@ def test_regressed_blueprint_is_not_germinated_again() -> None:
 
 
 def test_fossilize_after_probation_when_gain_holds() -> None:
-    t = tamiyo(seeds=SeedsConfig(probation_epochs=2))
+    t = tamiyo(seeds=seeds_cfg(probation_epochs=2))
     early = [slot("s1", "PROBATIONARY", "lowrank", epochs=1, gain=0.1), slot("s2", "TRAINING", "lowrank")]
     assert t.decide(obs(0, 1.0, slots=early)).proposed == ()
     ready = [slot("s1", "PROBATIONARY", "lowrank", epochs=2, gain=0.1), slot("s2", "TRAINING", "lowrank")]
@@ -231,7 +236,7 @@ def command(kind: str = "germinate", slot_name: str = "s1", blueprint: str | Non
 
 
 def ctx(epoch: int = 3, issued: frozenset[str] = frozenset()) -> ValidationContext:
-    return ValidationContext.build(SeedsConfig(), RUN, epoch, issued)
+    return ValidationContext.build(seeds_cfg(), RUN, epoch, issued)
 
 
 @pytest.mark.parametrize(("cmd", "stages", "context", "needle"), [
@@ -295,7 +300,7 @@ def history(*losses: float, rollbacks: list[int] | None = None, start: int = 0) 
                     rollbacks_total=r) for i, (x, r) in enumerate(zip(losses, totals, strict=True))))
 
 
-RISK = RiskStage(ctrl(), SeedsConfig())
+RISK = RiskStage(ctrl(), seeds_cfg())
 
 
 @pytest.mark.parametrize(("observation", "hist", "limit", "deferred"), [
@@ -454,7 +459,7 @@ def test_rewind_keeps_ids_unique_and_aborts_later_commands() -> None:
 
 def test_worker_payload_and_adopt_match_inline_decisions() -> None:
     inline, parent = tamiyo(), tamiyo()
-    worker = make_worker(**json.loads(json.dumps(factory_args(ctrl(), SeedsConfig(), RUN))))
+    worker = make_worker(**json.loads(json.dumps(factory_args(ctrl(), seeds_cfg(), RUN))))
     for e, loss in enumerate([1.0, 1.0, 1.0]):
         expected = inline.decide(obs(e, loss))
         reply = json.loads(json.dumps(worker.decide(parent.payload(obs(e, loss)))))

@@ -35,6 +35,11 @@ RUN = "run-rep"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
+def seeds_cfg(**kw: object) -> SeedsConfig:
+    """These tests reason about one live seed at a time: pin max_active instead of leaning on the default."""
+    return SeedsConfig(**{"max_active": 1, **kw})  # type: ignore[arg-type]
+
+
 def metrics(epoch: int, loss: float, acc: float) -> EpochMetrics:
     return EpochMetrics(epoch=epoch, train_loss=loss, val_loss=loss, val_accuracy=acc)
 
@@ -88,7 +93,7 @@ def step(t: Tamiyo, o: dict[str, Any]) -> tuple[list[Any], list[FieldReport]]:
 
 
 def fresh() -> Tamiyo:
-    return Tamiyo(ControllerConfig(), SeedsConfig(), RUN, clock=lambda: T0.isoformat())
+    return Tamiyo(ControllerConfig(), seeds_cfg(), RUN, clock=lambda: T0.isoformat())
 
 
 def test_germinate_then_fossilize_reports_success_after_window() -> None:
@@ -111,7 +116,7 @@ def test_germinate_then_fossilize_reports_success_after_window() -> None:
 
 
 def test_seed_culled_before_window_end_is_aborted() -> None:
-    t = Tamiyo(ControllerConfig(stall_epochs=1, report_window_epochs=3), SeedsConfig(), RUN,
+    t = Tamiyo(ControllerConfig(stall_epochs=1, report_window_epochs=3), seeds_cfg(), RUN,
                clock=lambda: T0.isoformat())
     step(t, obs(0, 1.0, 0.5))
     step(t, obs(1, 1.0, 0.5))

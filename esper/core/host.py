@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from esper.core import rng
 from esper.core.config import EsperConfig
 from esper.core.errors import ConfigError
 from esper.core.plugins import check_type, load_factory
@@ -41,7 +42,7 @@ class MLPHost(nn.Module):
 
 def build_host(cfg: EsperConfig, n_features: int, n_classes: int) -> nn.Module:
     """Build the configured host (initialised from the run seed)."""
-    torch.manual_seed(cfg.run.seed)
+    rng.seed_global(cfg.run.seed)
     if cfg.host.factory == "mlp":
         return MLPHost(n_features, n_classes, cfg.host.hidden, cfg.host.activation)
     factory = load_factory(cfg.host.factory, "host.factory")

@@ -6,18 +6,16 @@ Every blueprint maps activations ``[N, w] -> [N, w]`` and returns ``x + delta(x)
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from esper.core import rng
 from esper.core.config import SeedsConfig
 from esper.core.errors import ConfigError
 from esper.core.plugins import check_type, load_factory
-
-_BUILD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -115,10 +113,9 @@ class BlueprintRegistry:
     def build(self, name: str, width: int, generator_seed: int) -> nn.Module:
         """Instantiate a blueprint with its own RNG stream, so init does not depend on global RNG history.
 
-        Builds may run on prefetch threads; the lock keeps two of them from interleaving on the global RNG.
+        Builds run on prefetch threads; ``rng.seeded`` serialises every use of the global RNG.
         """
-        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(generator_seed + sum(name.encode()) * 131 + width)
+        with rng.seeded(generator_seed + sum(name.encode()) * 131 + width):
             return self._items[name].build(width)
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from esper.core import rng
 from esper.core.checkpoint import load_checkpoint
 from esper.core.errors import EsperError
 from esper.core.tolaria.state import Position, capture, restore, restore_json
@@ -168,7 +169,7 @@ def live_tensors(tr: Trainer) -> dict[str, torch.Tensor]:
 
 def split_tensors(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """``stem/key`` names back into the per-file layout ``state.restore`` takes (cloned: restore may keep them)."""
-    out: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "rng": {"torch": torch.get_rng_state()}}
+    out: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "rng": {"torch": rng.get_state()}}
     for name, t in flat.items():
         stem, _, key = name.partition("/")
         out[stem][key] = t.clone()

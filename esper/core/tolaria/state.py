@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import esper
+from esper.core import rng
 from esper.core.errors import CheckpointError
 from esper.core.kasmina.slot import SeedStats
 from esper.statemachines import SEED, StrictMachine, TransitionRecord
@@ -56,8 +57,8 @@ def capture(tr: Trainer, pos: Position, reason: str, *, with_tensors: bool = Tru
             else:
                 opt_scalars.setdefault(str(idx), {})[key] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
-    rng = {"torch": torch.get_rng_state()}
-    tensors = {"model": model, "optimizer": opt_tensors, "rng": rng}
+    rng_state = {"torch": rng.get_state()}
+    tensors = {"model": model, "optimizer": opt_tensors, "rng": rng_state}
     if not opt_tensors:
         tensors.pop("optimizer")
     return tensors, _payload(tr, pos, reason, groups, opt_scalars)
@@ -142,7 +143,7 @@ def restore(tr: Trainer, tensors: dict[str, dict[str, torch.Tensor]], payload: d
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"optimizer state does not fit the restored parameters: {exc}") from exc
     if "rng" in tensors:
-        torch.set_rng_state(tensors["rng"]["torch"])
+        rng.set_state(tensors["rng"]["torch"])
     return Position(int(payload["epoch"]), int(payload["step_in_epoch"]), int(payload["global_step"]))
 
 

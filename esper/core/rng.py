@@ -1,0 +1,40 @@
+"""Every touch of torch's global CPU RNG goes through one lock.
+
+Blueprints are built on prefetch threads (each under its own seed), while the main thread saves and restores
+the RNG for checkpoints and rollbacks. Unserialised, torch's generator mutex and the GIL can deadlock those
+two (seen: ``set_rng_state`` on resume against ``fork_rng`` in a prefetch thread); waiting on a Python lock
+releases the GIL, so only one thread is ever inside torch's generator code.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+RNG_LOCK = threading.RLock()
+
+
+def get_state() -> torch.Tensor:
+    with RNG_LOCK:
+        return torch.get_rng_state()
+
+
+def set_state(state: torch.Tensor) -> None:
+    with RNG_LOCK:
+        torch.set_rng_state(state)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block on the global RNG seeded with ``seed``, restoring the previous state afterwards."""
+    with RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def seed_global(seed: int) -> None:
+    with RNG_LOCK:
+        torch.manual_seed(seed)

@@ -11,11 +11,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pickle_bombs
 import pytest
 import safetensors.torch
 import torch
@@ -385,25 +385,12 @@ def test_valid_file_starting_with_pickle_opcode_byte_is_not_called_a_pickle(tmp_
 # --------------------------------------------------------------------------------------------------- pickle safety
 
 
-class _Marker:
-    """Unpickling this calls open(marker, 'w'): the file appearing means code from the input ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (str(self.marker), "w"))
-
-
 def malicious_pickle(marker: Path) -> bytes:
-    return pickle.dumps({"w": _Marker(marker)}, protocol=4)
+    return pickle_bombs.malicious_pickle(marker, key="w")
 
 
 def malicious_torch_save_zip(marker: Path, dest: Path) -> None:
-    """The layout torch.save writes (a zip with archive/data.pkl), built without torch.save."""
-    with zipfile.ZipFile(dest, "w") as z:
-        z.writestr("archive/data.pkl", malicious_pickle(marker))
-        z.writestr("archive/version", "3\n")
+    pickle_bombs.malicious_torch_save(marker, dest)
 
 
 def test_the_malicious_payload_really_executes_when_unpickled(tmp_path: Path) -> None:

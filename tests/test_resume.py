@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import pickle_bombs
 import pytest
 from run_helpers import (
     GROWING,
@@ -248,26 +249,8 @@ def test_flipped_byte_is_refused_by_verify_and_by_resume_which_trains_nothing(ru
     assert snapshot(run2) == before  # no metrics row, no checkpoint, no event, no summary, no config rewrite
 
 
-class _Marker:
-    """Unpickling this calls open(marker, 'w'): the file appearing means code from the input ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (str(self.marker), "w"))
-
-
-def malicious_pickle(marker: Path) -> bytes:
-    return pickle.dumps({"weight": _Marker(marker)}, protocol=4)
-
-
-def malicious_torch_save(marker: Path, dest: Path) -> Path:
-    """What `torch.save` writes (a zip holding data.pkl), with a payload that creates ``marker``."""
-    with zipfile.ZipFile(dest, "w") as z:
-        z.writestr("archive/data.pkl", malicious_pickle(marker))
-        z.writestr("archive/version", "3\n")
-    return dest
+malicious_pickle = pickle_bombs.malicious_pickle
+malicious_torch_save = pickle_bombs.malicious_torch_save
 
 
 def test_the_crafted_payload_really_runs_code_when_unpickled(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from esper.core.errors import ConfigError
 from esper.core.faults import CATALOGUE, parse_at
+from esper.core.tomlfile import read_toml
 
 ENV_VAR = "ESPER_CONFIG"
 DEFAULT_PATH = Path("esper.toml")
@@ -308,14 +309,8 @@ def load(
 ) -> ResolvedConfig:
     """Read, override and validate the config; every problem is a ConfigError with a readable message."""
     path = resolve_path(explicit, env)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (tried --config, ${ENV_VAR}, ./esper.toml in that order)")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: TOML syntax error: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from exc
+    raw = read_toml(path, ConfigError,
+                    f"config file not found: {path} (tried --config, ${ENV_VAR}, ./esper.toml in that order)")
     for item in overrides:
         apply_override(raw, item)
     return ResolvedConfig(validate(raw, source=str(path)), path, tuple(overrides))

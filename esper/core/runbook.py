@@ -37,7 +37,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from esper.core.errors import EsperError, ExitCode
+from esper.core.tomlfile import read_toml
 
 BUILTIN_PLACEHOLDERS = ("workdir", "runbook_dir")
 OPERATORS = ("eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "contains", "exists")
@@ -130,14 +130,7 @@ class Runbook:
 
 def load_runbook(path: Path) -> Runbook:
     """Read and validate a runbook; every problem is a RunbookError naming the file and the offending key."""
-    if not path.is_file():
-        raise RunbookError(f"runbook not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise RunbookError(f"{path}: TOML syntax error: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise RunbookError(f"{path}: not UTF-8 text: {exc}") from exc
+    raw = read_toml(path, RunbookError, f"runbook not found: {path}")
     try:
         model = _RunbookModel.model_validate(raw)
     except ValidationError as exc:

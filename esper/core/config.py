@@ -64,7 +64,7 @@ class DataConfig(_Section):
 
 class HostConfig(_Section):
     factory: str = Field("mlp", description="mlp | module:function")
-    hidden: list[int] = Field(default_factory=lambda: [8, 8], min_length=1,
+    hidden: list[int] = Field(default_factory=lambda: [6, 6], min_length=1,
                               description="hidden widths of the built-in MLP host; layers are hidden1..N")
     activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="activation of the MLP host")
 
@@ -182,12 +182,12 @@ class TrainerConfig(_Section):
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
-    lr_policy: Literal["constant", "cosine", "step"] = Field("constant", description="LR policy")
+    lr_policy: Literal["constant", "cosine", "step"] = Field("cosine", description="LR policy")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up length in global steps")
     warmup_start_factor: float = Field(0.1, gt=0.0, le=1.0, description="warm-up starts at this factor of lr")
-    cosine_t_max: int = Field(0, ge=0, description="cosine period in steps; 0 = the whole run")
-    cosine_past_t_max: Literal["floor", "restart"] = Field("floor", description="cosine after t_max")
-    min_lr: float = Field(0.0, ge=0.0, description="cosine floor")
+    cosine_t_max: int = Field(176, ge=0, description="cosine period in steps (176 = 8 digits epochs); 0 = the run")
+    cosine_past_t_max: Literal["floor", "restart"] = Field("restart", description="cosine after t_max (warm restarts)")
+    min_lr: float = Field(0.002, ge=0.0, description="cosine floor")
     step_size: int = Field(200, ge=1, description="step policy: steps between decays")
     step_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step policy: decay factor")
     grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 disables clipping")

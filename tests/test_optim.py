@@ -59,7 +59,7 @@ def test_build_names_groups_and_applies_overrides() -> None:
 
 
 def test_build_adamw() -> None:
-    opt = build_optimizer(TrainerConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05),
+    opt = build_optimizer(TrainerConfig(optimizer="adamw", lr=1e-3, min_lr=0.0, weight_decay=0.05),
                           [ParamGroupSpec("host", [_param(2)])])
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.param_groups[0]["weight_decay"] == 0.05
@@ -265,12 +265,12 @@ def test_cosine_past_t_max_restart() -> None:
 
 
 def test_cosine_t_max_defaults_to_the_rest_of_the_run() -> None:
-    s = _sched(total=110, lr_policy="cosine", warmup_steps=10, min_lr=0.0)
+    s = _sched(total=110, lr_policy="cosine", warmup_steps=10, min_lr=0.0, cosine_t_max=0)
     assert s.t_max == 100
     assert s.factor(60) == pytest.approx(0.5)
     assert s.factor(110) == 0.0
     with pytest.raises(OptimizerError, match="cosine period"):
-        _sched(total=10, lr_policy="cosine", warmup_steps=10)
+        _sched(total=10, lr_policy="cosine", warmup_steps=10, cosine_t_max=0)
 
 
 def test_cosine_min_lr_above_lr_is_an_error() -> None:

@@ -175,7 +175,7 @@ def test_illegal_command_from_the_policy_is_rejected_by_the_validator(tmp_path: 
 @pytest.mark.parametrize("mode", ["convex", "residual", "channel", "confidence"])
 def test_every_blend_mode_carries_a_seed_through_blending(tmp_path: Path, mode: str) -> None:
     vector = "[1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5]"  # one entry per channel of the 8-wide hidden layers
-    summary, rd = run(tmp_path, "trainer.epochs=7", *PLATEAU, "seeds.g2_min_improvement=0.0",
+    summary, rd = run(tmp_path, "trainer.epochs=7", *PLATEAU, "seeds.g2_min_improvement=0.0", "host.hidden=[8, 8]",
                       f"seeds.blend.mode='{mode}'", f"seeds.blend.channel_alpha={vector}")
     assert summary["status"] == "COMPLETED", summary["failure"]
     reached = {h["dest"] for s in summary["seeds"] for h in s["history"]}

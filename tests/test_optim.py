@@ -265,7 +265,8 @@ def test_cosine_past_t_max_restart() -> None:
 
 
 def test_cosine_t_max_defaults_to_the_rest_of_the_run() -> None:
-    s = _sched(total=110, lr_policy="cosine", warmup_steps=10, min_lr=0.0, cosine_t_max=0)
+    s = _sched(total=110, lr_policy="cosine", warmup_steps=10, min_lr=0.0, cosine_t_max=0,
+               cosine_past_t_max="floor")
     assert s.t_max == 100
     assert s.factor(60) == pytest.approx(0.5)
     assert s.factor(110) == 0.0

@@ -320,7 +320,7 @@ def _build_trainer(cfg: EsperConfig, scratch: Path) -> Trainer:
 def _germinate(tr: Trainer, slot: str, blueprint: str) -> None:
     """Germinate through G0 and start training through G1, exactly as the trainer applies a command."""
     tr.kasmina.germinate(slot, blueprint, reason="bench: germinate")
-    tr._rebuild_optimizer(f"bench germinated {slot}")
+    tr.rebuild_optimizer(f"bench germinated {slot}")
     result = tr.kasmina.probe_g1(slot, *tr.probe, _xent)
     if not result.passed:
         raise BenchError(f"bench set-up: G1 failed for {blueprint} in {slot}: {result.reason}")
@@ -353,7 +353,7 @@ def setup_p1(cfg: EsperConfig, scratch: Path) -> _P1Setup:
             epoch += 1
             _train_epoch(tr, epoch)
             if tr.kasmina.end_epoch(tr.evaluate):
-                tr._rebuild_optimizer("bench: automatic lifecycle change")
+                tr.rebuild_optimizer("bench: automatic lifecycle change")
         if slot.stage != "BLENDING":
             raise BenchError(f"bench set-up: slot {blend_slot} did not pass G2 into BLENDING (stage {slot.stage}); "
                              f"its history: {[r.to_dict()['gate'] for r in slot.machine.history]}")

@@ -624,8 +624,6 @@ class Trainer:
         self.optimizer, report = rebuild_optimizer(self.optimizer, self.cfg.trainer, self.kasmina.param_groups())
         self.emit("tolaria", "optimizer.rebuilt", "INFO", reason=why, **report.to_dict())
 
-    _rebuild_optimizer = rebuild_optimizer  # the name tests and the bench know
-
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:
         """Every trained parameter by name; cached between optimizer rebuilds (the only time it changes)."""
         if self._named_cache is not None:

@@ -14,6 +14,7 @@ from esper.core.kasmina.slot import LIVE
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.rollback import RollbackError
 from esper.core.tolaria.state import Position
+from esper.statemachines import EMERGENCY
 
 if TYPE_CHECKING:
     from esper.core.tolaria.trainer import Trainer
@@ -42,7 +43,7 @@ class Safety:
 
     @property
     def paused(self) -> bool:
-        return self.tr.emergency.machine.value >= 3  # CONSERVATIVE and above
+        return self.tr.emergency.machine.value >= EMERGENCY.value_of("CONSERVATIVE")
 
     def handle(self, signal: Signal, cull: str | None = None) -> None:
         """Escalate, then act for the signal's level. May raise Restart or Halt."""

@@ -70,7 +70,8 @@ class RichReporter:
         self.live.__exit__(None, None, None)
 
     def epoch_start(self, epoch: int, steps: int) -> None:
-        self.progress.reset(self.task, total=steps, epoch=epoch, loss="-", last=self.last)
+        # reset replaces the task's fields: pass every field the columns render
+        self.progress.reset(self.task, total=steps, epoch=epoch, epochs=self.epochs, loss="-", last=self.last)
 
     def step(self, loss: float) -> None:
         self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")

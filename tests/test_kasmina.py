@@ -44,7 +44,7 @@ def make_cfg(*overrides: str) -> EsperConfig:
     return from_dict({}, [*BASE, *overrides])
 
 
-def make_kasmina(*overrides: str, build_module: Callable[[str, int, int], nn.Module] | None = None,
+def make_kasmina(*overrides: str, build_module: Callable[[str, int], nn.Module] | None = None,
                  ) -> tuple[Kasmina, Recorder, nn.Module]:
     cfg = make_cfg(*overrides)
     host = build_host(cfg, N_FEATURES, N_CLASSES)
@@ -272,15 +272,15 @@ class _Widen(nn.Module):
 
 
 def test_g0_rejects_a_blueprint_whose_output_does_not_fit_the_slot() -> None:
-    k, _, _ = make_kasmina("seeds.param_budget=1000000", build_module=lambda _n, w, _s: _Widen(w))
+    k, _, _ = make_kasmina("seeds.param_budget=1000000", build_module=lambda _n, w: _Widen(w))
     with pytest.raises(GateRejected, match="shape"):
         k.germinate("s1", "residual_mlp", "test")
     assert k.slots["s1"].stage == "DORMANT"
 
 
 def test_g0_rejects_non_finite_parameters() -> None:
-    def build(name: str, width: int, seed: int) -> nn.Module:
-        m = k.registry.build(name, width, seed)
+    def build(name: str, width: int) -> nn.Module:
+        m = k.registry.build(name, width, 0)
         with torch.no_grad():
             next(m.parameters()).view(-1)[0] = float("nan")
         return m

@@ -7,6 +7,7 @@ from esper.statemachines.tables import (
     EMERGENCY,
     ESCALATE_TRIGGER,
     SEED,
+    SEED_LIVE,
     TABLES,
     TRAINER,
     EmergencyLevel,
@@ -15,7 +16,7 @@ from esper.statemachines.tables import (
 )
 
 __all__ = [
-    "EMERGENCY", "ESCALATE_TRIGGER", "SEED", "TABLES", "TRAINER", "Edge", "EmergencyLevel", "GateRejected",
+    "EMERGENCY", "ESCALATE_TRIGGER", "SEED", "SEED_LIVE", "TABLES", "TRAINER", "Edge", "EmergencyLevel", "GateRejected",
     "IllegalTransition", "LifecycleError", "LifecycleTable", "SeedStage", "StrictMachine", "TableError",
     "TrainerState", "TransitionRecord", "validate",
 ]

@@ -101,6 +101,7 @@ SeedStage = SEED.enum
 TrainerState = TRAINER.enum
 EmergencyLevel = EMERGENCY.enum
 
-# Trigger that raises the emergency level to each level (used to map a level onto the table).
-ESCALATE_TRIGGER = {"NOTICE": "raise_notice", "ELEVATED": "raise_elevated",
-                    "CONSERVATIVE": "raise_conservative", "HALT": "raise_halt"}
+# Derived from the tables, never restated: the stages that hold a live (cullable) seed, and the trigger that
+# raises the emergency level to each level.
+SEED_LIVE: frozenset[str] = frozenset(next(e.sources for e in SEED.edges if e.trigger == "cull"))
+ESCALATE_TRIGGER: dict[str, str] = {e.dest: e.trigger for e in EMERGENCY.edges if e.trigger.startswith("raise_")}

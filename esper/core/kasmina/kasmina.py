@@ -15,13 +15,13 @@ from esper.core.kasmina import gates
 from esper.core.kasmina.blending import BlendSpec, blend, parse_blend
 from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
 from esper.core.kasmina.isolation import IsolationMonitor
-from esper.core.kasmina.slot import BLENDED, LIVE, Mode, SeedSlot, SeedStats
+from esper.core.kasmina.slot import LIVE, Mode, SeedSlot
 from esper.core.optim import ParamGroupSpec
-from esper.statemachines import GateRejected, TransitionRecord
+from esper.statemachines import TransitionRecord
 
 Emit = Callable[..., Any]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# (x, y, bypass_slots) -> (val_loss, val_accuracy)
+# bypassed slot names -> (val_loss, val_accuracy)
 Evaluator = Callable[[frozenset[str]], tuple[float, float]]
 
 
@@ -34,7 +34,7 @@ class Kasmina:
         host: nn.Module,
         widths: dict[str, int],
         emit: Emit,
-        build_module: Callable[[str, int, int], nn.Module] | None = None,
+        build_module: Callable[[str, int], nn.Module] | None = None,
     ) -> None:
         self.cfg = cfg
         self.scfg = cfg.seeds
@@ -42,7 +42,8 @@ class Kasmina:
         self.emit = emit
         self.registry = BlueprintRegistry(cfg.seeds)
         self.spec: BlendSpec = parse_blend(cfg.seeds.blend)
-        self.build_module = build_module or self.registry.build
+        # the trainer swaps in the blueprint load manager (cache + prefetch); both build from run.seed
+        self.build_module = build_module or (lambda name, width: self.registry.build(name, width, cfg.run.seed))
         self.slots: dict[str, SeedSlot] = {}
         modules = dict(host.named_modules())
         self._handles = []
@@ -160,7 +161,7 @@ class Kasmina:
         n = 0
         bounds = (0, 0)
         if known:
-            module = self.build_module(blueprint, slot.width, self.init_seed(slot))
+            module = self.build_module(blueprint, slot.width)
             n = param_count(module)
             bounds = self.registry[blueprint].bounds(slot.width)
             finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
@@ -336,11 +337,6 @@ class Kasmina:
         slot.machine.fire("reactivate", reason="slot clean", gate=result)
 
     # ---------------------------------------------------------------- helpers
-    def init_seed(self, slot: SeedSlot) -> int:
-        """Seed of the blueprint init RNG for the slot's next germination (deterministic, resumable)."""
-        index = list(self.slots).index(slot.name)
-        return self.cfg.run.seed * 7_919 + index * 1_009 + slot.germinations
-
     def _upstream_params(self, slot: SeedSlot, x: torch.Tensor) -> list[nn.Parameter]:
         """Host parameters the slot's input depends on (where a leak would land)."""
         if slot.layer not in self._upstream:
@@ -377,4 +373,3 @@ class Kasmina:
         self._handles.clear()
 
 
-__all__ = ["BLENDED", "LIVE", "GateRejected", "Kasmina", "SeedStats"]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from esper.core.kasmina.blending import BlendSpec, alpha_at, blend
-from esper.statemachines import SEED, StrictMachine
+from esper.statemachines import SEED, SEED_LIVE, StrictMachine
 from esper.statemachines.machine import Observer
 
 
@@ -22,8 +22,8 @@ class Mode(enum.Enum):
 
 # Stages in which the seed contributes to the host output (input still detached until FOSSILIZED).
 BLENDED = frozenset({"BLENDING", "SHADOWING", "PROBATIONARY"})
-# Stages that hold a live, not-yet-permanent seed.
-LIVE = frozenset({"GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY"})
+# Stages that hold a live, not-yet-permanent seed (the table's cull sources).
+LIVE = SEED_LIVE
 
 
 class SeedForwardError(RuntimeError):

@@ -8,10 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from esper.core.tamiyo._util import describe
 from esper.core.tamiyo.errors import ObservationError
-from esper.statemachines import SEED
+from esper.statemachines import SEED, SEED_LIVE
 
 # Stages in which a seed is alive (counts against seeds.max_active).
-ALIVE_STAGES: frozenset[str] = frozenset({"GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY"})
+ALIVE_STAGES: frozenset[str] = SEED_LIVE
 # Stages whose slot must name the blueprint it holds (a missing blueprint id is a broken observation).
 _HOLDS_SEED: frozenset[str] = ALIVE_STAGES | {"FOSSILIZED", "CULLED"}
 

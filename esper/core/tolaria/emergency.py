@@ -49,7 +49,6 @@ class EmergencyManager:
         self.consecutive_rollbacks = 0
         self.incident_epoch_unhealthy = False
         self.last_epoch_healthy = True
-        self.signals: list[dict[str, Any]] = []
 
     @property
     def level(self) -> str:
@@ -88,7 +87,6 @@ class EmergencyManager:
         """Raise to ``level`` (monotonic within an incident). Returns whether the level changed."""
         target = level_value(level)
         self.incident_epoch_unhealthy = True
-        self.signals.append({"level": level, "reason": reason, **attributes})
         if target <= self.machine.value:
             self.emit("tolaria", "emergency.signal", "WARNING", signal_level=level, current=self.level, reason=reason,
                       **attributes)

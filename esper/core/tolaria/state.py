@@ -122,7 +122,7 @@ def restore(tr: Trainer, tensors: dict[str, dict[str, torch.Tensor]], payload: d
             continue
         if rec["blueprint"] is None:
             raise CheckpointError(f"checkpoint has seed tensors for slot {name} but no blueprint")
-        module = tr.kasmina.build_module(rec["blueprint"], slot.width, 0)  # weights come from the checkpoint
+        module = tr.kasmina.build_module(rec["blueprint"], slot.width)  # weights: the checkpoint's
         try:
             module.load_state_dict(seed_sd, strict=True)
         except RuntimeError as exc:

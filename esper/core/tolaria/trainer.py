@@ -167,7 +167,7 @@ class Trainer:
                 workers=cfg.seeds.prefetch_workers, timeout_ms=cfg.seeds.load_timeout_ms, compile=cfg.seeds.compile,
                 emit=self.emit)
             loader = self.loader
-            self.kasmina.build_module = lambda name, width, _seed: loader.get(name, width)
+            self.kasmina.build_module = loader.get
             # the controller may germinate any allowed blueprint in any slot: prefetch them all now
             for name in cfg.seeds.blueprints:
                 for width in sorted(set(widths.values())):

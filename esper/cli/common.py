@@ -61,7 +61,7 @@ def stderr() -> Console:
 
 def print_json(doc: Any) -> None:
     """Write one JSON document to stdout (and nothing else)."""
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()
 
 

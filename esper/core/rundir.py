@@ -60,7 +60,7 @@ class RunDir:
         write_atomic(self.config, cfg.to_toml())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_atomic(self.summary, json.dumps(summary, indent=2, default=str) + "\n")
+        write_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -75,5 +75,5 @@ def write_atomic(path: Path, text: str) -> None:
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
+        fh.write(json.dumps(record) + "\n")
         fh.flush()

@@ -496,7 +496,7 @@ class Trainer:
         if len(old) > len(self.history):
             self.emit("tolaria", "metrics.rewound", "WARNING", dropped_rows=len(old) - len(self.history),
                       reason="rows after the resumed checkpoint are recomputed")
-        write_atomic(self.run_dir.metrics, "".join(json.dumps(r, default=str) + "\n" for r in self.history))
+        write_atomic(self.run_dir.metrics, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def partial_stats(self) -> dict[str, Any] | None:
         if self.stats is None:

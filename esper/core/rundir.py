@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esper.core import jsonl
 from esper.core.config import EsperConfig
 
 
@@ -62,6 +63,16 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
 
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """One epoch's row. Not fsynced: a resume rewrites the file from the checkpoint's history anyway."""
+        jsonl.append(self.metrics, [json.dumps(row)], durable=False)
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> int:
+        """Replace metrics.jsonl with ``rows`` (a resume: the checkpoint's history); returns the rows dropped."""
+        old = len(jsonl.read(self.metrics)[0]) if self.metrics.exists() else 0
+        write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        return max(0, old - len(rows))
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temp file + fsync + rename so readers never see a torn file."""
@@ -71,9 +82,3 @@ def write_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()

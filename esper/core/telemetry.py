@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from esper.core import jsonl
 from esper.core.config import TelemetryConfig
 from esper.core.errors import EsperError
 
@@ -68,17 +69,6 @@ class Sink(Protocol):
     def flush(self) -> None: ...
     def fileno(self) -> int: ...
     def close(self) -> None: ...
-
-
-def _default_opener(path: Path) -> Sink:
-    fh = open(path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - the emitter owns the handle
-    if fh.tell() > 0:  # a crash mid-write may have left a torn last line: end it so new records stay whole
-        with open(path, "rb") as raw:
-            raw.seek(-1, os.SEEK_END)
-            if raw.read(1) != b"\n":
-                fh.write("\n")
-                fh.flush()
-    return fh
 
 
 def _json_safe(value: Any, where: str) -> Any:
@@ -161,7 +151,7 @@ class Emitter:
         self.path = path
         self.run_id = run_id
         self._cfg = cfg
-        self._opener = opener or _default_opener
+        self._opener = opener or jsonl.open_append
         self._clock = clock
         # Re-entrant: a subscriber may emit from inside its callback.
         self._lock = threading.RLock()
@@ -417,34 +407,15 @@ class ReadResult:
 def read_events(path: Path) -> ReadResult:
     """Read ``events.jsonl``; torn or garbled lines are reported by line number, later lines kept (O-3)."""
     try:
-        data = path.read_bytes()
+        lines, skipped = jsonl.read(path)
     except OSError as e:
         raise TelemetryError(f"cannot read events file {path}: {e}") from e
-    raw_lines = data.split(b"\n")
-    torn_tail = raw_lines[-1] != b""  # bytes after the last newline: the writer died mid-line
-    if not torn_tail:
-        raw_lines.pop()
+    problems = {s.number: f"{s.where()}: {s.detail}" for s in skipped}
     records: list[dict[str, Any]] = []
-    problems: list[str] = []
-    last_no = len(raw_lines)
-    for no, raw in enumerate(raw_lines, start=1):
-        where = f"line {no}"
-        if torn_tail and no == last_no:
-            where += " (last, no newline: torn write?)"
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            problems.append(f"{where}: not UTF-8: {e}")
-            continue
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: not valid JSON: {e.msg} at column {e.colno}")
-            continue
-        if not isinstance(obj, dict):
-            problems.append(f"{where}: not a JSON object")
-            continue
-        missing = [k for k in REQUIRED_FIELDS if k not in obj]
+    for line in lines:
+        missing = [k for k in REQUIRED_FIELDS if k not in line.record]
         if missing:
-            problems.append(f"{where}: missing field(s) {', '.join(missing)}")
-            continue
-        records.append(obj)
-    return ReadResult(records, problems)
+            problems[line.number] = f"line {line.number}: missing field(s) {', '.join(missing)}"
+        else:
+            records.append(line.record)
+    return ReadResult(records, [problems[n] for n in sorted(problems)])

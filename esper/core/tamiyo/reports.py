@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from esper.core import jsonl
 from esper.core.tamiyo._util import describe, parse_utc
 from esper.core.tamiyo.errors import FieldReportError, FieldReportLogMissing
 from esper.core.tamiyo.state import EpochMetrics
@@ -123,24 +123,23 @@ class ReadProblem:
         return {"line": self.line, "kind": self.kind, "detail": self.detail, "report_id": self.report_id}
 
 
-def _decode_line(number: int, raw: bytes, last: bool) -> tuple[dict[str, Any] | None, ReadProblem | None]:
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        kind: ProblemKind = "truncated" if last else "corrupt"
-        return None, ReadProblem(number, kind, f"not a JSON record: {exc}")
-    shaped = isinstance(record, dict) and set(record) == {"body", "sha256"}
-    if not shaped or not isinstance(record["body"], dict):
-        return None, ReadProblem(number, "corrupt", "not a {body, sha256} record")
+def _check_line(line: jsonl.Line) -> tuple[dict[str, Any] | None, ReadProblem | None]:
+    record = line.record
+    if set(record) != {"body", "sha256"} or not isinstance(record["body"], dict):
+        return None, ReadProblem(line.number, "corrupt", "not a {body, sha256} record")
     body = record["body"]
     rid = body.get("report_id") if isinstance(body.get("report_id"), str) else None
     try:
         expected = checksum(body)
     except (TypeError, ValueError) as exc:
-        return None, ReadProblem(number, "corrupt", f"body not canonical JSON: {exc}", rid)
+        return None, ReadProblem(line.number, "corrupt", f"body not canonical JSON: {exc}", rid)
     if record["sha256"] != expected:
-        return None, ReadProblem(number, "checksum", "sha256 does not match the record body", rid)
+        return None, ReadProblem(line.number, "checksum", "sha256 does not match the record body", rid)
     return body, None
+
+
+def _skipped(s: jsonl.Skipped) -> ReadProblem:
+    return ReadProblem(s.number, "truncated" if s.torn else "corrupt", f"not a JSON record: {s.detail}")
 
 
 def read_reports(path: Path) -> tuple[list[FieldReport], list[ReadProblem]]:
@@ -148,37 +147,30 @@ def read_reports(path: Path) -> tuple[list[FieldReport], list[ReadProblem]]:
     a record without ``issued_at`` or repeating an earlier report id is skipped and reported."""
     if not path.is_file():
         raise FieldReportLogMissing(f"no field report log at {path}")
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    torn_tail = not data.endswith(b"\n")
-    if not torn_tail:
-        lines = lines[:-1]  # the empty string after the final newline is not a record
+    lines, skipped = jsonl.read(path)
+    problems = {s.number: _skipped(s) for s in skipped if s.kind != "blank"}
     reports: list[FieldReport] = []
-    problems: list[ReadProblem] = []
     seen: dict[str, int] = {}
-    for index, raw in enumerate(lines):
-        number = index + 1
-        if not raw.strip():
-            continue
-        body, problem = _decode_line(number, raw, last=torn_tail and index == len(lines) - 1)
+    for line in lines:
+        body, problem = _check_line(line)
         if problem is not None:
-            problems.append(problem)
+            problems[line.number] = problem
             continue
         assert body is not None
         try:
             report = FieldReport.from_dict(body)
         except FieldReportError as exc:
             rid = body.get("report_id") if isinstance(body.get("report_id"), str) else None
-            problems.append(ReadProblem(number, "invalid", str(exc), rid))
+            problems[line.number] = ReadProblem(line.number, "invalid", str(exc), rid)
             continue
         if report.report_id in seen:
-            problems.append(ReadProblem(number, "duplicate",
-                                        f"report id already used on line {seen[report.report_id]}",
-                                        report.report_id))
+            problems[line.number] = ReadProblem(line.number, "duplicate",
+                                                f"report id already used on line {seen[report.report_id]}",
+                                                report.report_id)
             continue
-        seen[report.report_id] = number
+        seen[report.report_id] = line.number
         reports.append(report)
-    return reports, problems
+    return reports, [problems[n] for n in sorted(problems)]
 
 
 def prune(reports: Iterable[FieldReport], max_age: timedelta, now: datetime) -> list[FieldReport]:
@@ -221,31 +213,11 @@ class FieldReportLog:
                 return False
             raise FieldReportError(f"report id {report.report_id} is already used by a different report")
         body = report.to_dict()
-        line = json.dumps({"body": body, "sha256": checksum(body)}, sort_keys=True,
-                          separators=(",", ":")).encode("ascii") + b"\n"
-        self._write(line)
+        line = json.dumps({"body": body, "sha256": checksum(body)}, sort_keys=True, separators=(",", ":"))
+        jsonl.append(self.path, [line], durable=True)  # durable: a report is filed once
         self._known[report.report_id] = report
         return True
 
     def extend(self, reports: Sequence[FieldReport]) -> int:
         """Append several reports; returns how many were new."""
         return sum(1 for r in reports if self.append(r))
-
-    def _write(self, line: bytes) -> None:
-        created = not self.path.exists()
-        with open(self.path, "ab+") as fh:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() > 0:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    # A torn tail from a crash: start a fresh line so this record stays readable.
-                    line = b"\n" + line
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if created:
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)

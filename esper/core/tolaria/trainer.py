@@ -6,7 +6,6 @@ The loop is here; what emergencies do is in ``safety``; snapshots and checkpoint
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -42,7 +41,7 @@ from esper.core.kasmina.slot import LIVE, Mode, SeedForwardError
 from esper.core.kasmina_loader import BlueprintLoadError, BlueprintLoadManager, ParameterOwnership
 from esper.core.mediator import ControllerCrashed, ControllerTimeout, Mediator, open_controller
 from esper.core.optim import LRSchedule, OptimizerError, build_optimizer, rebuild_optimizer
-from esper.core.rundir import RunDir, append_jsonl, write_atomic
+from esper.core.rundir import RunDir
 from esper.core.tamiyo import FieldReportLog, Tamiyo
 from esper.core.tamiyo import worker as tamiyo_worker
 from esper.core.telemetry import Emitter, TelemetryDeliveryError
@@ -269,7 +268,7 @@ class Trainer:
         self.emergency.end_epoch()
         row = self._metrics_row(epoch, stats, val_loss, val_acc, decisions)
         self.history.append(row)
-        append_jsonl(self.run_dir.metrics, row)
+        self.run_dir.append_metrics(row)
         self.emit("tolaria", "epoch.completed", "INFO", **{k: v for k, v in row.items() if k != "epoch"})
         self.stats = None
         pos = Position(epoch, 0, self.global_step)
@@ -492,11 +491,10 @@ class Trainer:
 
     def _rewrite_metrics(self) -> None:
         """On resume, metrics.jsonl is the checkpoint's history; rows after it are redone, not duplicated."""
-        old = self.run_dir.metrics.read_text().splitlines() if self.run_dir.metrics.exists() else []
-        if len(old) > len(self.history):
-            self.emit("tolaria", "metrics.rewound", "WARNING", dropped_rows=len(old) - len(self.history),
+        dropped = self.run_dir.rewrite_metrics(self.history)
+        if dropped:
+            self.emit("tolaria", "metrics.rewound", "WARNING", dropped_rows=dropped,
                       reason="rows after the resumed checkpoint are recomputed")
-        write_atomic(self.run_dir.metrics, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def partial_stats(self) -> dict[str, Any] | None:
         if self.stats is None:

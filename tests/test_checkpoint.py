@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def rewrite_manifest(ckpt: Path, edit: Callable[[dict[str, Any]], None], *, reha
     doc = json.loads((ckpt / ck.MANIFEST).read_text())
     edit(doc)
     if rehash:
-        doc["manifest_sha256"] = ck._manifest_digest(doc)
+        doc["manifest_sha256"] = ck.manifest_digest(doc)
     (ckpt / ck.MANIFEST).write_text(json.dumps(doc))
 
 
@@ -90,7 +91,7 @@ def test_round_trip_preserves_values_dtypes_and_payload(tmp_path: Path) -> None:
     assert loaded.tensors["optimizer"]["state.0.step"].dtype == torch.int64
     assert loaded.tensors["model"]["emb"].dtype == torch.bfloat16
     assert loaded.payload == make_payload(2)
-    assert loaded.manifest["schema_version"] == ck.SCHEMA_VERSION == 1
+    assert loaded.manifest.schema_version == ck.SCHEMA_VERSION == 1
 
 
 def test_layout_manifest_hashes_and_summary(tmp_path: Path) -> None:
@@ -157,7 +158,7 @@ def test_failed_write_leaves_previous_latest_intact_and_no_temp_dir(tmp_path: Pa
     assert names(tmp_path) == ["epoch-0001", "latest"]
     assert ck.latest_checkpoint(tmp_path) == tmp_path / "epoch-0001"
     assert ck.verify_checkpoint(tmp_path).ok
-    assert ck.load_checkpoint(tmp_path).manifest["epoch"] == 1
+    assert ck.load_checkpoint(tmp_path).manifest.epoch == 1
 
 
 def test_os_error_becomes_checkpoint_write_error(tmp_path: Path) -> None:
@@ -170,7 +171,7 @@ def test_os_error_becomes_checkpoint_write_error(tmp_path: Path) -> None:
         write(tmp_path, 2, before_commit=disk_full)
     assert isinstance(info.value, CheckpointError) and info.value.exit_code == ExitCode.CHECKPOINT
     assert names(tmp_path) == ["epoch-0001", "latest"]
-    assert ck.load_checkpoint(tmp_path).manifest["epoch"] == 1
+    assert ck.load_checkpoint(tmp_path).manifest.epoch == 1
 
 
 def test_real_io_failure_is_a_write_error(tmp_path: Path) -> None:
@@ -252,7 +253,7 @@ def test_sigkill_inside_a_write_leaves_latest_loadable(tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     assert any(n.startswith(".tmp-epoch-0002-") for n in names(tmp_path))
     loaded = ck.load_checkpoint(tmp_path)
-    assert loaded.manifest["epoch"] == 1 and torch.equal(loaded.tensors["model"]["w"], torch.ones(3))
+    assert loaded.manifest.epoch == 1 and torch.equal(loaded.tensors["model"]["w"], torch.ones(3))
     write(tmp_path, 3, keep_last=1)
     assert names(tmp_path) == ["epoch-0003", "latest"]
 
@@ -460,14 +461,14 @@ def test_pickle_as_extra_file_or_as_the_path_is_rejected_without_running(tmp_pat
 def test_write_failure_cleanup_error_is_reported_not_swallowed(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     write(tmp_path, 1)
-    real_rmtree = ck.shutil.rmtree
+    real_rmtree = shutil.rmtree
 
     def failing_rmtree(path: Any, *a: Any, **k: Any) -> None:
         if Path(path).name.startswith(".tmp-epoch-0002"):
             raise OSError(errno.EBUSY, "busy")
         real_rmtree(path, *a, **k)
 
-    monkeypatch.setattr(ck.shutil, "rmtree", failing_rmtree)
+    monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
 
     def disk_full(_tmp: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -482,5 +483,5 @@ def test_pruning_never_removes_the_new_latest_even_when_its_name_sorts_first(tmp
     write(tmp_path, 9, keep_last=1)
     write(tmp_path, 2, keep_last=1)  # e.g. after a rollback to an earlier epoch
     assert ck.latest_checkpoint(tmp_path) == tmp_path / "epoch-0002"
-    assert ck.load_checkpoint(tmp_path).manifest["epoch"] == 2
+    assert ck.load_checkpoint(tmp_path).manifest.epoch == 2
     assert names(tmp_path) == ["epoch-0002", "epoch-0009", "latest"]

@@ -159,7 +159,7 @@ def test_unreadable_manifest_still_shows_integrity(ckpt: Path) -> None:
 def test_schema_version_mismatch_verify_exits_4(ckpt: Path) -> None:
     doc = json.loads((ckpt / "manifest.json").read_text())
     doc["schema_version"] = 99
-    doc["manifest_sha256"] = ck._manifest_digest(doc)
+    doc["manifest_sha256"] = ck.manifest_digest(doc)
     (ckpt / "manifest.json").write_text(json.dumps(doc))
     res = run(str(ckpt), "--verify")
     assert res.exit_code == 4 and "schema_version 99 is not supported" in res.stderr
@@ -233,7 +233,7 @@ def test_pickle_inside_checkpoint_exits_4_even_without_verify(ckpt: Path, tmp_pa
             blob = (ckpt / fname).read_bytes()
             doc = json.loads((ckpt / "manifest.json").read_text())
             doc["files"][fname] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
-            doc["manifest_sha256"] = ck._manifest_digest(doc)
+            doc["manifest_sha256"] = ck.manifest_digest(doc)
             (ckpt / "manifest.json").write_text(json.dumps(doc))
     res = run(str(ckpt), *(["--verify"] if verify else []))
     assert res.exit_code == 4

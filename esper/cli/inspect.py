@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from esper.cli.common import JsonOpt, handle_errors, print_json, stderr, stdout
-from esper.core.checkpoint import STRUCTURAL_KEYS, VerifyReport, verify_checkpoint
+from esper.core.checkpoint import VerifyReport, verify_checkpoint
 from esper.core.errors import CheckpointError
 
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Exit 4 on any integrity problem.")]
@@ -57,43 +57,28 @@ def inspect_checkpoint(
 
 
 def inspection(report: VerifyReport) -> dict[str, Any]:
-    """The one JSON document --json prints; the tables render the same content."""
-    m = report.manifest or {}
-    emergency = m.get("emergency") if isinstance(m.get("emergency"), dict) else {}
-    seeds = m.get("seeds")
-    optimizer = m.get("optimizer") if isinstance(m.get("optimizer"), dict) else {}
+    """The one JSON document --json prints; the tables render the same content. Everything comes from the
+    manifest model; a manifest that does not fit its schema shows as missing values plus its problems."""
+    m = report.manifest
+    emergency = (m.emergency if m else None) or {}
+    optimizer = (m.optimizer if m else None) or {}
     return {
         "path": str(report.path),
-        "identity": {
-            "run_id": m.get("run_id"),
-            "epoch": m.get("epoch"),
-            "global_step": m.get("global_step"),
-            "saved_at": m.get("saved_at"),
-            "reason": m.get("reason"),
-            "schema_version": m.get("schema_version"),
-            "config_hash": m.get("config_hash"),
-            "versions": m.get("versions"),
-        },
-        "trainer": {"state": m.get("trainer_state")},
+        "identity": {k: getattr(m, k) if m else None for k in (
+            "run_id", "epoch", "global_step", "saved_at", "reason", "schema_version", "config_hash", "versions")},
+        "trainer": {"state": m.trainer_state if m else None},
         "emergency": {"level": emergency.get("level"), "history": emergency.get("history")},
-        "seeds": [_seed_row(s) for s in seeds] if isinstance(seeds, list) else seeds,
-        "controller": m.get("controller"),
-        "metrics": m.get("metrics"),
-        "tensors": _tensor_summary(m.get("tensors")),
+        "seeds": [_seed_row(s) for s in m.seeds] if m and m.seeds is not None else None,
+        "controller": m.controller if m else None,
+        "metrics": m.metrics if m else None,
+        "tensors": _tensor_summary(m.tensors) if m else None,
         "optimizer": {"groups": optimizer.get("groups")},
-        "other_keys": sorted(k for k in m if k not in _KNOWN_KEYS),
+        "other_keys": sorted(m.model_extra or {}) if m else [],
         "integrity": report.to_dict(),
     }
 
 
-_KNOWN_KEYS = {*STRUCTURAL_KEYS, "run_id", "epoch", "global_step", "saved_at", "reason", "config_hash",
-               "config_toml", "versions", "trainer_state", "emergency", "seeds", "controller", "metrics",
-               "optimizer"}
-
-
-def _seed_row(seed: Any) -> Any:
-    if not isinstance(seed, dict):
-        return seed
+def _seed_row(seed: dict[str, Any]) -> dict[str, Any]:
     history = seed.get("history")
     last = history[-1] if isinstance(history, list) and history else None
     row = {k: seed.get(k) for k in ("slot", "seed_id", "blueprint", "stage", "alpha", "epochs_in_stage")}
@@ -102,14 +87,10 @@ def _seed_row(seed: Any) -> Any:
     return row
 
 
-def _tensor_summary(tensors: Any) -> Any:
-    if not isinstance(tensors, dict):
-        return tensors
+def _tensor_summary(tensors: dict[str, dict[str, Any]]) -> dict[str, Any]:
     total = {"count": 0, "parameters": 0, "bytes": 0}
     dtypes: dict[str, int] = {}
     for entry in tensors.values():
-        if not isinstance(entry, dict):
-            continue
         for k in total:
             if type(entry.get(k)) is int:
                 total[k] += entry[k]

@@ -47,7 +47,7 @@ def checkpoint_config(path: Path, overrides: list[str]) -> EsperConfig:
     report = verify_checkpoint(resolve_checkpoint(path))
     if not report.ok or report.manifest is None:
         raise CheckpointError(f"{path}: checkpoint does not verify: {'; '.join(report.problems)}")
-    saved = from_toml_text(report.manifest["config_toml"], source=f"{path} [config_toml]")
+    saved = from_toml_text(report.manifest.config_toml, source=f"{path} [config_toml]")
     return from_dict(saved.to_dict(), overrides)
 
 

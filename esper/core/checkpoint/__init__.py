@@ -1,0 +1,24 @@
+"""Checkpoint storage (SPEC §5 C-1..C-3, C-7): safetensors files + a JSON manifest, written atomically and
+verified before anything is loaded. Generic: it knows files, hashes and manifests, not the trainer (what a
+training checkpoint holds is ``esper.core.tolaria.components``).
+
+Modules: ``manifest`` (the format: one pydantic model), ``locate`` (names, ``latest``, resolving a path),
+``verify`` (verified reads), ``write`` (atomic writes, pruning).
+"""
+
+from esper.core.checkpoint.locate import LATEST, latest_checkpoint, resolve_checkpoint
+from esper.core.checkpoint.manifest import MANIFEST, SCHEMA_VERSION, STRUCTURAL_KEYS, Manifest, manifest_digest
+from esper.core.checkpoint.verify import (
+    FileCheck,
+    LoadedCheckpoint,
+    VerifyReport,
+    load_checkpoint,
+    verify_checkpoint,
+)
+from esper.core.checkpoint.write import CheckpointPruneError, CheckpointWriteError, write_checkpoint
+
+__all__ = [
+    "LATEST", "MANIFEST", "SCHEMA_VERSION", "STRUCTURAL_KEYS", "CheckpointPruneError", "CheckpointWriteError",
+    "FileCheck", "LoadedCheckpoint", "Manifest", "VerifyReport", "latest_checkpoint", "load_checkpoint",
+    "manifest_digest", "resolve_checkpoint", "verify_checkpoint", "write_checkpoint",
+]

@@ -1,0 +1,155 @@
+"""The manifest of a checkpoint (SPEC C-1): one pydantic model, used by the writer (it validates what it writes),
+the loader (it returns the model) and ``esper inspect-checkpoint`` (it reads the model's fields).
+
+A manifest is the envelope this package adds (``schema_version``, ``files`` with a sha256 and size per file,
+the ``tensors`` summary, and ``manifest_sha256`` sealing the rest) around the payload its caller gives. The
+payload fields a training checkpoint carries are declared here, in the order they are written; every one is
+optional, because the store is generic (the bench and the tests write other payloads, kept as extra fields).
+Format v1 is unchanged since the first release: checkpoints written by any earlier Esper still verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+STRUCTURAL_KEYS = ("schema_version", "files", "tensors", "manifest_sha256")
+MAX_MANIFEST_BYTES = 64 << 20
+_ENTRY_SHAPE = '{"sha256": <64 hex>, "bytes": <int >= 0>}'
+
+
+class FileEntry(BaseModel):
+    """Integrity record of one tensor file."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """``manifest.json`` of one checkpoint (schema v1)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+    schema_version: int
+    # --- payload of a training checkpoint (see tolaria.components for which part writes which key)
+    run_id: str | None = None
+    reason: str | None = None
+    epoch: int | None = None  # epochs completed
+    step_in_epoch: int | None = None  # steps done in the next epoch (a mid-epoch stop)
+    global_step: int | None = None
+    saved_at: str | None = None
+    trainer_state: str | None = None
+    emergency: dict[str, Any] | None = None
+    seeds: list[dict[str, Any]] | None = None
+    controller: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    history: list[dict[str, Any]] | None = None
+    epoch_stats: dict[str, Any] | None = None
+    rollbacks: list[dict[str, Any]] | None = None
+    commands: dict[str, int] | None = None
+    optimizer: dict[str, Any] | None = None
+    config_toml: str | None = None
+    config_hash: str | None = None
+    versions: dict[str, str] | None = None
+    # --- envelope
+    files: dict[str, FileEntry] = Field(min_length=1)
+    tensors: dict[str, dict[str, Any]]
+    manifest_sha256: str
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        if type(v) is not int or v != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v!r} is not supported (this Esper reads {SCHEMA_VERSION})")
+        return v
+
+    @model_validator(mode="after")
+    def _same_files(self) -> Manifest:
+        if set(self.tensors) != set(self.files):
+            raise ValueError(f"'tensors' lists {sorted(self.tensors)} but 'files' lists {sorted(self.files)}")
+        return self
+
+    def payload(self) -> dict[str, Any]:
+        """The caller's payload: every field present in the file except the envelope."""
+        return self.model_dump(mode="json", exclude=set(STRUCTURAL_KEYS), exclude_unset=True)
+
+    @classmethod
+    def payload_fields(cls) -> list[str]:
+        return [name for name in cls.model_fields if name not in STRUCTURAL_KEYS]
+
+
+def manifest_digest(doc: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without ``manifest_sha256``: a manifest cannot hash its own bytes,
+    but an edit or flipped byte that still parses must not pass verification. ValueError for NaN/Infinity."""
+    body = {k: v for k, v in doc.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def encode(payload: Mapping[str, Any], files: Mapping[str, bytes], tensors: Mapping[str, Any]) -> bytes:
+    """The manifest file for ``payload`` around tensor files ``files`` (name -> bytes) summarised by
+    ``tensors``. ValueError when the payload sets an envelope key, is not strict JSON or fails the schema."""
+    clash = sorted(set(payload) & set(STRUCTURAL_KEYS))
+    if clash:
+        raise ValueError(f"payload must not set structural manifest keys {clash}")
+    doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **payload}
+    doc["files"] = {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in files.items()}
+    doc["tensors"] = dict(tensors)
+    try:
+        # strict JSON so any reader (jq, other languages) can parse it
+        doc["manifest_sha256"] = manifest_digest(doc)
+        text = json.dumps(doc, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint payload is not strict JSON: {exc}") from exc
+    _, problems = validate(doc)
+    if problems:
+        raise ValueError(f"checkpoint payload does not fit the manifest schema: {'; '.join(problems)}")
+    return (text + "\n").encode()
+
+
+def validate(doc: dict[str, Any]) -> tuple[Manifest | None, list[str]]:
+    """The model of a parsed manifest and every problem found (schema and seal), one message each."""
+    problems: list[str] = []
+    manifest: Manifest | None = None
+    try:
+        manifest = Manifest.model_validate(doc)
+    except ValidationError as exc:
+        problems = _describe(exc)
+    if "manifest_sha256" in doc:
+        try:
+            sealed = doc["manifest_sha256"] == manifest_digest(doc)
+        except ValueError as exc:  # NaN/Infinity literals: never written by encode
+            problems.append(f"not strict JSON: {exc}")
+        else:
+            if not sealed:
+                problems.append("content does not match its manifest_sha256 (edited or corrupted)")
+    return manifest, problems  # a model with seal problems is still shown by inspect, for triage
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    out: list[str] = []
+    for err in exc.errors():
+        loc = err["loc"]
+        head = str(loc[0]) if loc else ""
+        if err["type"] == "missing" and len(loc) == 1:
+            msg = f"missing key '{head}'"
+        elif head == "files":
+            msg = (f"'files.{loc[1]}' must be {_ENTRY_SHAPE}" if len(loc) > 1 else
+                   "'files' must be a non-empty object of file name -> {sha256, bytes}")
+        elif head == "tensors":
+            msg = f"'tensors.{loc[1]}' must be an object" if len(loc) > 1 else "'tensors' must be an object"
+        elif err["type"] == "value_error":
+            msg = str(err["ctx"]["error"])
+        else:
+            msg = f"'{'.'.join(str(p) for p in loc)}': {err['msg']}"
+        if msg not in out:
+            out.append(msg)
+    return out

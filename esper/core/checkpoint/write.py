@@ -1,0 +1,221 @@
+"""Atomic checkpoint writes (SPEC C-2): files into a temp directory, fsynced, manifest last, renamed into place,
+directory fsynced, verified by reading back, then the ``latest`` pointer replaced atomically and old
+checkpoints pruned to ``keep_last`` (a verified checkpoint is never deleted before its successor is).
+
+Layout::
+
+    <ckpt_root>/
+        latest                      # text file holding the name of the last verified checkpoint
+        <name>/                     # one checkpoint, e.g. epoch-0003
+            <stem>.safetensors      # one per tensor group (model, optimizer, rng, ...)
+            manifest.json           # payload + schema_version + per-file sha256/bytes + tensor summary
+        .tmp-<name>-<pid>/          # in-flight or crashed write: readers ignore it, the next write removes it
+
+Single writer per ``ckpt_root``: stale ``.tmp-*`` directories are taken to be left by a dead writer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from esper.core import jsonl
+from esper.core.checkpoint import manifest
+from esper.core.checkpoint.locate import LATEST, SUFFIX, TMP_PREFIX, check_name, read_pointer
+from esper.core.checkpoint.manifest import MANIFEST
+from esper.core.checkpoint.verify import verify_checkpoint
+from esper.core.errors import CheckpointError
+
+_LATEST_TMP = ".latest.tmp"
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (I/O error, disk full, failed read-back); the previous checkpoint and the
+    ``latest`` pointer are untouched. Exit code 4: a checkpoint problem, not a bug."""
+
+
+class CheckpointPruneError(CheckpointError):
+    """The new checkpoint is committed and ``latest`` points at it, but removing old ones failed."""
+
+    def __init__(self, message: str, checkpoint: Path) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def write_checkpoint(
+    ckpt_root: Path,
+    name: str,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    payload: Mapping[str, Any],
+    *,
+    keep_last: int,
+    before_commit: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write checkpoint ``ckpt_root/name`` atomically, verify it, move ``latest`` to it, then prune to
+    ``keep_last`` (newest by name; the new checkpoint is always kept). Returns the checkpoint directory.
+
+    ``tensors`` maps a file stem to its tensors (each stem becomes ``<stem>.safetensors``); ``payload`` must
+    be strict JSON and must not use the structural keys. ``before_commit(tmpdir)`` is a fault/test hook run
+    after every file is written and fsynced, before the rename. Raises ValueError/TypeError for caller bugs,
+    CheckpointWriteError for I/O failures (previous checkpoint and ``latest`` untouched, temp dir removed),
+    and CheckpointPruneError when only the pruning after a successful commit failed.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    check_name(name, "checkpoint name")
+    if name == LATEST:
+        raise ValueError(f"checkpoint name {name!r} is reserved for the pointer")
+    blobs, summary = _serialize(tensors)
+    manifest_bytes = manifest.encode(payload, blobs, summary)
+
+    ckpt_root = Path(ckpt_root)
+    target = ckpt_root / name
+    tmp = ckpt_root / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        previous = read_pointer(ckpt_root)
+        if previous == name:
+            raise CheckpointWriteError(
+                f"{target}: refusing to overwrite the checkpoint that '{LATEST}' points at")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for fname, data in blobs.items():
+            _write_synced(tmp / fname, data)
+        _write_synced(tmp / MANIFEST, manifest_bytes)  # last: a directory with a manifest is complete
+        jsonl.fsync_dir(tmp)
+        if before_commit is not None:
+            before_commit(tmp)
+        if target.exists():
+            # A committed directory the pointer never reached (the writer died between rename and pointer
+            # move): it is not `latest`, so it can go; moved aside first so no half-deleted dir keeps a name.
+            _remove_dir(target, ckpt_root)
+        os.rename(tmp, target)
+        jsonl.fsync_dir(ckpt_root)
+    except OSError as exc:
+        err = CheckpointWriteError(f"writing checkpoint {target} failed: {exc}")
+        _cleanup_after_failure(tmp, err)
+        raise err from exc
+    except BaseException as exc:
+        _cleanup_after_failure(tmp, exc)
+        raise
+
+    report = verify_checkpoint(target)
+    if not report.ok:
+        exc2 = CheckpointWriteError(
+            f"checkpoint {target} failed read-back verification: {'; '.join(report.problems)}")
+        _cleanup_after_failure(target, exc2, ckpt_root)
+        raise exc2
+
+    try:
+        _write_synced(ckpt_root / _LATEST_TMP, (name + "\n").encode())
+        os.replace(ckpt_root / _LATEST_TMP, ckpt_root / LATEST)
+        jsonl.fsync_dir(ckpt_root)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"checkpoint {target} is written and verified but moving '{LATEST}' to it failed: {exc}") from exc
+
+    try:
+        _prune(ckpt_root, keep_last, keep=name)
+    except OSError as exc:
+        raise CheckpointPruneError(f"checkpoint {target} committed; pruning old checkpoints failed: {exc}",
+                                   target) from exc
+    return target
+
+
+def _serialize(
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
+    if not tensors:
+        raise ValueError("a checkpoint needs at least one tensor file")
+    blobs: dict[str, bytes] = {}
+    summary: dict[str, dict[str, Any]] = {}
+    for stem, group in tensors.items():
+        check_name(stem, "tensor file stem")
+        prepared: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for key, t in group.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{stem}: tensor key {key!r} is not a string")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{stem}.{key}: expected a torch.Tensor, got {type(t).__name__}")
+            prepared[key] = _owned_cpu(t.detach(), seen)
+        fname = stem + SUFFIX
+        blobs[fname] = safetensors.torch.save(prepared)
+        dtypes: dict[str, int] = {}
+        for t in prepared.values():
+            d = str(t.dtype).removeprefix("torch.")
+            dtypes[d] = dtypes.get(d, 0) + 1
+        summary[fname] = {
+            "count": len(prepared),
+            "parameters": sum(t.numel() for t in prepared.values()),
+            "bytes": sum(t.numel() * t.element_size() for t in prepared.values()),
+            "dtypes": dtypes,
+        }
+    return blobs, summary
+
+
+def _owned_cpu(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """The tensor as safetensors needs it: contiguous, on the CPU, alone in a storage it fully covers.
+
+    Only tensors that are not already so are copied (the copy was a fifth of a checkpoint write's time).
+    """
+    storage = t.untyped_storage()
+    complete = storage.nbytes() == t.numel() * t.element_size()
+    if (t.device.type == "cpu" and t.is_contiguous() and complete and storage.data_ptr() not in seen
+            and t.numel() > 0):
+        seen.add(storage.data_ptr())
+        return t
+    return t.to(device="cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_dir(path: Path, ckpt_root: Path) -> None:
+    """Rename aside to a dot-name readers ignore, then delete: a crash mid-delete leaves a stale temp dir."""
+    aside = ckpt_root / f"{TMP_PREFIX}drop-{path.name}-{os.getpid()}"
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.rename(path, aside)
+    shutil.rmtree(aside)
+
+
+def _cleanup_after_failure(path: Path, exc: BaseException, ckpt_root: Path | None = None) -> None:
+    """Remove a failed write's directory; a cleanup failure is attached to the error, not swallowed."""
+    if not path.exists():
+        return
+    try:
+        if ckpt_root is None:
+            shutil.rmtree(path)
+        else:
+            _remove_dir(path, ckpt_root)
+    except OSError as cleanup_exc:
+        exc.add_note(f"also failed to remove {path}: {cleanup_exc}")
+
+
+def _prune(ckpt_root: Path, keep_last: int, *, keep: str) -> None:
+    for entry in ckpt_root.iterdir():
+        if entry.name.startswith(TMP_PREFIX) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+    committed = sorted(
+        e.name for e in ckpt_root.iterdir()
+        if not e.name.startswith(".") and e.is_dir() and not e.is_symlink() and (e / MANIFEST).is_file()
+    )
+    survivors = set(committed[-keep_last:]) | {keep}
+    for name in committed:
+        if name not in survivors:
+            _remove_dir(ckpt_root / name, ckpt_root)
+
+
+# --------------------------------------------------------------------------------------------------- resolve

@@ -13,7 +13,6 @@ class Counter:
 
     def __init__(self, step: int = 1) -> None:
         self.step = step
-        self.restored: dict[str, Any] | None = None
 
     def decide(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {"count": payload["count"] + self.step, "pid": os.getpid()}
@@ -30,13 +29,6 @@ class Counter:
 
     def boom(self, payload: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"controller exploded on {payload!r}")
-
-    def restore(self, state: dict[str, Any]) -> dict[str, Any]:
-        self.restored = state
-        return {}
-
-    def restored_state(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return {"restored": self.restored}
 
 
 def make_counter(step: int = 1) -> Counter:

@@ -15,19 +15,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from esper.cli.bench import bench, results_table
-from esper.core.bench import (
-    SCHEMA,
-    Absolute,
-    BenchError,
-    BenchPlan,
-    Comparison,
-    PlainNet,
-    _run_child,
-    alternate,
-    linear_stack,
-    module_tensors,
-    summarize,
-)
+from esper.core.bench.baseline import PlainNet
+from esper.core.bench.memory import run_child
+from esper.core.bench.state import linear_stack, module_tensors
+from esper.core.bench.stats import SCHEMA, Absolute, BenchError, BenchPlan, Comparison, alternate, summarize
 from esper.core.config import BenchConfig
 from esper.core.errors import ExitCode
 from esper.core.host import MLPHost
@@ -238,8 +229,8 @@ def test_plain_net_seed_path_substitutes_the_training_seed() -> None:
 
 def test_child_rss_is_the_childs_own_not_the_parents(tmp_path: Path) -> None:
     # this test process holds torch (hundreds of MiB); a child forked from it would report that as its peak
-    small, _ = _run_child([sys.executable, "-c", "pass"], tmp_path, 60.0)
-    grown, _ = _run_child([sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+    small, _ = run_child([sys.executable, "-c", "pass"], tmp_path, 60.0)
+    grown, _ = run_child([sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
                           tmp_path, 60.0)
     assert small < 60.0  # MiB: a bare interpreter
     assert grown - small > 150.0
@@ -247,4 +238,4 @@ def test_child_rss_is_the_childs_own_not_the_parents(tmp_path: Path) -> None:
 
 def test_failing_child_is_an_error_with_its_stderr(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="exited 3.*boom"):
-        _run_child([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"], tmp_path, 60.0)
+        run_child([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"], tmp_path, 60.0)

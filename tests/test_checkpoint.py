@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pickle_bombs
 import pytest
 import safetensors.torch
 import torch
+from conftest import flip_byte, malicious_pickle, malicious_torch_save
 
 from esper.core import checkpoint as ck
 from esper.core.errors import CheckpointError, ExitCode
@@ -55,12 +55,6 @@ def write(root: Path, epoch: int, keep_last: int = 3, **kw: Any) -> Path:
 
 def names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def rewrite_manifest(ckpt: Path, edit: Callable[[dict[str, Any]], None], *, rehash: bool = True) -> None:
@@ -386,14 +380,6 @@ def test_valid_file_starting_with_pickle_opcode_byte_is_not_called_a_pickle(tmp_
 # --------------------------------------------------------------------------------------------------- pickle safety
 
 
-def malicious_pickle(marker: Path) -> bytes:
-    return pickle_bombs.malicious_pickle(marker, key="w")
-
-
-def malicious_torch_save_zip(marker: Path, dest: Path) -> None:
-    pickle_bombs.malicious_torch_save(marker, dest)
-
-
 def test_the_malicious_payload_really_executes_when_unpickled(tmp_path: Path) -> None:
     # Control: proves the marker tests below can fail. The only unpickling in the suite, on our own bytes.
     marker = tmp_path / "control-marker"
@@ -417,7 +403,7 @@ def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
 def _pickle_in_place(ckpt: Path, marker: Path, *, reseal: bool, zip_format: bool) -> None:
     target = ckpt / "model.safetensors"
     if zip_format:
-        malicious_torch_save_zip(marker, target)
+        malicious_torch_save(marker, target)
     else:
         target.write_bytes(malicious_pickle(marker))
     if reseal:  # attacker also fixes the manifest so the hash matches: only the format check stands
@@ -446,11 +432,11 @@ def test_pickle_in_place_of_tensor_file_is_rejected_without_running(tmp_path: Pa
 def test_pickle_as_extra_file_or_as_the_path_is_rejected_without_running(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     path = write(tmp_path / "ckpts", 1)
-    malicious_torch_save_zip(marker, path / "model.pt")
+    malicious_torch_save(marker, path / "model.pt")
     with pytest.raises(CheckpointError, match=r"model\.pt: unsafe"):
         ck.load_checkpoint(path)
     pt = tmp_path / "weights.pt"
-    malicious_torch_save_zip(marker, pt)
+    malicious_torch_save(marker, pt)
     with pytest.raises(CheckpointError, match=r"weights\.pt: not a checkpoint"):
         ck.load_checkpoint(pt)
     with pytest.raises(CheckpointError, match=r"weights\.pt"):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import typer
+from conftest import flip_byte, malicious_torch_save
 from typer.testing import CliRunner, Result
 
 from esper.cli.inspect import inspect_checkpoint
@@ -72,12 +72,6 @@ def ckpt(tmp_path: Path) -> Path:
                                keep_last=2)
 
 
-def flip_last_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_tables_show_every_section(ckpt: Path) -> None:
     res = run(str(ckpt.parents[1]))  # the run dir
     assert res.exit_code == 0, res.output
@@ -120,7 +114,7 @@ def test_verify_passes_on_a_good_checkpoint(ckpt: Path) -> None:
 
 @pytest.mark.parametrize("fname", ["model.safetensors", "optimizer.safetensors", "rng.safetensors"])
 def test_flipped_byte_verify_exits_4_naming_the_file(ckpt: Path, fname: str) -> None:
-    flip_last_byte(ckpt / fname)
+    flip_byte(ckpt / fname)
     res = run(str(ckpt), "--verify")
     assert res.exit_code == 4
     assert fname in res.stderr and "failed verification" in res.stderr
@@ -128,7 +122,7 @@ def test_flipped_byte_verify_exits_4_naming_the_file(ckpt: Path, fname: str) -> 
 
 
 def test_damaged_without_verify_shows_integrity_and_warns_but_exits_0(ckpt: Path) -> None:
-    flip_last_byte(ckpt / "model.safetensors")
+    flip_byte(ckpt / "model.safetensors")
     res = run(str(ckpt))
     assert res.exit_code == 0
     assert "integrity: FAILED" in res.stdout and "mismatch" in res.stdout
@@ -182,21 +176,6 @@ def test_not_a_checkpoint_exits_4(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- pickle
 
 
-class _Marker:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (str(self.marker), "w"))
-
-
-def torch_save_like(marker: Path, dest: Path) -> None:
-    """A torch.save-layout zip whose data.pkl creates `marker` when unpickled (built with pickle.dumps only)."""
-    with zipfile.ZipFile(dest, "w") as z:
-        z.writestr("archive/data.pkl", pickle.dumps({"w": _Marker(marker)}))
-        z.writestr("archive/version", "3\n")
-
-
 @pytest.fixture(autouse=True)
 def _no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*_a: Any, **_k: Any) -> None:
@@ -211,7 +190,7 @@ def _no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_pt_file_as_path_exits_4_and_runs_nothing(tmp_path: Path, verify: bool) -> None:
     marker = tmp_path / "marker"
     pt = tmp_path / "model.pt"
-    torch_save_like(marker, pt)
+    malicious_torch_save(marker, pt)
     res = run(str(pt), *(["--verify"] if verify else []))
     assert res.exit_code == 4
     assert "model.pt" in res.stderr and "never loads pickle" in res.stderr
@@ -224,11 +203,11 @@ def test_pickle_inside_checkpoint_exits_4_even_without_verify(ckpt: Path, tmp_pa
                                                               verify: bool) -> None:
     marker = tmp_path / "marker"
     if where == "extra":
-        torch_save_like(marker, ckpt / "optimizer.pt")
+        malicious_torch_save(marker, ckpt / "optimizer.pt")
         fname = "optimizer.pt"
     else:
         fname = "model.safetensors"
-        torch_save_like(marker, ckpt / fname)
+        malicious_torch_save(marker, ckpt / fname)
         if where == "in-place-resealed":
             blob = (ckpt / fname).read_bytes()
             doc = json.loads((ckpt / "manifest.json").read_text())

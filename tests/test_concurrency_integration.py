@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from run_helpers import ESPER, SHIPPED_TOML, session_pids
+from conftest import ESPER, SHIPPED_TOML, make_config, session_pids
+from conftest import events as run_events
 from torch import nn
 
 from esper.core import config as config_mod
-from esper.core.config import EsperConfig, from_dict
+from esper.core.config import EsperConfig
 from esper.core.drill import drill_config, run_drill
 from esper.core.kasmina.blueprints import BlueprintRegistry
 from esper.core.rundir import RunDir
@@ -37,11 +38,7 @@ GROWING: dict[str, Any] = {
 
 
 def growing(*overrides: str) -> EsperConfig:
-    return from_dict(json.loads(json.dumps(GROWING)), overrides)
-
-
-def read_events(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    return make_config(*overrides, base=GROWING)
 
 
 def cmdline(pid: int) -> str:
@@ -90,7 +87,7 @@ def test_controller_timeout_drill_as_a_process_completes_and_leaves_no_child_beh
     assert (doc["level_reached"], doc["final_state"]) == ("CONSERVATIVE", "COMPLETED")
     # the hung worker was killed and a fresh one answered the next decision
     assert len(workers) >= 2, f"saw controller workers {sorted(workers)}; expected the hung one and its replacement"
-    events = read_events(run)
+    events = run_events(run)
     [timeout] = [e for e in events if e["event"] == "controller_timeout"]
     later = [e for e in events if e["event"] == "controller_decision" and e["seq"] > timeout["seq"]]
     assert later and later[0]["attributes"]["restarts"] == 1 and later[0]["attributes"]["timeout"] is False
@@ -131,18 +128,16 @@ def test_a_prefetched_blueprint_attaches_from_the_cache_without_a_load(tmp_path:
     tr = Trainer(cfg, RunDir.create(cfg, tmp_path / "run"), controller_factory=None)
     try:
         tr.build()
-        loader = tr.loader
+        loader = tr.parts.loader
         assert loader is not None
-        widths = sorted({s.width for s in tr.kasmina.slots.values()})
+        widths = sorted({s.width for s in tr.parts.kasmina.slots.values()})
         wanted = [(bp, w) for bp in cfg.seeds.blueprints for w in widths]
         wait_until(lambda: all(loader.is_ready(bp, w) for bp, w in wanted), 30.0, "the build-time prefetch")
         builds = loader.stats().lifetime.builds
         assert builds == len(wanted)  # one load per (blueprint, width), de-duplicated
         loader.reset_stats()
-        slot = tr.kasmina.slots["s1"]
-        t0 = time.perf_counter()
-        tr.kasmina.germinate("s1", "lowrank", "test: prefetched")
-        elapsed = time.perf_counter() - t0
+        slot = tr.parts.kasmina.slots["s1"]
+        tr.parts.kasmina.germinate("s1", "lowrank", "test: prefetched")
         window = loader.stats().window
         assert (window.gets, window.hits, window.misses, window.builds) == (1, 1, 0, 0)
         assert slot.stage == "GERMINATED" and slot.blueprint == "lowrank"
@@ -150,7 +145,6 @@ def test_a_prefetched_blueprint_attaches_from_the_cache_without_a_load(tmp_path:
         # a private copy: training the seed cannot touch the cached template or the next germination's module
         again = loader.get("lowrank", slot.width)
         assert {id(p) for p in again.parameters()}.isdisjoint({id(p) for p in slot.module.parameters()})
-        assert elapsed < 5.0
     finally:
         tr.close()
 
@@ -161,12 +155,12 @@ def test_germinations_in_a_run_are_all_cache_hits(tmp_path: Path) -> None:
     tr = Trainer(cfg, RunDir.create(cfg, tmp_path / "run"))
     summary = tr.run()
     assert summary["status"] == "COMPLETED", summary["failure"]
-    events = read_events(tr.run_dir.path)
+    events = run_events(tr.run_dir.path)
     germinated = [e for e in events if e["event"] == "command.accepted"
                   and e["attributes"]["command"]["kind"] == "germinate"]
     assert germinated, "no germination happened: nothing was tested"
-    assert tr.loader is not None
-    life = tr.loader.stats().lifetime
+    assert tr.parts.loader is not None
+    life = tr.parts.loader.stats().lifetime
     assert life.gets >= len(germinated)
     assert (life.hits, life.misses, life.timeouts, life.load_failures) == (life.gets, 0, 0, 0)
     assert not [e for e in events if e["event"] in ("blueprint_load_failed", "blueprint_load_timeout",
@@ -192,7 +186,7 @@ def test_a_germination_whose_blueprint_fails_to_load_is_rejected_with_the_reason
     tr = Trainer(cfg, RunDir.create(cfg, tmp_path / "run"))
     summary = tr.run()
     assert (summary["status"], summary["exit_code"]) == ("COMPLETED", 0), summary["failure"]
-    events = read_events(tr.run_dir.path)
+    events = run_events(tr.run_dir.path)
     asked = [e for e in events if e["event"] in ("command.accepted", "command.rejected")
              and e["attributes"]["command"]["kind"] == "germinate"]
     assert asked, "the controller never asked to germinate: nothing was tested"
@@ -204,9 +198,9 @@ def test_a_germination_whose_blueprint_fails_to_load_is_rejected_with_the_reason
     assert not [e for e in events if e["event"] == "seed.transition"]
     assert not [e for e in events if e["event"] == "optimizer.rebuilt"]
     assert all(s.module is None and s.stage == "DORMANT" and s.germinations == 0
-               for s in tr.kasmina.slots.values())
+               for s in tr.parts.kasmina.slots.values())
     assert [s["stage"] for s in summary["seeds"]] == ["DORMANT", "DORMANT"]
     # the failure was an error, counted, never a fallback module
     failed = [e for e in events if e["event"] == "blueprint_load_failed"]
     assert failed and all(e["level"] == "ERROR" and e["attributes"]["blueprint"] == "gated" for e in failed)
-    assert tr.loader is not None and tr.loader.stats().lifetime.load_failures == len(failed)
+    assert tr.parts.loader is not None and tr.parts.loader.stats().lifetime.load_failures == len(failed)

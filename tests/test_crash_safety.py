@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from run_helpers import (
+from conftest import (
     SYNTHETIC,
     UNHURRIED,
     checkpoint_dirs,
@@ -210,7 +210,7 @@ def test_a_failed_checkpoint_write_is_critical_keeps_the_previous_and_training_g
             seen_at_next_write.append((pointer_names(run), verify_checkpoint(run).ok))
         return real_write_checkpoint(ckpt_root, name, *args, **kwargs)
 
-    monkeypatch.setattr("esper.core.tolaria.trainer.write_checkpoint", flaky_write)
+    monkeypatch.setattr("esper.core.tolaria.checkpointer.write_checkpoint", flaky_write)
     s = run_in_process(run, [*SMALL, INLINE])
 
     assert calls == ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]

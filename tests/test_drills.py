@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from run_helpers import esper, out, sets, verify
+from conftest import esper, out, sets, verify
+from conftest import events as run_events
 from typer.testing import CliRunner
 
 from esper.cli.main import app
@@ -23,10 +24,6 @@ from esper.core.tolaria.emergency import LEVELS
 
 Doc = dict[str, Any]
 Events = list[dict[str, Any]]
-
-
-def read_events(run: Path) -> Events:
-    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
 
 
 def named(events: Events, name: str, after: int = 0) -> Events:
@@ -255,7 +252,7 @@ def test_drill_for_each_catalogue_fault_matches_its_expected_outcome(fault: str,
     run = tmp_path / "run"
     doc = run_drill_cli(run, "--fault", fault)
     assert doc["fault"] == fault and doc["level_forced"] is None
-    events = read_events(run)
+    events = run_events(run)
     assert injected(events)["attributes"]["fault"] == fault
     assert_common(doc, events, CATALOGUE[fault].to_dict())
     CHECKS[fault](doc, events, run)
@@ -267,7 +264,7 @@ def test_drill_for_each_forced_level_matches_its_expected_outcome(level: str, tm
     run = tmp_path / "run"
     doc = run_drill_cli(run, "--level", level)
     assert doc["level_forced"] == level.upper() and doc["fault"] is None
-    events = read_events(run)
+    events = run_events(run)
     fired = injected(events)
     assert fired["attributes"]["forced_level"] == level.upper()
     [up] = level_events(events, level.upper())
@@ -286,7 +283,7 @@ def test_the_reported_detection_is_the_faults_even_when_notices_came_before(tmp_
     r = esper("simulate-emergency", "--fault", "nan_loss", "--run-dir", str(run), "--json",
               *sets("emergency.slow_step_ms=0.001"))
     doc = json.loads(r.stdout)
-    events = read_events(run)
+    events = run_events(run)
     fired = injected(events)
     assert level_events(events, "NOTICE")[0]["seq"] < fired["seq"]  # the premise: a NOTICE before the fault
     assert doc["level_reached"] == "ELEVATED"

@@ -18,19 +18,27 @@ from typing import Any
 
 import pytest
 import torch
-from run_helpers import ESPER, SHIPPED_TOML, esper, out, session_pids, sets, tensors
+from conftest import ESPER, SHIPPED_TOML, EventRecorder, esper, make_config, out, session_pids, sets, tensors
+from conftest import events as run_events
 
 from esper.core import config as config_mod
 from esper.core.checkpoint import verify_checkpoint
-from esper.core.config import EsperConfig, from_dict
+from esper.core.config import EsperConfig
 from esper.core.drill import drill_config, run_drill
 from esper.core.errors import CheckpointError, ExitCode
 from esper.core.rundir import RunDir
 from esper.core.tolaria import rollback as rollback_mod
 from esper.core.tolaria.emergency import LEVELS, EmergencyManager, UnknownLevel, level_value
-from esper.core.tolaria.rollback import FastSnapshot, RollbackError, RollbackResult, StructureChanged, live_tensors
-from esper.core.tolaria.state import Position
-from esper.core.tolaria.trainer import EpochStats, Trainer
+from esper.core.tolaria.rollback import (
+    FastSnapshot,
+    RollbackError,
+    RollbackManager,
+    RollbackResult,
+    StructureChanged,
+    live_tensors,
+)
+from esper.core.tolaria.train_state import EpochStats, Position
+from esper.core.tolaria.trainer import Trainer
 from esper.statemachines import IllegalTransition, LifecycleError
 
 # 256 samples, 25% held out, batch 64: 3 steps per epoch. Wall-clock budgets lifted so a busy box cannot trip a
@@ -48,15 +56,13 @@ Tensors = dict[str, torch.Tensor]
 UNHURRIED_ROLLBACK = "rollback.fast_sla_ms=600000.0"
 
 
-def make_config(*overrides: str, faults: tuple[tuple[str, str], ...] = ()) -> EsperConfig:
-    raw = json.loads(json.dumps(BASE))
-    raw["faults"] = [{"name": n, "at": at} for n, at in faults]
-    return from_dict(raw, overrides)
+def config(*overrides: str, faults: tuple[tuple[str, str], ...] = ()) -> EsperConfig:
+    return make_config(*overrides, base={**BASE, "faults": [{"name": n, "at": at} for n, at in faults]})
 
 
 def make_trainer(tmp_path: Path, *overrides: str, faults: tuple[tuple[str, str], ...] = ()) -> Trainer:
     """A trainer without a controller (no decisions, no worker process): emergencies only."""
-    cfg = make_config(*overrides, faults=faults)
+    cfg = config(*overrides, faults=faults)
     return Trainer(cfg, RunDir.create(cfg, tmp_path / "run"), controller_factory=None)
 
 
@@ -70,10 +76,6 @@ def assert_equal_tensors(a: Tensors, b: Tensors) -> None:
     assert not differing, f"tensors differ: {differing}"
 
 
-def read_events(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-
-
 def level_changes(events: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return [(e["attributes"]["from_level"], e["attributes"]["to_level"], e["attributes"]["transition"]["trigger"])
             for e in events if e["event"] == "emergency.level"]
@@ -83,10 +85,14 @@ def model_of(run: Path, name: str) -> Tensors:
     return tensors(run / "checkpoints" / name, "model")
 
 
+def live(tr: Trainer) -> Tensors:
+    assert tr.parts is not None
+    return live_tensors(tr.parts.components)
+
+
 def live_model(tr: Trainer) -> Tensors:
     """Live model tensors under checkpoint names (``host.*``, ``seed.*``)."""
-    return {k.removeprefix("model/"): v.detach().clone() for k, v in live_tensors(tr).items()
-            if k.startswith("model/")}
+    return {k.removeprefix("model/"): v.detach().clone() for k, v in live(tr).items() if k.startswith("model/")}
 
 
 class RollbackSpy:
@@ -96,26 +102,35 @@ class RollbackSpy:
         self.tr = tr
         self.taken: list[tuple[Position, Tensors]] = []
         self.calls: list[dict[str, Any]] = []
-        mgr = tr.rollback_mgr
-        self._take, self._rollback = mgr.take, mgr.rollback
-        mgr.take = self.take  # type: ignore[method-assign]
-        mgr.rollback = self.rollback  # type: ignore[method-assign]
+        real_build = tr.build
 
-    def take(self, pos: Position) -> None:
-        self._take(pos)
-        self.taken.append((pos, clone(live_tensors(self.tr))))
+        def build() -> Any:  # the manager exists once the parts are built: wrap it then
+            parts = real_build()
+            mgr = parts.rollback
+            self._take, self._rollback = mgr.take, mgr.rollback
+            mgr.take = self.take  # type: ignore[method-assign]
+            mgr.rollback = self.rollback  # type: ignore[method-assign]
+            return parts
+
+        tr.build = build  # type: ignore[method-assign]
+
+    def take(self) -> None:
+        self._take()
+        assert self.tr.parts is not None and self.tr.parts.rollback.position is not None
+        self.taken.append((self.tr.parts.rollback.position, clone(live(self.tr))))
 
     def rollback(self, reason: str) -> RollbackResult:
-        before = clone(live_tensors(self.tr))
-        ptrs = {k: v.data_ptr() for k, v in live_tensors(self.tr).items()}
+        assert self.tr.parts is not None
+        before = clone(live(self.tr))
+        ptrs = {k: v.data_ptr() for k, v in live(self.tr).items()}
         snapshot_index = len(self.taken) - 1
         result = self._rollback(reason)
-        live = live_tensors(self.tr)
+        after = live(self.tr)
         self.calls.append({
-            "result": result, "before": before, "after": clone(live), "model": live_model(self.tr),
-            "buffers": clone(self.tr.rollback_mgr.snapshot.buffers), "snapshot_index": snapshot_index,
-            "same_storage": {k: v.data_ptr() == ptrs.get(k) for k, v in live.items()},
-            "global_step": self.tr.global_step,
+            "result": result, "before": before, "after": clone(after), "model": live_model(self.tr),
+            "buffers": clone(self.tr.parts.rollback.snapshot.buffers), "snapshot_index": snapshot_index,
+            "same_storage": {k: v.data_ptr() == ptrs.get(k) for k, v in after.items()},
+            "global_step": self.tr.parts.state.global_step,
         })
         return result
 
@@ -123,22 +138,9 @@ class RollbackSpy:
 # ----------------------------------------------------------------------------------------- level machine rules
 
 
-class Recorder:
-    """An ``emit`` that keeps (event, level, attributes)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __call__(self, source: str, event: str, level: str, **attributes: Any) -> None:
-        self.events.append((event, level, attributes))
-
-    def named(self, event: str) -> list[tuple[str, str, dict[str, Any]]]:
-        return [e for e in self.events if e[0] == event]
-
-
-def manager(recovery_epochs: int = 2) -> tuple[EmergencyManager, Recorder]:
-    rec = Recorder()
-    cfg = make_config(f"emergency.recovery_epochs={recovery_epochs}").emergency
+def manager(recovery_epochs: int = 2) -> tuple[EmergencyManager, EventRecorder]:
+    rec = EventRecorder()
+    cfg = config(f"emergency.recovery_epochs={recovery_epochs}").emergency
     return EmergencyManager(cfg, rec), rec
 
 
@@ -163,7 +165,7 @@ def test_escalation_is_critical_and_carries_both_levels_and_the_reason() -> None
     em, rec = manager()
     assert em.escalate("ELEVATED", "non_finite_loss: training loss is nan") is True
     assert em.level == "ELEVATED"
-    [(event, level, attrs)] = rec.events
+    [(_, event, level, attrs)] = rec.events
     assert (event, level) == ("emergency.level", "CRITICAL")
     assert (attrs["from_level"], attrs["to_level"]) == ("NOMINAL", "ELEVATED")
     assert attrs["transition"]["trigger"] == "raise_elevated"
@@ -178,7 +180,7 @@ def test_a_lower_or_equal_signal_never_lowers_the_level_it_is_an_emergency_signa
     assert em.escalate(lower, "a later, milder problem", cause="x") is False
     assert em.level == "CONSERVATIVE"
     assert rec.named("emergency.level") == []
-    [(_, level, attrs)] = rec.named("emergency.signal")
+    [(_, _, level, attrs)] = rec.all("emergency.signal")
     assert level == "WARNING"
     assert (attrs["signal_level"], attrs["current"], attrs["reason"]) == (lower, "CONSERVATIVE",
                                                                          "a later, milder problem")
@@ -207,14 +209,14 @@ def test_an_explicit_downgrade_goes_one_level_down_and_is_a_critical_event() -> 
     rec.events.clear()
     em.downgrade("operator: controller replaced")
     assert em.level == "ELEVATED"
-    [(event, level, attrs)] = rec.events
+    [(_, event, level, attrs)] = rec.events
     assert (event, level) == ("emergency.level", "CRITICAL")
     assert (attrs["from_level"], attrs["to_level"]) == ("CONSERVATIVE", "ELEVATED")
     assert (attrs["transition"]["trigger"], attrs["transition"]["reason"]) == ("downgrade",
                                                                                "operator: controller replaced")
     em.downgrade("operator: all clear", clear=True)
     assert em.level == "NOMINAL"
-    assert rec.events[-1][2]["transition"]["trigger"] == "clear"
+    assert rec.events[-1].attributes["transition"]["trigger"] == "clear"
 
 
 @pytest.mark.parametrize("reason", ["", "   "])
@@ -249,7 +251,7 @@ def test_policy_clears_only_after_recovery_epochs_healthy_epochs(recovery: int) 
     rec.events.clear()
     em.end_epoch()
     assert em.level == "NOMINAL"
-    [(event, level, attrs)] = rec.events
+    [(_, event, level, attrs)] = rec.events
     assert (event, level) == ("emergency.level", "CRITICAL")
     assert attrs["transition"]["trigger"] == "clear"
     assert f"{recovery} healthy epoch" in attrs["transition"]["reason"]
@@ -361,7 +363,7 @@ def test_nan_loss_rolls_back_in_place_to_exactly_the_last_known_good_snapshot(tm
     assert call["global_step"] == 3  # the bad step was never applied: the counter is last-known-good's
     [record] = summary["rollbacks"]
     assert (record["cause"], record["epoch"], record["global_step_before"]) == ("non_finite_loss", 2, 4)
-    events = read_events(tr.run_dir.path)
+    events = run_events(tr.run_dir.path)
     names = [e["event"] for e in events]
     skipped = names.index("step.skipped")
     assert names[skipped + 1] == "emergency.level"  # announced before the rollback it triggers
@@ -372,28 +374,28 @@ def test_nan_loss_rolls_back_in_place_to_exactly_the_last_known_good_snapshot(tm
 def test_a_rollback_across_a_germination_restores_structurally_and_the_seed_is_gone(tmp_path: Path) -> None:
     tr = make_trainer(tmp_path)
     try:
-        tr.build()
+        p = tr.build()
         tr.machine.fire("ready", reason="test")
-        tr.rollback_mgr.take(Position(0, 0, 0))
-        tr.train_step(*tr.probe, EpochStats())  # optimizer state appears, weights move
-        tr.rollback_mgr.take(Position(0, 1, 1))
-        good = clone(live_tensors(tr))
-        good_stages = {n: s.stage for n, s in tr.kasmina.slots.items()}
-        tr.kasmina.germinate("s1", "residual_mlp", "test: structure changes after the snapshot")
-        tr.rebuild_optimizer("test germination")
-        tr.train_step(*tr.probe, EpochStats())
-        assert tr.kasmina.slots["s1"].module is not None
-        assert any(k.startswith("model/seed.s1.") for k in live_tensors(tr))
-        result = tr.rollback_mgr.rollback("test")
+        p.rollback.take()
+        tr.train_step(*p.probe, EpochStats())  # optimizer state appears, weights move
+        p.rollback.take()
+        good = clone(live(tr))
+        good_stages = {n: s.stage for n, s in p.kasmina.slots.items()}
+        p.kasmina.germinate("s1", "residual_mlp", "test: structure changes after the snapshot")
+        p.optimizer.rebuild("test germination")
+        tr.train_step(*p.probe, EpochStats())
+        assert p.kasmina.slots["s1"].module is not None
+        assert any(k.startswith("model/seed.s1.") for k in live(tr))
+        result = p.rollback.rollback("test")
         assert (result.tier, result.path, result.fell_through) == ("fast", "structural", None)
-        s1 = tr.kasmina.slots["s1"]
+        s1 = p.kasmina.slots["s1"]
         assert (s1.module, s1.blueprint, s1.stage) == (None, None, "DORMANT")
-        assert {n: s.stage for n, s in tr.kasmina.slots.items()} == good_stages
-        assert_equal_tensors(clone(live_tensors(tr)), good)
-        assert tr.global_step == 1
+        assert {n: s.stage for n, s in p.kasmina.slots.items()} == good_stages
+        assert_equal_tensors(clone(live(tr)), good)
+        assert p.state.global_step == 1
         # the optimizer only holds the live parameters again
-        opt_params = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
-        assert opt_params == {id(p) for p in tr.host.parameters()}
+        opt_params = {id(q) for g in p.optimizer.optimizer.param_groups for q in g["params"]}
+        assert opt_params == {id(q) for q in p.host.parameters()}
     finally:
         tr.close()
 
@@ -403,11 +405,11 @@ def break_fast_tier(monkeypatch: pytest.MonkeyPatch) -> None:
     def in_place(self: FastSnapshot, live: Any) -> None:
         raise StructureChanged("test: live state no longer matches the snapshot")
 
-    def structural(flat: Any) -> Any:
+    def structural(self: RollbackManager) -> Any:
         raise RollbackError("test: structural restore failed")
 
     monkeypatch.setattr(FastSnapshot, "restore_into", in_place)
-    monkeypatch.setattr(rollback_mod, "split_tensors", structural)
+    monkeypatch.setattr(RollbackManager, "structural_states", structural)
 
 
 @pytest.mark.slow
@@ -428,7 +430,7 @@ def test_a_failing_fast_tier_falls_through_to_the_last_verified_checkpoint(
     assert result.sla_ms == 12000.0 and result.within_sla
     assert result.position == {"epochs_done": 1, "step_in_epoch": 0, "global_step": 3}
     assert_equal_tensors(call["model"], model_of(run, "epoch-0001"))
-    events = read_events(run)
+    events = run_events(run)
     [failed] = [e for e in events if e["event"] == "rollback.fast_failed"]
     assert "structural restore failed" in failed["attributes"]["error"]
     [done] = [e for e in events if e["event"] == "rollback.completed"]
@@ -449,7 +451,7 @@ def test_when_the_full_tier_fails_too_the_run_halts_with_exit_6(
     summary = tr.run()
     assert (summary["status"], summary["exit_code"]) == ("HALTED", int(ExitCode.HALTED))
     assert summary["rollbacks"] == []  # no rollback completed
-    events = read_events(tr.run_dir.path)
+    events = run_events(tr.run_dir.path)
     failed = [e for e in events if e["event"] == "rollback.failed"]
     assert failed and failed[0]["level"] == "CRITICAL" and "cannot be read" in failed[0]["attributes"]["error"]
     assert ("ELEVATED", "HALT", "raise_halt") in level_changes(events)
@@ -471,7 +473,7 @@ def test_a_rollback_over_its_sla_escalates_to_halt_with_the_missed_deadline(tmp_
     [record] = summary["rollbacks"]
     assert (record["tier"], record["within_sla"]) == ("fast", False)
     assert record["latency_ms"] > record["sla_ms"] == 0.000001
-    events = read_events(tr.run_dir.path)
+    events = run_events(tr.run_dir.path)
     done = next(e for e in events if e["event"] == "rollback.completed")
     assert done["level"] == "CRITICAL"
     started = next(e for e in events if e["event"] == "trainer.transition"
@@ -501,7 +503,7 @@ def test_max_consecutive_rollbacks_pauses_and_the_run_recovers(tmp_path: Path) -
     summary = tr.run()
     assert (summary["status"], summary["exit_code"]) == ("COMPLETED", 0), summary["failure"]
     assert len(summary["rollbacks"]) == 2
-    events = read_events(tr.run_dir.path)
+    events = run_events(tr.run_dir.path)
     assert level_changes(events) == [("NOMINAL", "ELEVATED", "raise_elevated"),
                                      ("ELEVATED", "CONSERVATIVE", "raise_conservative"),
                                      ("CONSERVATIVE", "NOMINAL", "clear")]
@@ -527,7 +529,7 @@ def test_one_rollback_past_the_limit_halts_with_an_emergency_checkpoint_of_last_
     summary = tr.run()
     assert (summary["status"], summary["exit_code"]) == ("HALTED", int(ExitCode.HALTED))
     assert len(summary["rollbacks"]) == 3
-    events = read_events(tr.run_dir.path)
+    events = run_events(tr.run_dir.path)
     assert level_changes(events) == [("NOMINAL", "ELEVATED", "raise_elevated"),
                                      ("ELEVATED", "CONSERVATIVE", "raise_conservative"),
                                      ("CONSERVATIVE", "HALT", "raise_halt")]
@@ -554,10 +556,10 @@ def test_an_epoch_redone_after_a_rollback_writes_its_checkpoint_again(tmp_path: 
     summary = tr.run()
     assert (summary["status"], summary["exit_code"]) == ("COMPLETED", 0), summary["failure"]
     assert [r["position"]["epochs_done"] for r in summary["rollbacks"]] == [1, 1]
-    events = read_events(tr.run_dir.path)
+    events = run_events(tr.run_dir.path)
     failed = [e["attributes"]["error"] for e in events if e["event"] == "checkpoint.failed"]
     assert failed == [], failed
-    assert tr.checkpoint_failures == 0
+    assert tr.parts is not None and tr.parts.checkpointer.failures == 0
     assert level_changes(events)[0] == ("NOMINAL", "ELEVATED", "raise_elevated")
     assert ("NOTICE", "checkpoint_write_error") not in [
         (s["attributes"]["signal_level"], s["attributes"].get("cause")) for s in events
@@ -581,7 +583,7 @@ def test_forced_conservative_suspends_every_lifecycle_mutation_until_the_policy_
                         "seeds.max_step_latency_ms=600000.0", "controller.risk.max_step_latency_ms=600000.0"])
     doc = run_drill(cfg, fault=None, level="conservative", at="2:1", run_dir=tmp_path / "run")
     assert doc["matched"], doc["mismatches"]
-    events = read_events(tmp_path / "run")
+    events = run_events(tmp_path / "run")
     up = next(e for e in events if e["event"] == "emergency.level" and e["attributes"]["to_level"] == "CONSERVATIVE")
     down = next(e for e in events if e["event"] == "emergency.level" and e["attributes"]["transition"]["trigger"]
                 in ("clear", "downgrade") and e["seq"] > up["seq"])
@@ -675,7 +677,7 @@ def test_sigkill_right_after_an_escalation_still_finds_the_event_on_disk(tmp_pat
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
     assert seen()
-    events = read_events(run)
+    events = run_events(run)
     [halt] = [e for e in events if e["event"] == "emergency.level"]
     assert (halt["level"], halt["attributes"]["to_level"]) == ("CRITICAL", "HALT")
     # the action it announced (the emergency checkpoint) had not finished when the process died

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EventRecorder, make_config
 from torch import nn
 
-from esper.core.config import BlendConfig, EsperConfig, from_dict
+from esper.core.config import BlendConfig, EsperConfig
 from esper.core.errors import ConfigError, EsperError, ExitCode
 from esper.core.host import build_host, layer_widths
 from esper.core.kasmina import gates
@@ -27,30 +28,17 @@ BASE = ["data.task=synthetic", f"data.synthetic_features={N_FEATURES}", f"data.s
         "host.hidden=[5, 4]", "seeds.blend.steps=3", "seeds.embargo_epochs=2", "seeds.min_training_epochs=2"]
 
 
-class Recorder:
-    """Stands in for the telemetry emitter: keeps (source, event, level, attributes)."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self, source: str, event: str, level: str = "INFO", **attrs: Any) -> None:
-        self.events.append({"source": source, "event": event, "level": level, **attrs})
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == event]
-
-
 def make_cfg(*overrides: str) -> EsperConfig:
-    return from_dict({}, [*BASE, *overrides])
+    return make_config(*overrides, base=BASE)
 
 
-def make_kasmina(*overrides: str, build_module: Callable[[str, int], nn.Module] | None = None,
-                 ) -> tuple[Kasmina, Recorder, nn.Module]:
+def make_kasmina(*overrides: str, build: Callable[[str, int], nn.Module] | None = None,
+                 ) -> tuple[Kasmina, EventRecorder, nn.Module]:
     cfg = make_cfg(*overrides)
     host = build_host(cfg, N_FEATURES, N_CLASSES)
     widths = layer_widths(host, [s.layer for s in cfg.seeds.slots], N_FEATURES)
-    rec = Recorder()
-    return Kasmina(cfg, host, widths, rec, build_module=build_module), rec, host
+    rec = EventRecorder()
+    return Kasmina(cfg, host, widths, rec, build=build), rec, host
 
 
 def batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +260,7 @@ class _Widen(nn.Module):
 
 
 def test_g0_rejects_a_blueprint_whose_output_does_not_fit_the_slot() -> None:
-    k, _, _ = make_kasmina("seeds.param_budget=1000000", build_module=lambda _n, w: _Widen(w))
+    k, _, _ = make_kasmina("seeds.param_budget=1000000", build=lambda _n, w: _Widen(w))
     with pytest.raises(GateRejected, match="shape"):
         k.germinate("s1", "residual_mlp", "test")
     assert k.slots["s1"].stage == "DORMANT"
@@ -285,7 +273,7 @@ def test_g0_rejects_non_finite_parameters() -> None:
             next(m.parameters()).view(-1)[0] = float("nan")
         return m
 
-    k, _, _ = make_kasmina(build_module=build)
+    k, _, _ = make_kasmina(build=build)
     with pytest.raises(GateRejected, match="non-finite"):
         k.germinate("s1", "residual_mlp", "test")
     assert k.slots["s1"].stage == "DORMANT"
@@ -328,8 +316,9 @@ def test_isolation_monitor_flags_a_leaking_seed() -> None:
     assert not result.passed
     assert "isolation" in result.reason
     assert result.attributes["isolation_cosine"] > k.scfg.isolation_max_cosine
-    (violation,) = rec.named("isolation.violation")
-    assert violation["source"] == "kasmina" and violation["slot"] == "s2"
+    (event,) = rec.all("isolation.violation")
+    violation = event.attributes
+    assert event.source == "kasmina" and violation["slot"] == "s2"
     assert violation["cosine"] == result.attributes["isolation_cosine"]
     # a failed G1 cannot be used to start training
     with pytest.raises(GateRejected):

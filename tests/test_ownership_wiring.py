@@ -23,15 +23,15 @@ def _trainer(tmp_path: Path) -> Trainer:
 def test_seed_reusing_a_host_parameter_is_a_conflict(tmp_path: Path) -> None:
     tr = _trainer(tmp_path)
     try:
-        slot = tr.kasmina.slots["s1"]
-        tr.kasmina.germinate("s1", "lowrank", "test")
-        tr.rebuild_optimizer("clean germination")  # one owner each: accepted
+        slot = tr.parts.kasmina.slots["s1"]
+        tr.parts.kasmina.germinate("s1", "lowrank", "test")
+        tr.parts.optimizer.rebuild("clean germination")  # one owner each: accepted
         assert slot.module is not None
-        slot.module.stolen = tr.host.head.weight  # type: ignore[assignment]  # now owned twice
-        before = tr.optimizer
+        slot.module.stolen = tr.parts.host.head.weight  # type: ignore[assignment]  # now owned twice
+        before = tr.parts.optimizer.optimizer
         with pytest.raises(OptimizerError, match="ownership"):
-            tr.rebuild_optimizer("germination that shares a host parameter")
-        assert tr.optimizer is before, "the failed rebuild left the working optimizer in place"
+            tr.parts.optimizer.rebuild("germination that shares a host parameter")
+        assert tr.parts.optimizer.optimizer is before, "the failed rebuild left the working optimizer in place"
     finally:
         tr.close()
 
@@ -39,13 +39,13 @@ def test_seed_reusing_a_host_parameter_is_a_conflict(tmp_path: Path) -> None:
 def test_reregistering_the_host_forgets_culled_seeds(tmp_path: Path) -> None:
     tr = _trainer(tmp_path)
     try:
-        tr.kasmina.germinate("s1", "lowrank", "test")
-        tr.rebuild_optimizer("germinated")
-        seed_param = tr.kasmina.slots["s1"].params()[0]
-        assert tr.ownership.owners(seed_param) == ("seed:s1",)
-        tr.kasmina.cull("s1", "test cull")
-        tr.rebuild_optimizer("culled")
-        assert tr.ownership.owners(seed_param) == ()
-        assert all(tr.ownership.owners(p) == ("host",) for p in tr.host.parameters())
+        tr.parts.kasmina.germinate("s1", "lowrank", "test")
+        tr.parts.optimizer.rebuild("germinated")
+        seed_param = tr.parts.kasmina.slots["s1"].params()[0]
+        assert tr.parts.optimizer.ownership.owners(seed_param) == ("seed:s1",)
+        tr.parts.kasmina.cull("s1", "test cull")
+        tr.parts.optimizer.rebuild("culled")
+        assert tr.parts.optimizer.ownership.owners(seed_param) == ()
+        assert all(tr.parts.optimizer.ownership.owners(p) == ("host",) for p in tr.parts.host.parameters())
     finally:
         tr.close()

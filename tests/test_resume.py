@@ -12,9 +12,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import pickle_bombs
 import pytest
-from run_helpers import (
+from conftest import (
     GROWING,
     SHIPPED_TOML,
     SYNTHETIC,
@@ -24,7 +23,9 @@ from run_helpers import (
     esper,
     event_names,
     events,
+    flip_byte,
     latest,
+    malicious_torch_save,
     manifest,
     metrics,
     metrics_without_wall_clock,
@@ -226,12 +227,6 @@ def test_resume_from_an_older_checkpoint_rewinds_metrics_without_duplicates(run2
 # ----------------------------------------------------------------------------- refusals (C-3, config hash)
 
 
-def flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01  # in the tensor data (the header is at the start)
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", ["model", "optimizer", "rng"])
 def test_flipped_byte_is_refused_by_verify_and_by_resume_which_trains_nothing(run2: Path, stem: str) -> None:
@@ -249,8 +244,6 @@ def test_flipped_byte_is_refused_by_verify_and_by_resume_which_trains_nothing(ru
     assert snapshot(run2) == before  # no metrics row, no checkpoint, no event, no summary, no config rewrite
 
 
-malicious_pickle = pickle_bombs.malicious_pickle
-malicious_torch_save = pickle_bombs.malicious_torch_save
 
 
 def test_the_crafted_payload_really_runs_code_when_unpickled(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import torch
 
 from esper.core import config as cfgmod
 from esper.core.rundir import RunDir
-from esper.core.tolaria.trainer import Trainer, _loss
+from esper.core.tolaria.builder import task_loss
+from esper.core.tolaria.trainer import Trainer
 
 
 def _grads(slots: list) -> list[torch.Tensor]:
@@ -22,22 +23,22 @@ def test_suffix_seed_pass_is_bit_identical_to_the_full_pass_with_two_training_se
     tr.build()
     try:
         for name in ("s1", "s2"):  # s2 sits downstream of s1: s1's pass runs s2's hook
-            tr.kasmina.germinate(name, "residual_mlp", "test")
-            tr.rebuild_optimizer("germinated")
-            result = tr.kasmina.probe_g1(name, *tr.probe, _loss)
-            tr.kasmina.start_training(name, result, "test")
-            for p in tr.kasmina.slots[name].params():  # non-zero everywhere, so any difference shows
+            tr.parts.kasmina.germinate(name, "residual_mlp", "test")
+            tr.parts.optimizer.rebuild("germinated")
+            result = tr.parts.kasmina.probe_g1(name, *tr.parts.probe, task_loss)
+            tr.parts.kasmina.start_training(name, result, "test")
+            for p in tr.parts.kasmina.slots[name].params():  # non-zero everywhere, so any difference shows
                 torch.nn.init.normal_(p)
-        slots = [tr.kasmina.slots["s1"], tr.kasmina.slots["s2"]]
-        x, y = tr.probe
-        tr.kasmina.forward(x)
-        tr.kasmina.seed_passes(slots, x, y, _loss)
+        slots = [tr.parts.kasmina.slots["s1"], tr.parts.kasmina.slots["s2"]]
+        x, y = tr.parts.probe
+        tr.parts.kasmina.forward(x)
+        tr.parts.kasmina.seed_passes(slots, x, y, task_loss)
         suffix = _grads(slots)
         for s in slots:
             for p in s.params():
                 p.grad = None
         for s in slots:
-            tr.kasmina.seed_pass(s, x, y, _loss)  # no cached input: the full substituted forward
+            tr.parts.kasmina.seed_pass(s, x, y, task_loss)  # no cached input: the full substituted forward
         full = _grads(slots)
         assert len(suffix) == len(full) > 0
         assert all(torch.equal(a, b) for a, b in zip(suffix, full, strict=True))

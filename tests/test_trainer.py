@@ -11,16 +11,17 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import EventRecorder, events, make_config, metrics
 from typer.testing import CliRunner, Result
 
 from esper.cli.main import app
-from esper.core.config import EsperConfig, from_dict
+from esper.core.config import EsperConfig
 from esper.core.errors import ExitCode
 from esper.core.rundir import RunDir
 from esper.core.tamiyo import Command
-from esper.core.telemetry import read_events
 from esper.core.tolaria.emergency import EmergencyManager
-from esper.core.tolaria.trainer import EpochStats, Trainer
+from esper.core.tolaria.train_state import EpochStats
+from esper.core.tolaria.trainer import Trainer
 
 FAST = [
     "data.task=synthetic", "data.synthetic_samples=128", "data.batch_size=32", "trainer.epochs=2",
@@ -33,17 +34,7 @@ runner = CliRunner()
 
 
 def make_cfg(*overrides: str) -> EsperConfig:
-    return from_dict({}, [*FAST, *overrides])
-
-
-def events(run_dir: Path, name: str | None = None) -> list[dict[str, Any]]:
-    result = read_events(run_dir / "events.jsonl")
-    assert result.problems == []
-    return [r for r in result.records if name is None or r["event"] == name]
-
-
-def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return make_config(*overrides, base=FAST)
 
 
 def run(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[dict[str, Any], Path]:
@@ -90,7 +81,7 @@ def command(tr: Trainer, kind: str, slot: str, blueprint: str | None = None) -> 
 
 
 def group_of(tr: Trainer, p: torch.nn.Parameter) -> list[str]:
-    return [g["name"] for g in tr.optimizer.param_groups if any(q is p for q in g["params"])]
+    return [g["name"] for g in tr.parts.optimizer.optimizer.param_groups if any(q is p for q in g["params"])]
 
 
 def fake_evaluate(bypass: frozenset[str]) -> tuple[float, float]:
@@ -98,7 +89,7 @@ def fake_evaluate(bypass: frozenset[str]) -> tuple[float, float]:
 
 
 def healthy_step(tr: Trainer) -> None:
-    x, y = tr.data.x_train[:32], tr.data.y_train[:32]
+    x, y = tr.parts.data.x_train[:32], tr.parts.data.y_train[:32]
     assert tr.train_step(x, y, EpochStats()) is True
 
 
@@ -144,12 +135,14 @@ def test_seeds_disabled_trains_the_host_alone(tmp_path: Path) -> None:
 def test_illegal_command_applied_directly_is_rejected_with_an_event(
         built: tuple[Trainer, Stub, list[dict[str, Any]]]) -> None:
     tr, stub, seen = built
-    groups_before = [(g["name"], [id(p) for p in g["params"]]) for g in tr.optimizer.param_groups]
+    groups = tr.parts.optimizer.optimizer.param_groups
+    groups_before = [(g["name"], [id(p) for p in g["params"]]) for g in groups]
     cmd = command(tr, "fossilize", "s1")
-    assert tr._apply(cmd) is False
-    slot = tr.kasmina.slots["s1"]
+    assert tr.parts.decisions.apply(cmd) is False
+    slot = tr.parts.kasmina.slots["s1"]
     assert slot.stage == "DORMANT" and slot.module is None and slot.machine.history == []
-    assert [(g["name"], [id(p) for p in g["params"]]) for g in tr.optimizer.param_groups] == groups_before
+    groups = tr.parts.optimizer.optimizer.param_groups
+    assert [(g["name"], [id(p) for p in g["params"]]) for g in groups] == groups_before
     (rejected,) = [e for e in seen if e["event"] == "command.rejected"]
     attrs = rejected["attributes"]
     assert attrs["command"]["command_id"] == cmd.command_id and attrs["stage"] == "kasmina"
@@ -190,19 +183,19 @@ def test_germinate_adds_a_seed_group_and_cull_removes_module_and_group(
         built: tuple[Trainer, Stub, list[dict[str, Any]]]) -> None:
     tr, stub, seen = built
     germ = command(tr, "germinate", "s1", "residual_mlp")
-    assert tr._apply(germ) is True
-    slot = tr.kasmina.slots["s1"]
+    assert tr.parts.decisions.apply(germ) is True
+    slot = tr.parts.kasmina.slots["s1"]
     assert slot.stage == "TRAINING"
     seed_params = slot.params()
     assert seed_params and all(group_of(tr, p) == ["seed:s1"] for p in seed_params)
     healthy_step(tr)  # gives the seed group optimizer state, which must go with it
 
     cull = command(tr, "cull", "s1")
-    assert tr._apply(cull) is True
+    assert tr.parts.decisions.apply(cull) is True
     assert slot.stage == "EMBARGOED" and slot.module is None
-    assert [g["name"] for g in tr.optimizer.param_groups] == ["host"]
+    assert [g["name"] for g in tr.parts.optimizer.optimizer.param_groups] == ["host"]
     assert all(group_of(tr, p) == [] for p in seed_params)
-    assert all(id(p) not in {id(q) for q in tr.optimizer.state} for p in seed_params)
+    assert all(id(p) not in {id(q) for q in tr.parts.optimizer.optimizer.state} for p in seed_params)
     assert stub.applied_ids == [germ.command_id, cull.command_id]
     accepted = [e["attributes"]["command"]["kind"] for e in seen if e["event"] == "command.accepted"]
     assert accepted == ["germinate", "cull"]
@@ -213,8 +206,8 @@ def test_germinate_adds_a_seed_group_and_cull_removes_module_and_group(
 def test_fossilized_params_join_the_host_group_with_their_state(
         built: tuple[Trainer, Stub, list[dict[str, Any]]]) -> None:
     tr, _, _ = built
-    k = tr.kasmina
-    assert tr._apply(command(tr, "germinate", "s2", "lowrank")) is True
+    k = tr.parts.kasmina
+    assert tr.parts.decisions.apply(command(tr, "germinate", "s2", "lowrank")) is True
     slot = k.slots["s2"]
     slot.stats.epoch_losses = [2.0]
     slot.stats.loss_sum, slot.stats.loss_count = 1.0, 1
@@ -226,13 +219,13 @@ def test_fossilized_params_join_the_host_group_with_their_state(
     k.end_epoch(fake_evaluate)
     assert slot.stage == "PROBATIONARY"
     seed_params = slot.params()
-    momentum = [tr.optimizer.state[p]["momentum_buffer"].clone() for p in seed_params]
-    assert tr._apply(command(tr, "fossilize", "s2")) is True
+    momentum = [tr.parts.optimizer.optimizer.state[p]["momentum_buffer"].clone() for p in seed_params]
+    assert tr.parts.decisions.apply(command(tr, "fossilize", "s2")) is True
     assert slot.stage == "FOSSILIZED"
-    assert [g["name"] for g in tr.optimizer.param_groups] == ["host"]
+    assert [g["name"] for g in tr.parts.optimizer.optimizer.param_groups] == ["host"]
     assert all(group_of(tr, p) == ["host"] for p in seed_params)
     for p, m in zip(seed_params, momentum, strict=True):
-        assert torch.equal(tr.optimizer.state[p]["momentum_buffer"], m)
+        assert torch.equal(tr.parts.optimizer.optimizer.state[p]["momentum_buffer"], m)
     before = [p.detach().clone() for p in seed_params]
     healthy_step(tr)
     assert any(not torch.equal(b, p) for b, p in zip(before, seed_params, strict=True))  # still learning
@@ -249,7 +242,7 @@ def test_nan_loss_step_is_not_applied(tmp_path: Path, monkeypatch: pytest.Monkey
     snapshot: dict[str, torch.Tensor] = {}
 
     def state(tr: Trainer) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in tr._named_params()}
+        return {n: p.detach().clone() for n, p in tr.parts.optimizer.named_params()}
 
     def watch(tr: Trainer) -> Any:
         def on_event(record: dict[str, Any]) -> None:
@@ -262,13 +255,13 @@ def test_nan_loss_step_is_not_applied(tmp_path: Path, monkeypatch: pytest.Monkey
         calls["n"] += 1
         if calls["n"] == 1:
             self.emitter.subscribe(watch(self))
-        if calls["n"] == self.steps_per_epoch + 2:
+        if calls["n"] == self.parts.steps_per_epoch + 2:
             x = x.clone()
             x[0, 0] = float("nan")
             snapshot.update(state(self))
-            global_step = self.global_step
+            global_step = self.parts.state.global_step
             applied = original(self, x, y, *args, **kwargs)
-            assert applied is False and self.global_step == global_step
+            assert applied is False and self.parts.state.global_step == global_step
             return applied
         return original(self, x, y, *args, **kwargs)
 
@@ -290,9 +283,7 @@ def test_nan_loss_step_is_not_applied(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_loss_explosion_and_non_finite_detection_rules() -> None:
-    seen: list[tuple[str, ...]] = []
-    em = EmergencyManager(make_cfg("emergency.loss_explosion_factor=10.0").emergency,
-                          lambda *a, **k: seen.append(a))
+    em = EmergencyManager(make_cfg("emergency.loss_explosion_factor=10.0").emergency, EventRecorder())
     assert em.check_loss(1.0) is None
     em.accept_loss(1.0)
     assert em.check_loss(9.9) is None

@@ -18,7 +18,8 @@ from esper.cli.common import (
     stderr,
     stdout,
 )
-from esper.core.bench import BenchPlan, run_bench
+from esper.core.bench.run import run_bench
+from esper.core.bench.stats import BenchPlan
 
 QuickOpt = Annotated[bool, typer.Option("--quick", help="Reduced run (well under a minute) for CI smoke tests.")]
 

@@ -25,7 +25,7 @@ from esper.cli.common import (
     stdout,
 )
 from esper.core.config import ENV_VAR
-from esper.core.session import TrainSession, checkpoint_config
+from esper.core.session import Resume, TrainSession
 
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: run.output_dir/RUN_ID).")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint dir, run dir or manifest to resume.")]
@@ -152,11 +152,14 @@ def train(
     """
     g = global_options(ctx)
     quiet = quiet or g.quiet
+    checkpoint: Resume | None = None
     if resume is not None and config is None and g.config is None and not os.environ.get(ENV_VAR):
-        cfg = checkpoint_config(resume, [*g.sets, *(sets or [])])
+        checkpoint = Resume.load(resume)
+        cfg = checkpoint.config_with([*g.sets, *(sets or [])])
     else:
         cfg = load_config(ctx, config, sets).config
-    session = TrainSession.prepare(cfg, run_dir=run_dir, resume=resume, faults=list(fault or []),
+        checkpoint = Resume.load(resume) if resume is not None else None
+    session = TrainSession.prepare(cfg, run_dir=run_dir, resume=checkpoint, faults=list(fault or []),
                                    allow_config_change=list(allow_config_change or []))
     epochs = cfg.trainer.epochs
     if as_json:

@@ -12,10 +12,8 @@ from esper.core.config import EsperConfig, from_dict
 from esper.core.errors import ConfigError
 from esper.core.faults import CATALOGUE, FaultSpec, parse_at
 from esper.core.rundir import RunDir
-from esper.core.session import graceful_signals
 from esper.core.telemetry import read_events
-from esper.core.tolaria.emergency import LEVELS
-from esper.core.tolaria.trainer import Trainer
+from esper.core.tolaria import LEVELS, force_level, train
 
 # A small, fast run in which every fault has something to act on: a seed germinates at the first epoch end
 # (so seed faults find a live seed), checkpoints every epoch, steps are short.
@@ -71,15 +69,9 @@ def run_drill(cfg: EsperConfig, *, fault: str | None, level: str | None, at: str
     path = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="esper-drill-"))
     rd = RunDir.create(cfg, path)
     rd.write_config(cfg)
-    forced = (level.upper(), point) if level else None
-    trainer = Trainer(cfg, rd, forced_level=forced)
-    summary = _run_with_signal_handling(trainer)
+    # a forced level is one more fault entry (not a config key: a resume from the drill's checkpoint is clean)
+    summary = train(cfg, rd, faults=[force_level(level, point)] if level else [])
     return report(summary, rd, expected, fault=fault, level=level, at=point)
-
-
-def _run_with_signal_handling(trainer: Trainer) -> dict[str, Any]:
-    with graceful_signals(trainer):
-        return trainer.run()
 
 
 def report(summary: dict[str, Any], rd: RunDir, expected: FaultSpec, *, fault: str | None, level: str | None,

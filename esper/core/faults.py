@@ -1,11 +1,12 @@
-"""The fault catalogue of SPEC §6 E-1: what each fault does and what the system must do about it."""
+"""The fault catalogue of SPEC §6 E-1: what each fault does and what the system must do about it.
+
+How each fault is injected (the hook it acts through) is ``esper.core.tolaria.injector``.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -65,50 +66,3 @@ def parse_at(text: str) -> tuple[int, int]:
     if epoch < 1:
         raise ValueError(f"epochs count from 1, got {epoch}")
     return epoch, step
-
-
-# Faults that act inside one training step, at the step they are declared for.
-STEP_FAULTS = frozenset({"nan_loss", "inf_grad", "loss_spike", "seed_forward_error", "slow_step",
-                         "dataloader_error", "sigterm"})
-# Faults that arm at their point and act at the next place they can: a decision or a checkpoint write.
-ARMED_FAULTS = frozenset({"controller_timeout", "controller_crash", "illegal_command", "checkpoint_write_error",
-                          "checkpoint_corrupt"})
-FORCE_LEVEL = "force_level"
-if set(CATALOGUE) != STEP_FAULTS | ARMED_FAULTS:  # checked at import: every catalogue fault can be injected
-    raise RuntimeError(f"faults without an injection point: {set(CATALOGUE) ^ (STEP_FAULTS | ARMED_FAULTS)}")
-
-
-class FaultInjector:
-    """Fires each configured fault once at its ``EPOCH:STEP``; armed faults wait for their injection point."""
-
-    def __init__(self, faults: list[tuple[str, str]], emit: Callable[..., Any],
-                 forced_level: tuple[str, str] | None = None) -> None:
-        self.emit = emit
-        self.pending: list[tuple[tuple[int, int], str]] = [(parse_at(at), name) for name, at in faults]
-        self.forced_level = forced_level[0] if forced_level else None
-        if forced_level is not None:
-            self.pending.append((parse_at(forced_level[1]), FORCE_LEVEL))
-        self.armed: set[str] = set()
-        self.fired: list[dict[str, Any]] = []
-
-    def at_step(self, epoch: int, step: int, global_step: int) -> set[str]:
-        """Faults due at this step (step faults to act on now; armed ones are kept for ``take``)."""
-        due = {name for (e, s), name in self.pending if (e, s) == (epoch, step)}
-        if not due:
-            return set()
-        self.pending = [(at, name) for at, name in self.pending if name not in due or at != (epoch, step)]
-        for name in sorted(due):
-            record = {"fault": name, "epoch": epoch, "step": step, "global_step": global_step}
-            if name == FORCE_LEVEL:
-                record["forced_level"] = self.forced_level
-            self.fired.append(record)
-            self.emit("tolaria", "fault.injected", "WARNING", **record)
-        self.armed |= due & ARMED_FAULTS
-        return due - ARMED_FAULTS
-
-    def take(self, name: str) -> bool:
-        """Consume an armed fault at its injection point."""
-        if name in self.armed:
-            self.armed.discard(name)
-            return True
-        return False

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from esper.core.durable import fsync_dir
+
 SkipKind = Literal["blank", "not_utf8", "not_json", "not_object"]
 
 
@@ -66,15 +68,6 @@ def append(path: Path, lines: Iterable[str], *, durable: bool) -> None:
             os.fsync(fh.fileno())
     if durable and created:
         fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a file just created or renamed into it) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse(data: bytes) -> tuple[list[Line], list[Skipped]]:

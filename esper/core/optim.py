@@ -274,6 +274,14 @@ class LRSchedule:
                     f"{cfg.warmup_steps}, cosine_t_max={cfg.cosine_t_max}); set trainer.cosine_t_max > 0"
                 )
 
+    # Stateful, with nothing to save: the LR is a pure function of the global step, which TrainState holds.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise OptimizerError(f"the LR schedule keeps no state, got {sorted(state)}")
+
     def factor(self, step: int) -> float:
         """The multiplier of ``base_lr`` at global optimizer step ``step``."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:

@@ -1,4 +1,4 @@
-"""Every touch of torch's global CPU RNG goes through one lock.
+"""Every touch of torch's global CPU RNG goes through one lock; :class:`RngState` is its Stateful part.
 
 Blueprints are built on prefetch threads (each under its own seed), while the main thread saves and restores
 the RNG for checkpoints and rollbacks. Unserialised, torch's generator mutex and the GIL can deadlock those
@@ -38,3 +38,21 @@ def seeded(seed: int) -> Iterator[None]:
 def seed_global(seed: int) -> None:
     with RNG_LOCK:
         torch.manual_seed(seed)
+
+
+class RngState:
+    """The global CPU RNG as a Stateful part: ``{"torch": <its state as uint8>}``.
+
+    Like every part's state dict, the tensor is live: one buffer, refreshed at every ``state_dict()``.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = get_state()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        with RNG_LOCK:
+            self._buffer.copy_(torch.get_rng_state())
+        return {"torch": self._buffer}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        set_state(state["torch"])

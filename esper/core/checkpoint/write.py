@@ -25,10 +25,10 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from esper.core import jsonl
-from esper.core.checkpoint import manifest
+from esper.core import durable
 from esper.core.checkpoint.locate import LATEST, SUFFIX, TMP_PREFIX, check_name, read_pointer
 from esper.core.checkpoint.manifest import MANIFEST
+from esper.core.checkpoint.manifest import encode as encode_manifest
 from esper.core.checkpoint.verify import verify_checkpoint
 from esper.core.errors import CheckpointError
 
@@ -72,7 +72,7 @@ def write_checkpoint(
     if name == LATEST:
         raise ValueError(f"checkpoint name {name!r} is reserved for the pointer")
     blobs, summary = _serialize(tensors)
-    manifest_bytes = manifest.encode(payload, blobs, summary)
+    manifest_bytes = encode_manifest(payload, blobs, summary)
 
     ckpt_root = Path(ckpt_root)
     target = ckpt_root / name
@@ -87,9 +87,9 @@ def write_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         for fname, data in blobs.items():
-            _write_synced(tmp / fname, data)
-        _write_synced(tmp / MANIFEST, manifest_bytes)  # last: a directory with a manifest is complete
-        jsonl.fsync_dir(tmp)
+            durable.write_synced(tmp / fname, data)
+        durable.write_synced(tmp / MANIFEST, manifest_bytes)  # last: a directory with a manifest is complete
+        durable.fsync_dir(tmp)
         if before_commit is not None:
             before_commit(tmp)
         if target.exists():
@@ -97,7 +97,7 @@ def write_checkpoint(
             # move): it is not `latest`, so it can go; moved aside first so no half-deleted dir keeps a name.
             _remove_dir(target, ckpt_root)
         os.rename(tmp, target)
-        jsonl.fsync_dir(ckpt_root)
+        durable.fsync_dir(ckpt_root)
     except OSError as exc:
         err = CheckpointWriteError(f"writing checkpoint {target} failed: {exc}")
         _cleanup_after_failure(tmp, err)
@@ -114,9 +114,9 @@ def write_checkpoint(
         raise exc2
 
     try:
-        _write_synced(ckpt_root / _LATEST_TMP, (name + "\n").encode())
+        durable.write_synced(ckpt_root / _LATEST_TMP, (name + "\n").encode())
         os.replace(ckpt_root / _LATEST_TMP, ckpt_root / LATEST)
-        jsonl.fsync_dir(ckpt_root)
+        durable.fsync_dir(ckpt_root)
     except OSError as exc:
         raise CheckpointWriteError(
             f"checkpoint {target} is written and verified but moving '{LATEST}' to it failed: {exc}") from exc
@@ -173,13 +173,6 @@ def _owned_cpu(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
         seen.add(storage.data_ptr())
         return t
     return t.to(device="cpu", memory_format=torch.contiguous_format, copy=True)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _remove_dir(path: Path, ckpt_root: Path) -> None:

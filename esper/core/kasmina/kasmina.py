@@ -1,7 +1,11 @@
-"""Kasmina: slots on the host, blueprint instantiation, gates, and the seed lifecycle's automatic advances."""
+"""Kasmina: slots on the host, blueprint instantiation, gates, and the seed lifecycle's automatic advances.
+
+A Stateful part of the run (``state_dict``/``load_state_dict``): the seeds' records and their tensors.
+"""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -9,24 +13,29 @@ from typing import Any
 import torch
 from torch import nn
 
+import esper.core.kasmina.gates as gates
 from esper.core.config import EsperConfig
-from esper.core.errors import ConfigError
-from esper.core.kasmina import gates
+from esper.core.errors import CheckpointError, ConfigError
 from esper.core.kasmina.blending import BlendSpec, blend, parse_blend
 from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
 from esper.core.kasmina.isolation import IsolationMonitor
-from esper.core.kasmina.slot import LIVE, Mode, SeedSlot
+from esper.core.kasmina.slot import LIVE, Mode, SeedSlot, SeedStats
 from esper.core.optim import ParamGroupSpec
-from esper.statemachines import TransitionRecord
+from esper.statemachines import SEED, StrictMachine, TransitionRecord
 
 Emit = Callable[..., Any]
+Build = Callable[[str, int], nn.Module]  # (blueprint, width) -> a fresh module: the blueprint load manager's get
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # bypassed slot names -> (val_loss, val_accuracy)
 Evaluator = Callable[[frozenset[str]], tuple[float, float]]
 
 
 class Kasmina:
-    """Owns the slots of one host. Every stage change goes through the slot's strict machine."""
+    """Owns the slots of one host. Every stage change goes through the slot's strict machine.
+
+    ``registry`` names the blueprints; ``build`` makes a module from one (the run passes its blueprint load
+    manager's ``get``: cache + prefetch). Without them, blueprints are built straight from the registry.
+    """
 
     def __init__(
         self,
@@ -34,23 +43,24 @@ class Kasmina:
         host: nn.Module,
         widths: dict[str, int],
         emit: Emit,
-        build_module: Callable[[str, int], nn.Module] | None = None,
+        *,
+        registry: BlueprintRegistry | None = None,
+        build: Build | None = None,
     ) -> None:
         self.cfg = cfg
         self.scfg = cfg.seeds
         self.host = host
         self.emit = emit
-        self.registry = BlueprintRegistry(cfg.seeds)
+        self.registry = registry if registry is not None else BlueprintRegistry(cfg.seeds)
         self.spec: BlendSpec = parse_blend(cfg.seeds.blend)
-        # the trainer swaps in the blueprint load manager (cache + prefetch); both build from run.seed
-        self.build_module = build_module or (lambda name, width: self.registry.build(name, width, cfg.run.seed))
+        reg = self.registry
+        self.build = build if build is not None else (lambda name, width: reg.build(name, width, cfg.run.seed))
         self.slots: dict[str, SeedSlot] = {}
         modules = dict(host.named_modules())
-        self._handles = []
         for sc in cfg.seeds.slots:
             slot = SeedSlot(sc.name, sc.layer, widths[sc.layer], self.spec, self._observer)
             self.slots[sc.name] = slot
-            self._handles.append(modules[sc.layer].register_forward_hook(slot.hook))
+            modules[sc.layer].register_forward_hook(slot.hook)  # for the host's lifetime
         self._upstream: dict[str, list[nn.Parameter]] = {}
         self._check_config()
 
@@ -161,7 +171,7 @@ class Kasmina:
         n = 0
         bounds = (0, 0)
         if known:
-            module = self.build_module(blueprint, slot.width)
+            module = self.build(blueprint, slot.width)
             n = param_count(module)
             bounds = self.registry[blueprint].bounds(slot.width)
             finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
@@ -364,12 +374,36 @@ class Kasmina:
     def records(self) -> list[dict[str, Any]]:
         return [s.record() for s in self.slots.values()]
 
-    def alive(self) -> int:
-        return sum(1 for s in self.slots.values() if s.stage in LIVE)
+    # ---------------------------------------------------------------- Stateful
+    def state_dict(self) -> dict[str, Any]:
+        """Every slot's record under ``seeds``, and each live module's tensors as ``<slot>.<key>`` (live)."""
+        return {"seeds": self.records(), **self.seed_tensors()}
 
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put every slot back as captured. A live module that is the same seed (same id and blueprint) gets the
+        tensors copied in place; any other is rebuilt through ``build``. Tensors are copied, never kept."""
+        records = {r["slot"]: r for r in state["seeds"]}
+        if set(records) != set(self.slots):
+            raise CheckpointError(f"checkpoint slots {sorted(records)} != configured slots {sorted(self.slots)}")
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        for name, slot in self.slots.items():
+            rec = records[name]
+            seed_sd = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+            if not seed_sd:
+                slot.module = None
+            elif rec["blueprint"] is None:
+                raise CheckpointError(f"checkpoint has seed tensors for slot {name} but no blueprint")
+            else:
+                same = slot.module is not None and (slot.seed_id, slot.blueprint) == (rec["seed_id"], rec["blueprint"])
+                module = slot.module if same and slot.module is not None else self.build(rec["blueprint"], slot.width)
+                try:
+                    module.load_state_dict(seed_sd, strict=True)
+                except RuntimeError as exc:
+                    raise CheckpointError(f"seed tensors of slot {name} do not fit {rec['blueprint']}: {exc}") from exc
+                slot.module = module
+            slot.machine = StrictMachine(SEED, name, observer=slot.machine.observer, initial=rec["stage"],
+                                         history=[TransitionRecord(**h) for h in rec["history"]])
+            slot.blueprint = rec["blueprint"]
+            slot.seed_id = rec["seed_id"]
+            slot.germinations = rec["germinations"]
+            slot.stats = SeedStats.from_dict(copy.deepcopy(rec["stats"]))

@@ -1,30 +1,30 @@
 """Two-tier rollback (C-6): an in-memory last-known-good snapshot, and the last verified checkpoint.
 
-The fast tier copies tensors into buffers allocated once (re-allocated only when the set of tensors or a shape
-changes, e.g. after a germination) and restores by copying back in place, so a rollback costs about one
-memcpy of the state. The full tier loads the last verified checkpoint through the same restore code as a
-resume. Every rollback reports its tier, latency and SLA.
+The fast tier copies every tensor of the components' state into buffers allocated once (re-allocated only
+when the set of tensors or a shape changes, e.g. after a germination) and keeps a private copy of their JSON
+halves. It restores by copying the buffers back into the live tensors in place, so a rollback costs about one
+memcpy of the state; when the live tensors no longer match (a seed came or went), the parts are rebuilt from
+the buffers instead ("structural"). The full tier loads the last verified checkpoint through the same
+component restore as a resume. Either way the parts that record the incident keep their live state, and the
+controller is rewound. Every rollback reports its tier, latency and SLA.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from esper.core import rng
 from esper.core.checkpoint import load_checkpoint
+from esper.core.config import RollbackConfig
 from esper.core.errors import EsperError
-from esper.core.tolaria.state import Position, capture, restore, restore_json
-
-if TYPE_CHECKING:
-    from esper.core.tolaria.trainer import Trainer
+from esper.core.tamiyo import Tamiyo
+from esper.core.tolaria.components import Components, States
+from esper.core.tolaria.train_state import Position, TrainState
 
 
 class RollbackError(EsperError):
@@ -86,22 +86,36 @@ class RollbackResult:
         return asdict(self)
 
 
+def live_tensors(components: Components) -> dict[str, torch.Tensor]:
+    """Every tensor of the live training state by its stable name (``model/host.…``, ``optimizer/0.…``, …)."""
+    return components.flatten(components.state_dict())
+
+
 class RollbackManager:
     """Owns the last-known-good snapshot and runs rollbacks, fast tier first."""
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.tr = trainer
-        self.cfg = trainer.cfg.rollback
+    def __init__(self, cfg: RollbackConfig, components: Components, state: TrainState, controller: Tamiyo | None,
+                 last_checkpoint: Callable[[], Path | None], emit: Callable[..., Any]) -> None:
+        self.cfg = cfg
+        self.components = components
+        self.state = state
+        self.controller = controller
+        self.last_checkpoint = last_checkpoint
+        self.emit = emit
         self.snapshot = FastSnapshot()
-        self.payload: dict[str, Any] | None = None
+        self.values: States | None = None  # the JSON halves of last-known-good
         self.position: Position | None = None
 
-    def take(self, pos: Position) -> None:
-        """Snapshot the trainer at a healthy epoch boundary."""
-        self.snapshot.capture(live_tensors(self.tr))
-        _, payload = capture(self.tr, pos, "snapshot", with_tensors=False)
-        self.payload = json.loads(json.dumps(payload))  # a private copy: later mutation of the trainer can't leak in
-        self.position = pos
+    @property
+    def has_snapshot(self) -> bool:
+        return self.values is not None
+
+    def take(self) -> None:
+        """Snapshot the live state (a healthy epoch boundary, or the start)."""
+        states = self.components.state_dict()
+        self.snapshot.capture(self.components.flatten(states))
+        self.values = self.components.values(states)
+        self.position = self.state.position
 
     def rollback(self, reason: str) -> RollbackResult:
         """Restore last-known-good: fast tier, falling through to the full tier if it fails."""
@@ -112,67 +126,42 @@ class RollbackManager:
             tier, sla = "fast", self.cfg.fast_sla_ms
         except (RollbackError, RuntimeError, KeyError) as exc:
             fell_through = f"{type(exc).__name__}: {exc}"
-            self.tr.emit("tolaria", "rollback.fast_failed", "ERROR", error=fell_through)
+            self.emit("tolaria", "rollback.fast_failed", "ERROR", error=fell_through)
             how = self._full()
             tier, sla = "full", self.cfg.full_sla_ms
+        if self.controller is not None:
+            self.controller.rewind(self.state.epochs_done, "rollback to last-known-good")
+        self.position = self.state.position
         t1 = time.monotonic()
         latency = (t1 - t0) * 1000.0
         missed = None if latency <= sla else t0 * 1000.0 + sla
-        assert self.position is not None
         return RollbackResult(tier, latency, sla, missed is None, missed, asdict(self.position), reason, how,
                               fell_through)
 
     def _fast(self) -> str:
-        if self.payload is None or self.position is None:
+        if self.values is None:
             raise RollbackError("no last-known-good snapshot yet")
-        structure = [(r["slot"], r["blueprint"], r["stage"]) for r in self.payload["seeds"]]
-        live = [(s.name, s.blueprint, s.stage) for s in self.tr.kasmina.slots.values()]
-        if structure == live:
-            try:
-                self.snapshot.restore_into(live_tensors(self.tr))
-                restore_json(self.tr, copy.deepcopy(self.payload), rollback=True)
-                return "in_place"
-            except StructureChanged:
-                pass  # the optimizer gained state since the snapshot: rebuild it from the buffers below
-        tensors = split_tensors(self.snapshot.buffers)
-        restore(self.tr, tensors, copy.deepcopy(self.payload), rollback=True)
-        return "structural"
+        live = live_tensors(self.components)
+        try:
+            self.snapshot.restore_into(live)
+        except StructureChanged:
+            # a seed came or went since the snapshot: the parts rebuild from the buffers (and copy them)
+            self.components.load_state_dict(self.structural_states(), rollback=True)
+            return "structural"
+        # the live tensors hold last-known-good now; the parts take them back (no-op copies) with the JSON halves
+        self.components.load_state_dict(self.components.unflatten(live, self.values), rollback=True)
+        return "in_place"
+
+    def structural_states(self) -> States:
+        """The snapshot as per-part states over its buffers (for parts to copy from, never to keep)."""
+        assert self.values is not None
+        return self.components.unflatten(self.snapshot.buffers, self.values)
 
     def _full(self) -> str:
-        path = self.tr.last_checkpoint
+        path = self.last_checkpoint()
         if path is None:
             raise RollbackError("fast tier failed and there is no verified checkpoint to fall back to")
-        loaded = load_checkpoint(Path(path))
-        pos = restore(self.tr, loaded.tensors, loaded.payload, rollback=True)
-        self.position = pos
+        loaded = load_checkpoint(path)
+        self.components.load_state_dict(self.components.from_checkpoint(loaded.tensors, loaded.payload),
+                                        rollback=True)
         return str(loaded.path)
-
-
-def live_tensors(tr: Trainer) -> dict[str, torch.Tensor]:
-    """Every tensor of the training state, by a stable name (parameters, buffers, optimizer state)."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in tr.host.state_dict(keep_vars=True).items():
-        out[f"model/host.{k}"] = v.data if isinstance(v, torch.nn.Parameter) else v
-    for s in tr.kasmina.slots.values():
-        if s.module is not None:
-            for k, v in s.module.state_dict(keep_vars=True).items():
-                out[f"model/seed.{s.name}.{k}"] = v.data if isinstance(v, torch.nn.Parameter) else v
-    index = 0
-    for group in tr.optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in tr.optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor):
-                    out[f"optimizer/{index}.{key}"] = value
-            index += 1
-    return out
-
-
-def split_tensors(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``stem/key`` names back into the per-file layout ``state.restore`` takes (cloned: restore may keep them)."""
-    out: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "rng": {"torch": rng.get_state()}}
-    for name, t in flat.items():
-        stem, _, key = name.partition("/")
-        out[stem][key] = t.clone()
-    return out
-
-

@@ -7,17 +7,18 @@ last-known-good state and stops the run. The level change is emitted (CRITICAL, 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
+from esper.core.config import EmergencyConfig
 from esper.core.errors import CheckpointError
-from esper.core.kasmina.slot import LIVE
-from esper.core.tolaria.emergency import Signal
-from esper.core.tolaria.rollback import RollbackError
-from esper.core.tolaria.state import Position
-from esper.statemachines import EMERGENCY
-
-if TYPE_CHECKING:
-    from esper.core.tolaria.trainer import Trainer
+from esper.core.kasmina import LIVE, Kasmina
+from esper.core.tolaria.checkpointer import Checkpointer
+from esper.core.tolaria.emergency import EmergencyManager, Signal
+from esper.core.tolaria.optimizer import OptimizerPart
+from esper.core.tolaria.rollback import RollbackError, RollbackManager
+from esper.core.tolaria.train_state import Position, TrainState
+from esper.statemachines import EMERGENCY, StrictMachine
 
 
 class Restart(Exception):  # noqa: N818 - control flow, not an error
@@ -37,19 +38,31 @@ class Halt(Exception):  # noqa: N818 - control flow, not an error
 
 
 class Safety:
-    def __init__(self, trainer: Trainer) -> None:
-        self.tr = trainer
-        self.halting = False
+    """Turns signals into level changes and their actions, on the parts it is given."""
+
+    def __init__(self, cfg: EmergencyConfig, machine: StrictMachine, emergency: EmergencyManager,
+                 rollback: RollbackManager, checkpointer: Checkpointer, state: TrainState, kasmina: Kasmina,
+                 optimizer: OptimizerPart, emit: Callable[..., Any]) -> None:
+        self.cfg = cfg
+        self.machine = machine
+        self.emergency = emergency
+        self.rollback_mgr = rollback
+        self.checkpointer = checkpointer
+        self.state = state
+        self.kasmina = kasmina
+        self.optimizer = optimizer
+        self.emit = emit
 
     @property
     def paused(self) -> bool:
-        return self.tr.emergency.machine.value >= EMERGENCY.value_of("CONSERVATIVE")
+        return self.emergency.machine.value >= EMERGENCY.value_of("CONSERVATIVE")
 
-    def handle(self, signal: Signal, cull: str | None = None) -> None:
-        """Escalate, then act for the signal's level. May raise Restart or Halt."""
-        tr = self.tr
+    def handle(self, signal: Signal | None, cull: str | None = None) -> None:
+        """Escalate, then act for the signal's level (None: nothing happened). May raise Restart or Halt."""
+        if signal is None:
+            return
         reason = f"{signal.cause}: {signal.detail}"
-        tr.emergency.escalate(signal.level, reason, cause=signal.cause, **signal.attributes)
+        self.emergency.escalate(signal.level, reason, cause=signal.cause, **signal.attributes)
         if signal.level == "ELEVATED":
             self.rollback(signal, cull)
         elif signal.level == "CONSERVATIVE":
@@ -58,56 +71,52 @@ class Safety:
             raise Halt(reason)
 
     def pause(self, reason: str) -> None:
-        if self.tr.machine.may("pause") and self.tr.machine.state != "PAUSED":
-            self.tr.machine.fire("pause", reason=f"CONSERVATIVE: {reason}")
+        if self.machine.may("pause") and self.machine.state != "PAUSED":
+            self.machine.fire("pause", reason=f"CONSERVATIVE: {reason}")
 
     def rollback(self, signal: Signal, cull: str | None) -> None:
-        tr = self.tr
-        tr.machine.fire("rollback", reason=f"{signal.cause}: restore last-known-good")
-        before = tr.global_step
+        self.machine.fire("rollback", reason=f"{signal.cause}: restore last-known-good")
+        before = self.state.global_step
         try:
-            result = tr.rollback_mgr.rollback(f"{signal.cause}: {signal.detail}")
+            result = self.rollback_mgr.rollback(f"{signal.cause}: {signal.detail}")
         except (RollbackError, CheckpointError) as exc:
-            tr.emit("tolaria", "rollback.failed", "CRITICAL", cause=signal.cause, error=str(exc))
-            tr.emergency.escalate("HALT", f"rollback failed: {exc}")
+            self.emit("tolaria", "rollback.failed", "CRITICAL", cause=signal.cause, error=str(exc))
+            self.emergency.escalate("HALT", f"rollback failed: {exc}")
             raise Halt(f"rollback failed: {exc}") from exc
-        record = {**result.to_dict(), "cause": signal.cause, "epoch": tr.epoch, "global_step_before": before}
-        tr.rollbacks.append(record)
-        tr.emit("tolaria", "rollback.completed", "WARNING" if result.within_sla else "CRITICAL", **record)
+        record = {**result.to_dict(), "cause": signal.cause, "epoch": self.state.epoch, "global_step_before": before}
+        self.state.rollbacks.append(record)
+        self.emit("tolaria", "rollback.completed", "WARNING" if result.within_sla else "CRITICAL", **record)
         if not result.within_sla:
-            tr.emergency.escalate("HALT", f"{result.tier} rollback took {result.latency_ms:.1f} ms > "
-                                          f"SLA {result.sla_ms:.0f} ms")
+            self.emergency.escalate("HALT", f"{result.tier} rollback took {result.latency_ms:.1f} ms > "
+                                            f"SLA {result.sla_ms:.0f} ms")
             raise Halt("rollback SLA missed")
-        tr.emergency.record_rollback()
-        if cull is not None and tr.kasmina.slots[cull].stage in LIVE:
-            tr.kasmina.cull(cull, reason=f"emergency: {signal.cause}")
-            tr.rebuild_optimizer(f"culled {cull} after {signal.cause}")
-        n, limit = tr.emergency.consecutive_rollbacks, tr.cfg.emergency.max_consecutive_rollbacks
+        self.emergency.record_rollback()
+        if cull is not None and self.kasmina.slots[cull].stage in LIVE:
+            self.kasmina.cull(cull, reason=f"emergency: {signal.cause}")
+            self.optimizer.rebuild(f"culled {cull} after {signal.cause}")
+        n, limit = self.emergency.consecutive_rollbacks, self.cfg.max_consecutive_rollbacks
         if n > limit:
-            tr.emergency.escalate("HALT", f"{n} rollbacks without a healthy epoch (limit {limit})")
+            self.emergency.escalate("HALT", f"{n} rollbacks without a healthy epoch (limit {limit})")
             raise Halt("too many consecutive rollbacks")
         if n == limit:
-            tr.emergency.escalate("CONSERVATIVE", f"{n} rollbacks without a healthy epoch")
-        tr.machine.fire("pause" if self.paused else "train", reason=f"rolled back ({result.tier} tier)")
-        assert tr.rollback_mgr.position is not None
-        raise Restart(tr.rollback_mgr.position)
+            self.emergency.escalate("CONSERVATIVE", f"{n} rollbacks without a healthy epoch")
+        self.machine.fire("pause" if self.paused else "train", reason=f"rolled back ({result.tier} tier)")
+        raise Restart(self.state.position)
 
     def halt(self, reason: str) -> None:
         """Emergency checkpoint of the last-known-good state, then HALTED (exit 6)."""
-        tr = self.tr
-        self.halting = True
-        if tr.emergency.level != "HALT":
-            tr.emergency.escalate("HALT", reason)
-        pos = None
-        if tr.rollback_mgr.payload is not None:
+        if self.emergency.level != "HALT":
+            self.emergency.escalate("HALT", reason)
+        restored = False
+        if self.rollback_mgr.has_snapshot:
             try:
-                if tr.machine.may("rollback"):
-                    tr.machine.fire("rollback", reason="HALT: restore last-known-good for the emergency checkpoint")
-                tr.rollback_mgr.rollback("HALT: restore last-known-good")
-                pos = tr.rollback_mgr.position
+                if self.machine.may("rollback"):
+                    self.machine.fire("rollback", reason="HALT: restore last-known-good for the emergency checkpoint")
+                self.rollback_mgr.rollback("HALT: restore last-known-good")
+                restored = True
             except (RollbackError, CheckpointError) as exc:
-                tr.emit("tolaria", "rollback.failed", "CRITICAL", cause="halt", error=str(exc))
-        if pos is not None and tr.machine.may("checkpoint"):
-            tr.machine.fire("checkpoint", reason="HALT: emergency checkpoint of last-known-good")
-            tr.write_checkpoint(pos, "emergency")
-        tr.machine.fire("halt", reason=reason)
+                self.emit("tolaria", "rollback.failed", "CRITICAL", cause="halt", error=str(exc))
+        if restored and self.machine.may("checkpoint"):
+            self.machine.fire("checkpoint", reason="HALT: emergency checkpoint of last-known-good")
+            self.handle(self.checkpointer.save("emergency"))
+        self.machine.fire("halt", reason=reason)

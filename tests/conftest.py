@@ -1,22 +1,110 @@
-"""Shared plumbing for the end-to-end resume / crash-safety tests: run `esper` in-process (CliRunner) or as the
-real console script (subprocess, for real signals), and read back a run directory."""
+"""Shared test helpers. Pytest loads this module first; test modules import what they use from it by name
+(``from conftest import events, flip_byte``). Fixture modules a child process imports by ``module:function``
+(``fake_controllers``, ``plugins_fixture``) stay modules of their own.
+
+- :class:`EventRecorder`: an ``emit`` stand-in that keeps every event it is given (thread-safe);
+- :func:`events` / :func:`event_names`: a run's ``events.jsonl``, read by Esper's own reader;
+- :func:`flip_byte`: damage one byte of a file in place;
+- :func:`malicious_pickle` / :func:`malicious_torch_save`: inputs whose unpickling runs code;
+- :func:`make_config`: a validated config from a base and ``key=value`` overrides;
+- running ``esper`` in-process (CliRunner) or as the real console script, and reading a run directory back.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
 
 from esper.cli.main import app
+from esper.core.config import EsperConfig, from_dict
+from esper.core.telemetry import read_events
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+class Event(NamedTuple):
+    source: str
+    event: str
+    level: str
+    attributes: dict[str, Any]
+
+
+class EventRecorder:
+    """Stands in for the telemetry emitter: ``emit(source, event, level, **attributes)``, kept in order."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, source: str, event: str, level: str = "INFO", **attributes: Any) -> None:
+        with self._lock:
+            self.events.append(Event(source, event, str(level), attributes))
+
+    def all(self, event: str) -> list[Event]:
+        """The events named ``event``."""
+        return [e for e in self.events if e.event == event]
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        """The attributes of the events named ``event``."""
+        return [e.attributes for e in self.all(event)]
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def flip_byte(path: Path, offset: int = -1) -> None:
+    """Invert one byte of a file in place (offset from the start, or from the end when negative)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# Inputs whose unpickling runs code: used to prove no Esper path ever unpickles (SPEC §1, C-3).
+# The payload's ``__reduce__`` calls ``open(marker, "w")``: the marker file appearing means code from the input ran.
+class Marker:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def malicious_pickle(marker: Path, key: str = "weight") -> bytes:
+    return pickle.dumps({key: Marker(marker)}, protocol=4)
+
+
+def malicious_torch_save(marker: Path, dest: Path) -> Path:
+    """The layout `torch.save` writes (a zip holding archive/data.pkl), built without torch.save."""
+    with zipfile.ZipFile(dest, "w") as z:
+        z.writestr("archive/data.pkl", malicious_pickle(marker))
+        z.writestr("archive/version", "3\n")
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def make_config(*overrides: str, base: Mapping[str, Any] | Sequence[str] = ()) -> EsperConfig:
+    """A validated config: ``base`` (a dict of sections, or overrides applied first), then ``overrides``."""
+    if isinstance(base, Mapping):
+        return from_dict(json.loads(json.dumps(base)), overrides)
+    return from_dict({}, [*base, *overrides])
+
+
+# --------------------------------------------------------------------------------------- esper, run dirs
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TOML = REPO / "esper.toml"
@@ -79,8 +167,12 @@ def metrics_without_wall_clock(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k not in WALL_CLOCK_FIELDS} for row in metrics(run)]
 
 
-def events(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+def events(run: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """A run's events (all, or those named ``name``), read by Esper's own tolerant reader; the file of a run that
+    has ended must have no bad line."""
+    result = read_events(run / "events.jsonl")
+    assert result.problems == [], result.problems
+    return [e for e in result.records if name is None or e["event"] == name]
 
 
 def event_names(run: Path) -> list[str]:

@@ -1,23 +1,18 @@
-"""The one mediator for every call Tolaria makes into Tamiyo (the controller) and Kasmina (SPEC T-7).
+"""The one mediator for every call Tolaria makes into Tamiyo, the controller (SPEC T-7).
 
 Deadlines, cancellation and latency/timeout telemetry live here and nowhere else (Tolaria arch 1, Tamiyo
 arch 2). A controller runs behind a :class:`ControllerEndpoint`:
 
 * :class:`ControllerWorker` (``controller.isolation = "process"``) runs the controller in a child process
-  started with the ``spawn`` context (the parent holds torch threads, so it must never fork). A decision over
-  its budget is abandoned for real: the child is terminated, then killed, and the next request starts a fresh
-  one. Every reply carries the id of its request; a reply for any other id is a late result and is discarded
-  and counted, never returned (Tamiyo #18, #19).
+  started with the ``spawn`` context (the parent holds torch threads, so it must never fork); the child's end
+  of the pipe is ``esper.core.tamiyo.pipe``. A decision over its budget is abandoned for real: the child is
+  terminated, then killed, and the next request starts a fresh one. Every reply carries the id of its request;
+  a reply for any other id is a late result and is discarded and counted, never returned (Tamiyo #18, #19).
 * :class:`InlineController` (``"inline"``) calls the controller in-process. A hung decision hangs the caller,
   so it cannot enforce a deadline: an over-budget result is discarded after the fact. Tests/benchmarks only.
 
-Messages cross the pipe as JSON bytes (never pickle), so payloads and replies must be JSON-able. Keep the
-controller's state in the parent: the payload carries it in and the reply carries the new state out, so a
-restarted child needs nothing. A controller that does keep state may expose ``restore(state)``; the worker
-calls it on every fresh child with the state last given to :meth:`ControllerWorker.restore`.
-
-This module deliberately imports no torch: the child imports it, and a torch import would add seconds to
-every restart.
+The controller's state stays in the parent: each request carries it in and the reply carries the new state
+out, so a restarted child needs nothing.
 """
 
 from __future__ import annotations
@@ -27,35 +22,29 @@ import itertools
 import json
 import multiprocessing
 import multiprocessing.connection
-import os
 import threading
 import time
 import traceback
 import uuid
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 from esper.core.errors import EsperError
 from esper.core.plugins import load_factory
+from esper.core.tamiyo.pipe import CONFIG_KEY, WireError, child_main, decode, encode
 
 Emit = Callable[..., Any]
 Json = dict[str, Any]  # a JSON object: what crosses the pipe
-T = TypeVar("T")
 
 SOURCE = "tolaria"
-_CONFIG_KEY = "controller.policy"
 
 
 class MediatorError(EsperError):
     """A mediated call could not be made (no controller attached, worker closed, bad reply)."""
 
 
-class CallTimeout(MediatorError):
-    """A mediated call ran past its deadline; its result (if any ever comes) is discarded."""
-
-
-class ControllerTimeout(CallTimeout):
+class ControllerTimeout(MediatorError):
     """A controller decision ran past ``controller.timeout_ms``; it is abandoned (→ CONSERVATIVE)."""
 
 
@@ -67,47 +56,18 @@ class ControllerCrashed(MediatorError):
         self.child_traceback = child_traceback
 
 
-# ----------------------------------------------------------------------------------------------------------
-# wire format: JSON bytes, one message per send_bytes
-
-
 def _encode(message: list[Any]) -> bytes:
     try:
-        return json.dumps(message, allow_nan=False).encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        raise MediatorError(f"controller message is not JSON-able: {exc}") from exc
+        return encode(message)
+    except WireError as exc:
+        raise MediatorError(str(exc)) from exc
 
 
 def _decode(raw: bytes) -> list[Any]:
-    message = json.loads(raw.decode("utf-8"))
-    if not isinstance(message, list) or len(message) != 3:
-        raise MediatorError(f"malformed controller message: {raw[:200]!r}")
-    return message
-
-
-def _child_main(conn: multiprocessing.connection.Connection, factory_ref: str, args_json: str) -> None:
-    """Entry point of the worker process: build the controller, then answer requests until EOF."""
     try:
-        controller = load_factory(factory_ref, _CONFIG_KEY)(**json.loads(args_json))
-    except Exception:  # noqa: BLE001 -- not swallowed: sent to the parent, which raises ControllerCrashed
-        conn.send_bytes(_encode(["", "init_error", traceback.format_exc()]))
-        return
-    conn.send_bytes(_encode(["", "ready", os.getpid()]))
-    while True:
-        try:
-            raw = conn.recv_bytes()
-        except EOFError:  # the parent closed its end: that is the shutdown signal
-            return
-        request_id, method, payload = _decode(raw)
-        try:
-            handler = getattr(controller, method) if not method.startswith("_") else None
-            if handler is None or not callable(handler):
-                raise AttributeError(f"controller {type(controller).__name__} has no method {method!r}")
-            reply: list[Any] = [request_id, "ok", handler(payload)]
-            encoded = _encode(reply)
-        except Exception:  # noqa: BLE001 -- not swallowed: sent to the parent, which raises ControllerCrashed
-            encoded = _encode([request_id, "error", traceback.format_exc()])
-        conn.send_bytes(encoded)
+        return decode(raw)
+    except WireError as exc:
+        raise MediatorError(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,10 +82,6 @@ class ControllerEndpoint(Protocol):
 
     def request(self, method: str, payload: Json, request_id: str, timeout_ms: int) -> Json:
         """Run ``controller.<method>(payload)`` under ``timeout_ms``; return its reply."""
-        ...
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Remember the state a fresh controller is seeded with."""
         ...
 
     def close(self) -> None:
@@ -164,7 +120,6 @@ class ControllerWorker:
         self._ctx = multiprocessing.get_context("spawn")
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: multiprocessing.connection.Connection | None = None
-        self._restore_state: dict[str, Any] | None = None
         self._lock = threading.Lock()  # one request at a time: replies are matched to the current id
         self._closed = False
         self._started_once = False
@@ -182,14 +137,6 @@ class ControllerWorker:
         """Start the child now (otherwise the first request does)."""
         with self._lock:
             self._ensure_child()
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Seed every fresh child with ``state`` (via the controller's ``restore``); the live one too."""
-        _encode(["", "restore", state])  # fail here, not in a later restart, if it is not JSON-able
-        with self._lock:
-            self._restore_state = dict(state)
-            if self._process is not None:
-                self._restore_live(self._restore_state)
 
     def request(self, method: str, payload: Json, request_id: str, timeout_ms: int) -> Json:
         """Send ``(request_id, method, payload)``; wait up to ``timeout_ms`` for the reply with that id.
@@ -227,7 +174,7 @@ class ControllerWorker:
         if self._process is not None:  # it died between requests (crash or kill): reap it before replacing
             self._kill_child()
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=_child_main, args=(child_conn, self.factory_ref, self._args_json),
+        process = self._ctx.Process(target=child_main, args=(child_conn, self.factory_ref, self._args_json),
                                     name="esper-controller", daemon=True)
         t0 = time.perf_counter()
         process.start()
@@ -241,8 +188,6 @@ class ControllerWorker:
             self._kill_child()
             raise ControllerCrashed(f"controller {self.factory_ref!r} failed to start", str(body))
         self.last_startup_ms = (time.perf_counter() - t0) * 1000.0
-        if self._restore_state is not None:
-            self._restore_live(self._restore_state)
 
     def _await_ready(self, timeout_s: float) -> tuple[str, Any]:
         assert self._conn is not None and self._process is not None
@@ -257,10 +202,6 @@ class ControllerWorker:
             raise ControllerCrashed(f"controller process exited during start-up (exit code {code})")
         _, kind, body = message
         return kind, body
-
-    def _restore_live(self, state: dict[str, Any]) -> None:
-        rid = f"restore-{uuid.uuid4().hex}"
-        self._exchange(_encode([rid, "restore", state]), rid, self.start_timeout_ms / 1000.0, "restore")
 
     def _exchange(self, message: bytes, request_id: str, timeout_s: float, label: str) -> dict[str, Any]:
         assert self._conn is not None and self._process is not None
@@ -346,19 +287,10 @@ class InlineController:
         self.factory_ref = factory_ref
         self._args_json = _encode_args(factory_args or {})
         self._controller: Any = None
-        self._restore_state: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self.restarts = 0  # always 0: an in-process controller is never replaced
         self.late_discarded = 0
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Seed the controller with ``state`` (now, and after a crash rebuilds it)."""
-        _encode(["", "restore", state])
-        with self._lock:
-            self._restore_state = dict(state)
-            if self._controller is not None:
-                self._call("restore", self._restore_state, "restore")
 
     def request(self, method: str, payload: Json, request_id: str, timeout_ms: int) -> Json:
         """Run the method in-process; a result later than ``timeout_ms`` is discarded (ControllerTimeout)."""
@@ -387,14 +319,12 @@ class InlineController:
 
     def _build(self) -> None:
         try:
-            self._controller = load_factory(self.factory_ref, _CONFIG_KEY)(**json.loads(self._args_json))
+            self._controller = load_factory(self.factory_ref, CONFIG_KEY)(**json.loads(self._args_json))
         except EsperError:
             raise
         except Exception as exc:  # noqa: BLE001 -- re-raised typed, as the process worker would report it
             raise ControllerCrashed(f"controller {self.factory_ref!r} failed to start",
                                     traceback.format_exc()) from exc
-        if self._restore_state is not None:
-            self._call("restore", self._restore_state, "restore")
 
     def _call(self, method: str, payload: dict[str, Any], label: str) -> dict[str, Any]:
         handler = getattr(self._controller, method, None) if not method.startswith("_") else None
@@ -425,12 +355,13 @@ def open_controller(isolation: Literal["process", "inline"], factory_ref: str,
 
 
 class Mediator:
-    """Every trainer call into the controller or Kasmina goes through here: deadline, ids, telemetry.
+    """Every trainer call into the controller goes through here: deadline, ids, telemetry.
 
-    ``emit(source, event, level, **attributes)`` receives one event per call (source ``tolaria``):
-    ``mediated_call`` / ``mediated_call_timeout`` / ``mediated_call_failed`` for :meth:`call`, and
-    ``controller_decision`` / ``controller_timeout`` / ``controller_crash`` for :meth:`decide`, each with
-    ``latency_ms``, ``timeout`` and, for decisions, ``request_id``, ``restarts`` and ``late_discarded``.
+    ``emit(source, event, level, **attributes)`` receives one event per decision (source ``tolaria``):
+    ``controller_decision`` / ``controller_timeout`` / ``controller_crash`` / ``controller_call_failed``, each
+    with ``latency_ms``, ``timeout``, ``request_id``, ``restarts`` and ``late_discarded``.
+
+    (Kasmina's blueprint loads have their own deadline in the load manager, the one place they are cut short.)
     """
 
     def __init__(self, timeout_ms: int = 2000, emit: Emit | None = None, *,
@@ -448,38 +379,9 @@ class Mediator:
         """The attached controller endpoint, if any."""
         return self._controller
 
-    def attach(self, controller: ControllerEndpoint) -> None:
-        """Route decisions to ``controller`` (closing the previous one)."""
-        if self._controller is not None and self._controller is not controller:
-            self._controller.close()
-        self._controller = controller
-
     def next_request_id(self) -> str:
         """A fresh decision id; the reply must carry it to be applied."""
         return f"{self._prefix}-{next(self._ids)}"
-
-    def call(self, name: str, fn: Callable[..., T], *args: Any, deadline_ms: int | None = None) -> T:
-        """Run ``fn(*args)`` in this thread with latency telemetry.
-
-        An in-thread call cannot be pre-empted; a result that arrives past the deadline is discarded and
-        CallTimeout raised, so a late result is never applied. Use callees with their own deadline (such as
-        the blueprint loader) for work that must be cut short.
-        """
-        budget = self.timeout_ms if deadline_ms is None else deadline_ms
-        t0 = time.perf_counter()
-        try:
-            result = fn(*args)
-        except EsperError as exc:
-            self._send("mediated_call_failed", "WARNING", name=name, latency_ms=_ms(t0), timeout=False,
-                       error=type(exc).__name__, reason=str(exc))
-            raise
-        latency = _ms(t0)
-        if latency > budget:
-            self._send("mediated_call_timeout", "WARNING", name=name, latency_ms=latency, timeout=True,
-                       deadline_ms=budget, late_discarded=1)
-            raise CallTimeout(f"{name} took {latency:.0f} ms > {budget} ms; result discarded")
-        self._send("mediated_call", "INFO", name=name, latency_ms=latency, timeout=False, deadline_ms=budget)
-        return result
 
     def decide(self, method: str, payload: Json, *, deadline_ms: int | None = None) -> Json:
         """Ask the controller (``controller.<method>(payload)``) under the decision budget.

@@ -7,27 +7,25 @@ deep copies, so callers never share parameters with the template or with each ot
 
 Every build runs on the manager's own bounded thread pool (the only pool; Kasmina #16-#18), so ``get`` and
 ``prefetch`` share de-duplication, the per-request timeout and shutdown cancellation. Nothing here touches
-asyncio: ``prefetch`` works with or without a running loop, and :meth:`BlueprintLoadManager.aprefetch` only
-wraps the future for callers already inside one, so no loop is ever created or nested.
+asyncio: ``prefetch`` returns a concurrent future and works with or without a running loop (an async caller
+wraps it with ``asyncio.wrap_future``), so no loop is ever created or nested.
 
 A failed build, warm-up or compile is a :class:`BlueprintLoadError` with the reason, counted; there is never a
-fallback module (arch 3). Also here: :class:`ParameterOwnership`, which records who owns which parameters
-(Kasmina #19, #20).
+fallback module (arch 3). Counters are windowed (O-4): the trainer closes one window per epoch and emits it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -209,10 +207,6 @@ class BlueprintLoadManager:
         inner.add_done_callback(relay)
         return outer
 
-    async def aprefetch(self, name: str, width: int) -> LoadInfo:
-        """:meth:`prefetch` for callers inside a running loop; awaits without blocking the loop."""
-        return await asyncio.wrap_future(self.prefetch(name, width))
-
     def is_ready(self, name: str, width: int) -> bool:
         """True when ``get`` would be served from the cache without waiting."""
         with self._lock:
@@ -232,6 +226,13 @@ class BlueprintLoadManager:
             closed, self._window = self._window, CacheCounters()
             self._window_start = time.monotonic()
         return closed
+
+    def report_window(self) -> LoaderStats:
+        """Close the current window and emit it (``blueprint_cache.window``) with the cache's occupancy."""
+        stats = self.stats()
+        self.reset_stats()
+        self._send("blueprint_cache.window", "INFO", **stats.to_dict())
+        return stats
 
     def shutdown(self, timeout_s: float = 1.0) -> ShutdownReport:
         """Cancel queued loads, wait at most ``timeout_s`` for running ones, and return.
@@ -365,75 +366,3 @@ def _warm_up(module: nn.Module, width: int) -> None:
     with torch.no_grad():  # e.g. BatchNorm running stats must not learn from the zero batch
         for buf, old in zip(module.buffers(), saved, strict=True):
             buf.copy_(old)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# parameter ownership (Kasmina #19, #20)
-
-
-@dataclass(frozen=True)
-class OwnershipIssue:
-    """One problem found by :meth:`ParameterOwnership.validate`."""
-
-    kind: Literal["conflict", "unregistered"]
-    param_name: str
-    owners: tuple[str, ...]
-
-
-@dataclass
-class _Owned:
-    param: torch.Tensor  # kept alive so its id() cannot be reused by another tensor
-    owners: list[str] = field(default_factory=list)
-
-
-class ParameterOwnership:
-    """Who owns which parameter: the host, and each seed that claims some. Thread-safe."""
-
-    HOST = "host"
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owned: dict[int, _Owned] = {}
-
-    def register_host(self, module: nn.Module) -> None:
-        """(Re-)register the host: every earlier claim is forgotten, then the host owns all its parameters."""
-        with self._lock:
-            self._owned = {}
-            for p in module.parameters():
-                self._owned[id(p)] = _Owned(p, [self.HOST])
-
-    def claim(self, owner: str, params: Iterable[torch.Tensor]) -> None:
-        """Record ``owner`` as an owner of ``params``; a second owner makes a conflict (see validate)."""
-        with self._lock:
-            for p in params:
-                rec = self._owned.setdefault(id(p), _Owned(p))
-                if owner not in rec.owners:
-                    rec.owners.append(owner)
-
-    def release(self, owner: str) -> None:
-        """Drop every claim of ``owner`` (a culled or retired seed)."""
-        with self._lock:
-            for key in list(self._owned):
-                rec = self._owned[key]
-                if owner in rec.owners:
-                    rec.owners.remove(owner)
-                    if not rec.owners:
-                        del self._owned[key]
-
-    def owners(self, param: torch.Tensor) -> tuple[str, ...]:
-        """The owners recorded for ``param`` (empty when unregistered)."""
-        with self._lock:
-            rec = self._owned.get(id(param))
-            return tuple(rec.owners) if rec is not None else ()
-
-    def validate(self, params: Iterable[tuple[str, torch.Tensor]]) -> list[OwnershipIssue]:
-        """Check named parameters (e.g. ``model.named_parameters()``): unregistered ones and conflicts."""
-        issues: list[OwnershipIssue] = []
-        with self._lock:
-            for name, p in params:
-                rec = self._owned.get(id(p))
-                if rec is None or not rec.owners:
-                    issues.append(OwnershipIssue("unregistered", name, ()))
-                elif len(rec.owners) > 1:
-                    issues.append(OwnershipIssue("conflict", name, tuple(rec.owners)))
-        return issues

@@ -1,0 +1,180 @@
+"""P-2 (fast rollback restore vs a memcpy of the same bytes) and P-3/P-4 (verified checkpoint restore and write
+vs safetensors' and torch.save's). Esper's side is the engine's own code: ``FastSnapshot`` over the tensors the
+components' state dicts name, and the checkpoint store's ``write_checkpoint`` / ``load_checkpoint``.
+
+``torch.save`` appears here once, as the baseline P-4 times; nothing is ever loaded with ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from esper.core.bench.stats import Absolute, BenchPlan, Comparison, Result, alternate, gc_paused
+from esper.core.checkpoint import load_checkpoint, write_checkpoint
+from esper.core.durable import fsync_dir, fsync_file
+from esper.core.tolaria import Components, FastSnapshot, Layout, ModuleState, TorchOptimizerState, live_tensors
+
+# ------------------------------------------------------------------------------------------------- P-2
+
+
+def linear_stack(n_params: int, seed: int) -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    """A plain stack of Linear layers with about ``n_params`` parameters and SGD-momentum state.
+
+    Values do not matter to a copy, so the layers skip their random init and are filled (which also
+    touches every page, so no first-touch fault lands inside a timed round).
+    """
+    width = 256 if n_params < 1_000_000 else 1024 if n_params < 50_000_000 else 4096
+    per_layer = width * width + width
+    layers = max(1, round(n_params / per_layer))
+    model = nn.Sequential(*(torch.nn.utils.skip_init(nn.Linear, width, width) for _ in range(layers)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.fill_(float(torch.rand((), generator=gen)) + i)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # creates the momentum buffers, so the state holds optimizer tensors too
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def stack_components(model: nn.Module, opt: torch.optim.Optimizer) -> Components:
+    """A plain model and its optimizer as the engine's components (the same names and files as a run's)."""
+    components = Components()
+    components.register("model", ModuleState(model, "model"), Layout(file="model"))
+    components.register("optimizer", TorchOptimizerState(opt, "sgd"), Layout(file="optimizer", key="optimizer"))
+    return components
+
+
+def module_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Model and optimizer tensors by the snapshot's stable names (``model/…``, ``optimizer/<i>.<key>``)."""
+    return live_tensors(stack_components(model, opt))
+
+
+def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def run_p2(get_tensors: Callable[[], dict[str, torch.Tensor]], label: str, params: int, plan: BenchPlan,
+           sla_ms: float) -> tuple[Comparison, Absolute]:
+    """FastSnapshot.restore_into (live tensors gathered as the rollback does) vs copy_ from preallocated buffers."""
+    live = get_tensors()
+    snapshot = FastSnapshot()
+    captures: list[float] = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        snapshot.capture(live)
+        captures.append((time.perf_counter() - t0) * 1000.0)
+    buffers = {k: torch.empty_like(v).copy_(v) for k, v in live.items()}
+    pairs = [(live[k], buffers[k]) for k in live]
+
+    def memcpy() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for dst, src in pairs:
+                dst.copy_(src)
+        return (time.perf_counter() - t0) * 1000.0
+
+    def fast() -> float:
+        t0 = time.perf_counter()
+        snapshot.restore_into(get_tensors())
+        return (time.perf_counter() - t0) * 1000.0
+
+    with gc_paused():
+        base, mine = alternate(memcpy, fast, warmup=plan.warmup, repeats=plan.repeats)
+    nbytes = _nbytes(live)
+    size = {"model": label, "params": params, "tensors": len(live), "bytes": nbytes}
+    comp = Comparison(f"P-2/{label}", f"fast rollback restore ({label})", "ms", "copy_ from preallocated buffers",
+                      "FastSnapshot.restore_into", base, mine, 1.5, size=size,
+                      extra={"capture_ms": captures, "esper_GBps": nbytes / 1e6 / statistics.median(mine)})
+    sla = Absolute(f"P-2/{label}/SLA", f"fast rollback latency ({label}) vs rollback.fast_sla_ms", "ms", mine,
+                   goal_max=sla_ms, size=size)
+    return comp, sla
+
+
+# --------------------------------------------------------------------------------------------- P-3 / P-4
+
+
+def run_p3_p4(tensors: dict[str, dict[str, torch.Tensor]], payload: dict[str, Any], label: str, params: int,
+              root: Path, plan: BenchPlan, keep_last: int, full_sla_ms: float) -> list[Result]:
+    """P-4 write_checkpoint vs torch.save of the same tensors; P-3 load_checkpoint vs raw load_file.
+
+    Two informational pairs split the gap: torch.save followed by the same fsyncs (the price of durability),
+    and a read of every byte followed by safetensors' own deserialization (the price of the sha256 check;
+    ``load_file`` memory-maps, so it need not read the data at all).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt_root = root / "checkpoints"
+    flat = {f"{stem}/{k}": v for stem, group in tensors.items() for k, v in group.items()}
+    pt_path = root / "baseline.pt"
+    counter = iter(range(1_000_000))
+    written: list[Path] = []
+
+    def save() -> float:
+        t0 = time.perf_counter()
+        torch.save(flat, pt_path)  # the P-4 baseline; never loaded back
+        return (time.perf_counter() - t0) * 1000.0
+
+    def save_synced() -> float:
+        t0 = time.perf_counter()
+        torch.save(flat, pt_path)
+        fsync_file(pt_path)
+        fsync_dir(root)
+        return (time.perf_counter() - t0) * 1000.0
+
+    def write() -> float:
+        name = f"bench-{next(counter):06d}"
+        t0 = time.perf_counter()
+        written.append(write_checkpoint(ckpt_root, name, tensors, payload, keep_last=keep_last))
+        return (time.perf_counter() - t0) * 1000.0
+
+    with gc_paused():
+        wb, wm = alternate(save, write, warmup=plan.warmup, repeats=plan.repeats)
+        sb, sm = alternate(save_synced, write, warmup=0, repeats=plan.repeats)
+    ckpt = written[-1]
+    files = sorted(ckpt.glob("*.safetensors"))
+    nbytes = sum(f.stat().st_size for f in files)
+    size = {"model": label, "params": params, "files": len(files), "bytes": nbytes}
+    p4 = Comparison(f"P-4/{label}", f"checkpoint write ({label})", "ms", "torch.save (no fsync)",
+                    "write_checkpoint (atomic, fsynced, verified)", wb, wm, 1.2, size=size,
+                    extra={"torch_save_bytes": pt_path.stat().st_size})
+    p4b = Comparison(f"P-4b/{label}", f"checkpoint write vs fsynced torch.save ({label})", "ms",
+                     "torch.save + fsync(file, dir)", "write_checkpoint", sb, sm, None, size=size)
+
+    def raw() -> float:
+        t0 = time.perf_counter()
+        for f in files:
+            safetensors.torch.load_file(f)
+        return (time.perf_counter() - t0) * 1000.0
+
+    def read_all() -> float:
+        t0 = time.perf_counter()
+        for f in files:
+            safetensors.torch.load(f.read_bytes())
+        return (time.perf_counter() - t0) * 1000.0
+
+    def verified() -> float:
+        t0 = time.perf_counter()
+        load_checkpoint(ckpt)
+        return (time.perf_counter() - t0) * 1000.0
+
+    with gc_paused():
+        rb, rm = alternate(raw, verified, warmup=plan.warmup, repeats=plan.repeats)
+        bb, bm = alternate(read_all, verified, warmup=0, repeats=plan.repeats)
+    p3 = Comparison(f"P-3/{label}", f"full restore, verified ({label})", "ms", "safetensors.torch.load_file",
+                    "load_checkpoint (sha256 + load)", rb, rm, 1.5, size=size)
+    p3b = Comparison(f"P-3b/{label}", f"full restore vs read + deserialize ({label})", "ms",
+                     "read_bytes + safetensors.torch.load", "load_checkpoint", bb, bm, None, size=size)
+    sla = Absolute(f"P-3/{label}/SLA", f"verified load ({label}) vs full_sla_ms", "ms", rm + bm,
+                   goal_max=full_sla_ms, size=size)
+    pt_path.unlink()
+    return [p3, p3b, sla, p4, p4b]

@@ -1,0 +1,162 @@
+"""Builds every part of a run from one config and hands them over together (TorchTitan's builders): nothing is
+patched onto a part after it is made; each gets what it uses in its constructor.
+
+The Stateful parts go into one :class:`Components` registry, in restore order, with the place each one's state
+has in a checkpoint. To add one (a GradScaler, a resumable sampler): build it here and register it with a
+manifest key of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esper.core.config import EsperConfig
+from esper.core.data import Dataset, build_dataset, steps_per_epoch
+from esper.core.host import build_host, layer_widths
+from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina
+from esper.core.optim import LRSchedule
+from esper.core.rng import RngState
+from esper.core.rundir import RunDir
+from esper.core.tamiyo import FieldReportLog, Tamiyo
+from esper.core.tamiyo import worker as tamiyo_worker
+from esper.core.tolaria.checkpointer import Checkpointer
+from esper.core.tolaria.components import Components, Layout, ModuleState
+from esper.core.tolaria.decisions import Decisions
+from esper.core.tolaria.emergency import EmergencyManager
+from esper.core.tolaria.injector import FaultEntry, FaultInjector
+from esper.core.tolaria.mediator import Mediator, open_controller
+from esper.core.tolaria.optimizer import OptimizerPart
+from esper.core.tolaria.profiler import ProfilerWindow
+from esper.core.tolaria.rollback import RollbackManager
+from esper.core.tolaria.safety import Safety
+from esper.core.tolaria.train_state import TrainState
+from esper.statemachines import StrictMachine
+
+ControllerFactory = Callable[[EsperConfig, str], Tamiyo]
+
+
+def controller_factory(cfg: EsperConfig, run_id: str) -> Tamiyo:
+    """The run's controller, built once from the resolved config (Tamiyo #16)."""
+    return Tamiyo(cfg.controller, cfg.seeds, run_id)
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # computed on the output's device (Tolaria #22)
+    return F.cross_entropy(logits, y.to(logits.device))
+
+
+@dataclass
+class Parts:
+    """Everything one run is made of."""
+
+    device: torch.device
+    data: Dataset
+    host: nn.Module
+    kasmina: Kasmina
+    loader: BlueprintLoadManager | None
+    optimizer: OptimizerPart
+    schedule: LRSchedule
+    emergency: EmergencyManager
+    controller: Tamiyo | None
+    mediator: Mediator | None
+    state: TrainState
+    rng: RngState
+    components: Components
+    faults: FaultInjector
+    checkpointer: Checkpointer
+    rollback: RollbackManager
+    safety: Safety
+    decisions: Decisions | None
+    profiler: ProfilerWindow
+    probe: tuple[torch.Tensor, torch.Tensor]
+    steps_per_epoch: int
+
+    def close(self) -> None:
+        """Stop the controller worker and the blueprint prefetcher: nothing of the run outlives it."""
+        if self.mediator is not None:
+            self.mediator.close()
+        if self.loader is not None:
+            self.loader.shutdown(timeout_s=2.0)
+
+
+def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit: Callable[..., Any], *,
+                controller: ControllerFactory | None = controller_factory, faults: Sequence[FaultEntry] = ()) -> Parts:
+    """Every part of the run, wired. ``controller=None`` runs without one (emergency tests); ``faults`` are
+    injected besides the config's (a drill's forced level)."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.use_deterministic_algorithms(True)
+    device = torch.device(cfg.run.device)
+    data = build_dataset(cfg)
+    host = build_host(cfg, data.n_features, data.n_classes).to(device)
+    seeds_cfg = cfg.seeds if cfg.seeds.enabled else cfg.seeds.model_copy(update={"slots": []})
+    widths = layer_widths(host, [s.layer for s in seeds_cfg.slots], data.n_features)
+    kcfg = cfg if cfg.seeds.enabled else cfg.model_copy(update={"seeds": seeds_cfg})
+    registry = BlueprintRegistry(kcfg.seeds)
+    loader = None
+    if seeds_cfg.slots:
+        loader = BlueprintLoadManager(
+            lambda name, width: registry.build(name, width, cfg.run.seed), cache_bytes=cfg.seeds.cache_bytes,
+            workers=cfg.seeds.prefetch_workers, timeout_ms=cfg.seeds.load_timeout_ms, compile=cfg.seeds.compile,
+            emit=emit)
+    mediator: Mediator | None = None
+    try:
+        kasmina = Kasmina(kcfg, host, widths, emit, registry=registry, build=loader.get if loader else None)
+        if loader is not None:
+            # the controller may germinate any allowed blueprint in any slot: prefetch them all now
+            for name in cfg.seeds.blueprints:
+                for width in sorted(set(widths.values())):
+                    loader.prefetch(name, width)
+        optimizer = OptimizerPart(cfg.trainer, kasmina, emit)
+        n_steps = steps_per_epoch(data, cfg.data.batch_size)
+        schedule = LRSchedule(cfg.trainer, cfg.trainer.epochs * n_steps)
+        emergency = EmergencyManager(cfg.emergency, emit)
+        tamiyo = None
+        if controller is not None and seeds_cfg.slots:
+            tamiyo = controller(cfg, run_dir.run_id)
+            endpoint = open_controller(cfg.controller.isolation, tamiyo_worker.FACTORY,
+                                       tamiyo_worker.factory_args(cfg.controller, cfg.seeds, run_dir.run_id))
+            mediator = Mediator(cfg.controller.timeout_ms, emit, controller=endpoint)
+        state = TrainState()
+        rng = RngState()
+
+        components = Components()  # restore order: the modules before the optimizer that holds their parameters
+        components.register("host", ModuleState(host, "host"), Layout(file="model", prefix="host."))
+        components.register("kasmina", kasmina, Layout(file="model", prefix="seed.", keys=("seeds",)))
+        components.register("optimizer", optimizer, Layout(file="optimizer", key="optimizer"))
+        components.register("schedule", schedule, Layout())
+        components.register("train", state, Layout(keys=(
+            "epoch", "step_in_epoch", "global_step", "metrics", "history", "epoch_stats", "rollbacks", "commands")),
+            keep_on_rollback=TrainState.KEEP_ON_ROLLBACK)
+        components.register("emergency", emergency, Layout(key="emergency"), keep_on_rollback=True)
+        components.register("controller", tamiyo, Layout(key="controller"), keep_on_rollback=True)  # rewound instead
+        components.register("rng", rng, Layout(file="rng"))
+
+        injector = FaultInjector([*(FaultEntry.of(f) for f in cfg.faults), *faults], cfg.emergency, emit)
+        checkpointer = Checkpointer(cfg, run_dir.checkpoints, run_dir.run_id, components, state, machine, injector,
+                                    emit)
+        rollback = RollbackManager(cfg.rollback, components, state, tamiyo, lambda: checkpointer.last, emit)
+        safety = Safety(cfg.emergency, machine, emergency, rollback, checkpointer, state, kasmina, optimizer, emit)
+        n = min(len(data.x_train), cfg.data.batch_size)
+        probe = (data.x_train[:n].to(device), data.y_train[:n].to(device))
+        decisions = None
+        if tamiyo is not None and mediator is not None:
+            decisions = Decisions(run_dir.run_id, tamiyo, mediator, kasmina, optimizer, state,
+                                  FieldReportLog(run_dir.field_reports), injector, probe, task_loss, safety.handle,
+                                  emit)
+        profiler = ProfilerWindow(cfg.trainer.profiler, run_dir.path, emit)
+    except BaseException:
+        # nothing of a run that failed to build outlives it (prefetch threads, the controller worker)
+        if loader is not None:
+            loader.shutdown(timeout_s=2.0)
+        if mediator is not None:
+            mediator.close()
+        raise
+    return Parts(device, data, host, kasmina, loader, optimizer, schedule, emergency, tamiyo, mediator, state, rng,
+                 components, injector, checkpointer, rollback, safety, decisions, profiler, probe, n_steps)

@@ -1,0 +1,134 @@
+"""The Checkpointer: when and under which name the run's state is written, re-verifying the newest checkpoint,
+quarantining a corrupt one, and counting failed writes until they are a HALT (SPEC C-2, §3.4).
+
+It captures through the components registry (the one place that knows what a checkpoint holds) and writes
+through the checkpoint store (the one place that knows how). Failures come back as emergency signals for
+safety to act on; nothing here changes the emergency level itself.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import esper
+from esper.core.checkpoint import (
+    CheckpointPruneError,
+    CheckpointWriteError,
+    Manifest,
+    latest_checkpoint,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from esper.core.config import EsperConfig
+from esper.core.tolaria.components import Components
+from esper.core.tolaria.emergency import Signal
+from esper.core.tolaria.injector import FaultInjector
+from esper.core.tolaria.train_state import Position, TrainState
+from esper.statemachines import StrictMachine
+
+
+def checkpoint_name(pos: Position, reason: str) -> str:
+    base = f"epoch-{pos.epochs_done:04d}"
+    if pos.step_in_epoch:
+        base += f"-step-{pos.global_step:08d}"
+    return base + ("-emergency" if reason == "emergency" else "")
+
+
+class Checkpointer:
+    """Writes verified checkpoints of ``components`` into ``root``; ``last`` is the last verified one."""
+
+    def __init__(self, cfg: EsperConfig, root: Path, run_id: str, components: Components, state: TrainState,
+                 machine: StrictMachine, faults: FaultInjector, emit: Callable[..., Any]) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.run_id = run_id
+        self.components = components
+        self.state = state
+        self.machine = machine
+        self.faults = faults
+        self.emit = emit
+        self.last: Path | None = None
+        self.failures = 0  # failed writes in a row
+        self._quarantine: Path | None = None  # a corrupt checkpoint to move aside after the next good write
+
+    def capture(self, reason: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Tensor files and manifest payload of the live state (format v1)."""
+        tensors, parts = self.components.to_checkpoint(self.components.state_dict())
+        meta = {"run_id": self.run_id, "reason": reason, "saved_at": datetime.now(UTC).isoformat(),
+                "trainer_state": self.machine.state, "config_toml": self.cfg.to_toml(),
+                "config_hash": self.cfg.config_hash(),
+                "versions": {"esper": esper.__version__, "torch": torch.__version__,
+                             "python": platform.python_version()}}
+        payload = {**meta, **parts}
+        order = [k for k in Manifest.payload_fields() if k in payload]  # written in the order the model declares
+        return tensors, {**{k: payload[k] for k in order}, **payload}
+
+    def save(self, reason: str) -> Signal | None:
+        """Write a verified checkpoint of the live state. A failure is a CRITICAL event and comes back as a
+        NOTICE, or as HALT once ``max_checkpoint_failures`` writes in a row failed (but never for the
+        emergency checkpoint a HALT is already writing)."""
+        pos = self.state.position
+        name = checkpoint_name(pos, reason)
+        current = latest_checkpoint(self.root)
+        if reason == "graceful_stop" and current is not None and current.name == name:
+            # `latest` already holds exactly this state (the last periodic checkpoint, or the one resumed from)
+            self.last = current
+            self.emit("tolaria", "checkpoint.reused", "INFO", path=str(current), reason=reason)
+            return None
+        if current is not None and current.name.startswith(name) and reason != "graceful_stop":
+            # this position is trained again after a rollback: `latest` is never overwritten in place
+            name = f"{name}-redo-{len(self.state.rollbacks):03d}"
+        tensors, payload = self.capture(reason)
+        try:
+            path = write_checkpoint(self.root, name, tensors, payload, keep_last=self.cfg.checkpoint.keep_last,
+                                    before_commit=self._before_commit)
+        except CheckpointPruneError as exc:
+            # the new checkpoint is committed and verified; only removing old ones failed: disk use, not safety
+            path = exc.checkpoint
+            self.emit("tolaria", "checkpoint.prune_failed", "WARNING", path=str(path), error=str(exc))
+        except CheckpointWriteError as exc:
+            self.failures += 1
+            self.emit("tolaria", "checkpoint.failed", "CRITICAL", reason=reason, error=str(exc),
+                      consecutive_failures=self.failures, kept=str(self.last))
+            if self.failures >= self.cfg.emergency.max_checkpoint_failures and reason != "emergency":
+                return Signal("HALT", "checkpoint_failures", f"{self.failures} checkpoint writes failed in a row", {})
+            return Signal("NOTICE", "checkpoint_write_error", str(exc), {})
+        self.failures = 0
+        self.last = path
+        if self._quarantine is not None and self._quarantine.exists():
+            # kept as evidence for triage, out of keep_last's reach, once a verified successor exists
+            target = self.root / "quarantine" / self._quarantine.name
+            target.parent.mkdir(exist_ok=True)
+            os.rename(self._quarantine, target)
+            self.emit("tolaria", "checkpoint.quarantined", "WARNING", path=str(target))
+            self._quarantine = None
+        self.emit("tolaria", "checkpoint.written", "INFO", path=str(path), reason=reason, epoch=pos.epochs_done,
+                  step_in_epoch=pos.step_in_epoch, global_step=pos.global_step)
+        self.faults.after_write(path)
+        return None
+
+    def check_latest(self) -> Signal | None:
+        """Re-verify the newest checkpoint before relying on it: bit rot is found while it can be rewritten.
+        A corrupt one is quarantined after the next good write; the NOTICE comes back."""
+        if self.last is None or not self.last.exists():
+            return None
+        report = verify_checkpoint(self.last)
+        if report.ok:
+            return None
+        self.emit("tolaria", "checkpoint.corrupt_detected", "CRITICAL", path=str(self.last), problems=report.problems)
+        self._quarantine = self.last
+        return Signal("NOTICE", "checkpoint_corrupt", "; ".join(report.problems), {"path": str(self.last)})
+
+    def _before_commit(self, tmp: Path) -> None:
+        delay = self.cfg.checkpoint.commit_delay_ms / 1000.0
+        if delay:
+            time.sleep(delay)  # drills only: holds the write open so a signal or a kill can land inside it
+        self.faults.before_commit(tmp)

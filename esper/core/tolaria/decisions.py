@@ -1,0 +1,138 @@
+"""The controller in the loop (SPEC T-6, T-7, T-12): once per epoch, an observation goes to Tamiyo through the
+mediator; accepted commands are applied through Kasmina, rejected ones become events; due field reports are
+filed. A decision that times out or crashes is a CONSERVATIVE signal, never a pause command."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from esper.core.kasmina import BlueprintLoadError, GateResult, Kasmina, LossFn
+from esper.core.tamiyo import Command, FieldReportLog, Tamiyo
+from esper.core.tolaria.emergency import Signal
+from esper.core.tolaria.injector import FaultInjector
+from esper.core.tolaria.mediator import ControllerCrashed, ControllerTimeout, Mediator
+from esper.core.tolaria.optimizer import OptimizerPart
+from esper.core.tolaria.train_state import EpochStats, TrainState
+from esper.statemachines import GateRejected, IllegalTransition
+
+
+class Decisions:
+    """Asks the controller, applies what it decides, files its field reports."""
+
+    def __init__(self, run_id: str, controller: Tamiyo, mediator: Mediator, kasmina: Kasmina,
+                 optimizer: OptimizerPart, state: TrainState, reports: FieldReportLog, faults: FaultInjector,
+                 probe: tuple[torch.Tensor, torch.Tensor], loss: LossFn, signal: Callable[[Signal], None],
+                 emit: Callable[..., Any]) -> None:
+        self.run_id = run_id
+        self.controller = controller
+        self.mediator = mediator
+        self.kasmina = kasmina
+        self.optimizer = optimizer
+        self.state = state
+        self.reports = reports
+        self.faults = faults
+        self.probe = probe
+        self.loss = loss
+        self.signal = signal  # safety.handle
+        self.emit = emit
+
+    def decide(self, epoch: int, stats: EpochStats, val_loss: float, val_acc: float) -> dict[str, int]:
+        """One epoch's decision; returns how many commands were accepted and rejected."""
+        out = {"accepted": 0, "rejected": 0}
+        if stats.seen == 0:
+            self.emit("tamiyo", "controller.skipped", "WARNING", reason="no healthy training step this epoch")
+            return out
+        obs = self.observation(epoch, stats, val_loss, val_acc)
+        payload = self.controller.payload(obs)
+        injection = self.faults.controller()
+        if injection is not None:
+            payload["inject"] = injection
+        try:
+            decision = self.controller.adopt(self.mediator.decide("decide", payload))
+        except (ControllerTimeout, ControllerCrashed) as exc:
+            # a failure, not a pause command (T-7): the level machine pauses the trainer
+            cause = "controller_timeout" if isinstance(exc, ControllerTimeout) else "controller_crash"
+            self.signal(Signal("CONSERVATIVE", cause, str(exc), {}))
+            return out
+        for rej in decision.rejected:
+            self._command_event(rej.command, accepted=False, stage=rej.stage, reason=rej.reason,
+                                limit=rej.limit, deferred=rej.deferred)
+            out["rejected"] += 1
+            if rej.stage == "validator":  # the controller asked for something the lifecycle forbids
+                self.signal(Signal("NOTICE", "illegal_command", rej.reason, {"command_id": rej.command.command_id}))
+        for cmd in decision.accepted:
+            out["accepted" if self.apply(cmd) else "rejected"] += 1
+        if decision.accepted:
+            obs = self.observation(epoch, stats, val_loss, val_acc)  # stages changed by applied commands
+        for report in self.controller.observe_outcomes(obs):
+            written = self.reports.append(report)  # False: already on disk (a resumed run re-files it)
+            self.emit("tamiyo", "field_report.filed", "INFO", written=written, **report.to_dict())
+        return out
+
+    def observation(self, epoch: int, stats: EpochStats, val_loss: float, val_acc: float) -> dict[str, Any]:
+        """What the controller sees at the end of ``epoch``."""
+        slots = []
+        for s in self.kasmina.slots.values():
+            losses = s.stats.epoch_losses
+            slots.append({
+                "name": s.name, "stage": s.stage, "blueprint": s.blueprint,
+                "epochs_in_stage": s.stats.epochs_in_stage, "alpha": s.alpha,
+                "seed_loss_improvement": ((losses[0] - losses[-1]) / max(abs(losses[0]), 1e-12)
+                                          if len(losses) >= 2 else None),
+                "counterfactual_gain": s.stats.counterfactual.get("gain"),
+                "candidate_params": self.kasmina.candidate_params(s.name),
+            })
+        return {
+            "run_id": self.run_id, "epoch": epoch,
+            "train_loss": stats.loss_sum / stats.seen,
+            "val_loss": val_loss, "val_accuracy": val_acc,
+            "step_latency_ms": stats.mean_step_ms,
+            "rollbacks_total": len(self.state.rollbacks),
+            "total_params": self.kasmina.total_params(),
+            "slots": slots,
+        }
+
+    def apply(self, cmd: Command) -> bool:
+        """Apply an accepted command through Kasmina; a gate, lifecycle or load refusal becomes an event."""
+        k = self.kasmina
+        try:
+            if cmd.kind == "germinate":
+                self.germinate(cmd.slot, cmd.blueprint, cmd.reason)  # type: ignore[arg-type]  # G0 refuses None
+            elif cmd.kind == "cull":
+                k.cull(cmd.slot, cmd.reason)
+                self.optimizer.rebuild(f"culled {cmd.slot}")
+            elif cmd.kind == "fossilize":
+                k.fossilize(cmd.slot, cmd.reason)
+                self.optimizer.rebuild(f"fossilized {cmd.slot}")
+            else:
+                raise IllegalTransition("seed", cmd.slot, k.slots[cmd.slot].stage, cmd.kind)
+        except (IllegalTransition, GateRejected, BlueprintLoadError) as exc:
+            self._command_event(cmd, accepted=False, stage="kasmina", reason=str(exc))
+            self.controller.aborted(cmd.command_id, str(exc))
+            return False
+        self._command_event(cmd, accepted=True, stage="applied", reason=cmd.reason)
+        self.controller.applied(cmd)
+        return True
+
+    def germinate(self, slot: str, blueprint: str, reason: str) -> GateResult:
+        """DORMANT -> GERMINATED through G0, then the G1 probe: TRAINING when it passes, culled when not.
+        Returns G1's result; G0 or the lifecycle refusing raises (nothing changed then)."""
+        k = self.kasmina
+        k.germinate(slot, blueprint, reason)
+        self.optimizer.rebuild(f"germinated {slot}")
+        result = k.probe_g1(slot, *self.probe, self.loss)
+        if result.passed:
+            k.start_training(slot, result, reason=result.reason)
+        else:
+            k.cull(slot, reason=f"G1 failed: {result.reason}")
+            self.optimizer.rebuild(f"culled {slot}")
+        return result
+
+    def _command_event(self, cmd: Command, *, accepted: bool, stage: str, reason: str, **extra: Any) -> None:
+        self.state.commands["accepted" if accepted else "rejected"] += 1
+        body = {k: v for k, v in cmd.to_dict().items() if k != "reason"}
+        self.emit("tamiyo", "command.accepted" if accepted else "command.rejected",
+                  "INFO" if accepted else "WARNING", stage=stage, reason=reason, command=body, **extra)

@@ -1,0 +1,71 @@
+"""What a run writes down about itself: the metrics row of an epoch (T-9), the failure record, and the summary
+(``summary.json``, SPEC §8)."""
+
+from __future__ import annotations
+
+import platform
+import traceback
+from collections import Counter
+from typing import Any
+
+import torch
+
+import esper
+from esper.core.errors import EsperError, ExitCode
+from esper.core.kasmina import Kasmina
+from esper.core.tolaria.train_state import EpochStats
+
+
+def metrics_row(epoch: int, global_step: int, stats: EpochStats, val_loss: float, val_acc: float,
+                kasmina: Kasmina, optimizer: torch.optim.Optimizer, level: str,
+                decisions: dict[str, int]) -> dict[str, Any]:
+    stages = Counter(s.stage for s in kasmina.slots.values())
+    return {
+        "epoch": epoch,
+        "global_step": global_step,
+        "train_loss": stats.loss_sum / stats.seen if stats.seen else None,
+        "train_accuracy": stats.correct / stats.seen if stats.seen else None,
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
+        "params": kasmina.total_params(),
+        "seeds_by_stage": dict(sorted(stages.items())),
+        "lr": optimizer.param_groups[0]["lr"],
+        "skipped_steps": stats.skipped,
+        "emergency_level": level,
+        "commands": decisions,
+        "step_time_ms": round(stats.mean_step_ms, 4),  # wall-clock
+    }
+
+
+def failure_record(exc: BaseException, epoch: int, global_step: int, exit_code: int | None = None) -> dict[str, Any]:
+    """The failure as summary.json and the ``run.failed`` event carry it (call inside the ``except``)."""
+    code = exit_code if exit_code is not None else exc.exit_code if isinstance(exc, EsperError) else ExitCode.INTERNAL
+    return {"type": type(exc).__name__, "message": str(exc), "epoch": epoch, "global_step": global_step,
+            "exit_code": int(code), "traceback": traceback.format_exc()}
+
+
+def summary(*, run_id: str, status: str, exit_code: int, history: list[dict[str, Any]], global_step: int,
+            seeds: list[dict[str, Any]], level: str | None, emergencies: list[dict[str, Any]],
+            rollbacks: list[dict[str, Any]], faults: list[dict[str, Any]], commands: dict[str, int],
+            checkpoint: str | None, failure: dict[str, Any] | None, run_dir: str) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    return {
+        "run_id": run_id,
+        "status": status,
+        "exit_code": exit_code,
+        "epochs_completed": len(history),
+        "global_step": global_step,
+        "final": {"val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
+                  "params": last.get("params")},
+        "seeds": [{k: r[k] for k in ("slot", "layer", "stage", "blueprint", "seed_id", "alpha", "history")}
+                  for r in seeds],
+        "emergency_level": level,
+        "emergencies": emergencies,
+        "rollbacks": rollbacks,
+        "faults": faults,
+        "commands": commands,
+        "checkpoint": checkpoint,
+        "failure": failure,
+        "run_dir": run_dir,
+        "versions": {"esper": esper.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }

@@ -62,6 +62,16 @@ class EventRecorder:
         return [e.attributes for e in self.all(event)]
 
 
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait until the code under test reports ``cond`` (a counter, a thread gone, a file), polling every few ms.
+
+    For what a thread or process reports, never a guessed duration: in-process handshakes use threading.Event."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.002)
+
+
 # ------------------------------------------------------------------------------------------------ files
 
 
@@ -214,9 +224,10 @@ def snapshot(run: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------------- subprocesses
 
 
-def spawn(run_dir: Path, *items: str, log: Path) -> subprocess.Popen[bytes]:
+def spawn(run_dir: Path, *items: str, log: Path, flags: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """The real console script in its own session (so a signal to its group is a terminal's Ctrl-C)."""
-    cmd = [str(ESPER), "--config", str(SHIPPED_TOML), "train", "--quiet", "--run-dir", str(run_dir), *sets(*items)]
+    cmd = [str(ESPER), "--config", str(SHIPPED_TOML), "train", "--quiet", "--run-dir", str(run_dir), *sets(*items),
+           *flags]
     with open(log, "wb") as fh:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "COLUMNS": "250"})
@@ -224,7 +235,8 @@ def spawn(run_dir: Path, *items: str, log: Path) -> subprocess.Popen[bytes]:
 
 def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, what: str,
              timeout: float = 180.0) -> None:
-    """Poll ``cond`` every few ms; fail (with the child's output) if the child exits first or time runs out."""
+    """Wait until the running child reports ``cond`` (a file it wrote, an event it emitted), polling every few
+    ms; fail (with the child's output) if the child exits first or time runs out. Never a guessed duration."""
     deadline = time.monotonic() + timeout
     while not cond():
         if proc.poll() is not None:
@@ -242,6 +254,15 @@ def finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> 
         proc.kill()
         proc.wait()
         raise AssertionError(f"esper did not exit within {timeout}s:\n{log.read_text()}") from None
+
+
+def reported(run: Path, event: str, **attributes: Any) -> bool:
+    """Whether a (running) run's events.jsonl already holds ``event`` with these attributes (torn tail skipped)."""
+    path = run / "events.jsonl"
+    if not path.exists():
+        return False
+    return any(e["event"] == event and all(e["attributes"].get(k) == v for k, v in attributes.items())
+               for e in read_events(path).records)
 
 
 def pointer_names(run: Path) -> str | None:

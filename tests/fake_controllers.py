@@ -8,6 +8,10 @@ import time
 from typing import Any
 
 
+class _Stopped(Exception):  # noqa: N818 - control flow
+    pass
+
+
 class Counter:
     """Keeps its state in the payload: ``decide`` returns the incremented count and the child's pid."""
 
@@ -17,10 +21,18 @@ class Counter:
     def decide(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {"count": payload["count"] + self.step, "pid": os.getpid()}
 
-    def sleep(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Sleeps ``seconds`` with SIGTERM ignored, so its reply lands before the worker escalates to kill."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        time.sleep(payload["seconds"])
+    def late(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Answers only when the worker is told to stop (SIGTERM, caught): a reply that surely comes after the
+        decision's deadline, and before the worker escalates to a kill."""
+        def stop(_signum: int, _frame: object) -> None:
+            raise _Stopped
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            while True:
+                time.sleep(3600)
+        except _Stopped:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return {"late": True, "pid": os.getpid()}
 
     def hang(self, payload: dict[str, Any]) -> dict[str, Any]:

@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 from esper.cli.bench import bench, results_table
 from esper.core.bench.baseline import PlainNet
 from esper.core.bench.memory import run_child
-from esper.core.bench.state import linear_stack, module_tensors
+from esper.core.bench.state import linear_stack, stack_components
 from esper.core.bench.stats import SCHEMA, Absolute, BenchError, BenchPlan, Comparison, alternate, summarize
 from esper.core.config import BenchConfig
 from esper.core.errors import ExitCode
 from esper.core.host import MLPHost
+from esper.core.tolaria import live_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -196,7 +197,7 @@ def test_linear_stack_has_the_size_and_optimizer_state() -> None:
     model, opt = linear_stack(264_000, seed=0)
     params = sum(p.numel() for p in model.parameters())
     assert params == pytest.approx(264_000, rel=0.1)
-    tensors = module_tensors(model, opt)
+    tensors = live_tensors(stack_components(model, opt))
     momentum = [k for k in tensors if k.startswith("optimizer/") and k.endswith("momentum_buffer")]
     assert len(momentum) == len(list(model.parameters()))
     assert sum(t.numel() for t in tensors.values()) == 2 * params

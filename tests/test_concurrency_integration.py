@@ -4,6 +4,7 @@ attaches from the cache; a blueprint that cannot load makes its germinate comman
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ESPER, SHIPPED_TOML, make_config, session_pids
+from conftest import ESPER, SHIPPED_TOML, make_config, session_pids, wait_until
 from conftest import events as run_events
 from torch import nn
 
@@ -48,13 +49,6 @@ def cmdline(pid: int) -> str:
         return "<gone>"
 
 
-def wait_until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.01)
-
-
 # ------------------------------------------------------------------------------ hung controller, no leftovers
 
 
@@ -75,7 +69,8 @@ def test_controller_timeout_drill_as_a_process_completes_and_leaves_no_child_beh
             for pid in session_pids(proc.pid):
                 if pid != proc.pid and "spawn_main" in cmdline(pid):
                     workers.add(pid)
-            time.sleep(0.05)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.05)  # sample the workers until the drill ends (and not a moment longer)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -92,11 +87,8 @@ def test_controller_timeout_drill_as_a_process_completes_and_leaves_no_child_beh
     later = [e for e in events if e["event"] == "controller_decision" and e["seq"] > timeout["seq"]]
     assert later and later[0]["attributes"]["restarts"] == 1 and later[0]["attributes"]["timeout"] is False
     # nothing of the run outlived it; a process still exiting gets a short, bounded grace
-    deadline = time.monotonic() + 3.0
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = session_pids(proc.pid)
-    assert left == [], "left behind: " + "; ".join(f"{p}: {cmdline(p)}" for p in left)
+    wait_until(lambda: not session_pids(proc.pid), "the drill's processes to go: " + "; ".join(
+        f"{p}: {cmdline(p)}" for p in left), 3.0)
     assert not [p for p in workers if Path(f"/proc/{p}").exists() and "spawn_main" in cmdline(p)]
 
 
@@ -132,7 +124,7 @@ def test_a_prefetched_blueprint_attaches_from_the_cache_without_a_load(tmp_path:
         assert loader is not None
         widths = sorted({s.width for s in tr.parts.kasmina.slots.values()})
         wanted = [(bp, w) for bp in cfg.seeds.blueprints for w in widths]
-        wait_until(lambda: all(loader.is_ready(bp, w) for bp, w in wanted), 30.0, "the build-time prefetch")
+        wait_until(lambda: all(loader.is_ready(bp, w) for bp, w in wanted), "the build-time prefetch")
         builds = loader.stats().lifetime.builds
         assert builds == len(wanted)  # one load per (blueprint, width), de-duplicated
         loader.reset_stats()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from conftest import (
     metrics,
     out,
     pointer_names,
+    reported,
     resume,
     session_pids,
     spawn,
@@ -31,6 +31,7 @@ from conftest import (
     train,
     verify,
     wait_for,
+    wait_until,
 )
 
 from esper.core import config as config_mod
@@ -46,7 +47,7 @@ INLINE = 'controller.isolation="inline"'
 PROCESS = 'controller.isolation="process"'
 # 6 steps per epoch: an epoch is mostly its checkpoint write, paced by commit_delay_ms.
 SMALL = [*SYNTHETIC, *UNHURRIED, f"trainer.epochs={EPOCHS}"]
-# ~140 steps per epoch: a signal sent a little after a commit lands inside the next epoch's steps.
+# ~140 steps per epoch: a graceful stop inside an epoch has steps left to stop before.
 LONG_EPOCHS = [*SYNTHETIC, *UNHURRIED, f"trainer.epochs={EPOCHS}", "data.synthetic_samples=12000",
                "data.batch_size=64"]
 
@@ -59,7 +60,8 @@ def assert_resumes_to_completion(run: Path, items: list[str]) -> None:
     """`latest` verifies; --resume (without the drill's slow writes) finishes the run with each epoch once."""
     v = verify(run)
     assert v.exit_code == 0, out(v)
-    r = resume(run, *items, delay(0), allow=["checkpoint.commit_delay_ms"])
+    # without the drill's slow writes, and without the fault that held a run inside epoch 2
+    r = resume(run, *items, delay(0), allow=["checkpoint.commit_delay_ms", "faults"])
     assert r.exit_code == 0, out(r)
     s = summary(run)
     assert s["status"] == "COMPLETED" and s["epochs_completed"] == EPOCHS
@@ -72,23 +74,32 @@ def assert_resumes_to_completion(run: Path, items: list[str]) -> None:
 
 def assert_no_orphans(sid: int) -> None:
     """The killed trainer's controller worker (and anything else it started) goes away with it."""
-    deadline = time.monotonic() + 15.0
-    while session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert session_pids(sid) == [], "processes of the killed run are still alive"
+    wait_until(lambda: not session_pids(sid), "the processes of the killed run to go", 15.0)
 
 
 # ------------------------------------------------------------------------------------------------ SIGKILL
 
 
+# A step of epoch 2 that takes 1.5 s (the slow_step drill fault): the run reports it (fault.injected, written at
+# once with telemetry.batch_size=1) as the step begins, so a signal or a kill sent on that report lands inside
+# epoch 2's steps, however fast the machine trains.
+MID_EPOCH_FLAGS = ["--fault", "slow_step@2:3"]
+MID_EPOCH_ITEMS = ["telemetry.batch_size=1", "emergency.slow_step_ms=1000.0"]
+
+
+def in_epoch_2(run: Path) -> bool:
+    return reported(run, "fault.injected", fault="slow_step", epoch=2)
+
+
 KILL_POINTS: dict[str, dict[str, Any]] = {
     # inside the 2nd checkpoint write: every file written, before the rename (the slow-write hook holds it)
     # (with the controller worker alive: it must not outlive the killed trainer)
-    "inside-write": {"items": [*SMALL, PROCESS, delay(1500)], "after": "tmp", "sleep": 0.0},
+    "inside-write": {"items": [*SMALL, PROCESS, delay(1500)], "after": "tmp"},
     # the instant `latest` moved: pruning / the next epoch's first steps
-    "just-after-commit": {"items": [*SMALL, INLINE, delay(300)], "after": "epoch-0002", "sleep": 0.0},
-    # an offset after the first commit: somewhere in training, evaluation, a decision or a write
-    "0.4s-after-first-commit": {"items": [*SMALL, INLINE, delay(300)], "after": "epoch-0001", "sleep": 0.4},
+    "just-after-commit": {"items": [*SMALL, INLINE, delay(300)], "after": "epoch-0002"},
+    # inside a training step of epoch 2
+    "inside-a-step": {"items": [*SMALL, *MID_EPOCH_ITEMS, INLINE, delay(300)], "after": "step",
+                      "flags": MID_EPOCH_FLAGS},
 }
 
 
@@ -97,14 +108,15 @@ KILL_POINTS: dict[str, dict[str, Any]] = {
 def test_sigkill_anywhere_leaves_a_latest_that_verifies_and_resumes(tmp_path: Path, point: str) -> None:
     spec = KILL_POINTS[point]
     run, log = tmp_path / "run", tmp_path / "esper.log"
-    proc = spawn(run, *spec["items"], log=log)
+    proc = spawn(run, *spec["items"], log=log, flags=spec.get("flags", ()))
     if spec["after"] == "tmp":
         wait_for(lambda: any(t.startswith(".tmp-epoch-0002-") for t in temp_dirs(run)), proc, log,
                  "the second checkpoint write")
+    elif spec["after"] == "step":
+        wait_for(lambda: in_epoch_2(run), proc, log, "a step of epoch 2")
     else:
         wait_for(lambda: pointer_names(run) is not None and pointer_names(run) >= spec["after"], proc, log,
                  f"latest -> {spec['after']}")
-    time.sleep(spec["sleep"])
     proc.kill()
     assert finish(proc, log) == -signal.SIGKILL
     assert_no_orphans(proc.pid)
@@ -114,6 +126,8 @@ def test_sigkill_anywhere_leaves_a_latest_that_verifies_and_resumes(tmp_path: Pa
         assert pointer_names(run) == "epoch-0001"
         assert any(t.startswith(".tmp-epoch-0002-") for t in temp_dirs(run))
         assert "epoch-0002" not in checkpoint_dirs(run)
+    if spec["after"] == "step":
+        assert pointer_names(run) == "epoch-0001"  # died inside epoch 2: its checkpoint was never begun
     assert verify_checkpoint(run).ok
     assert_resumes_to_completion(run, spec["items"][:-1])
 
@@ -122,10 +136,9 @@ def test_sigkill_anywhere_leaves_a_latest_that_verifies_and_resumes(tmp_path: Pa
 
 
 def signal_mid_epoch(run: Path, log: Path, items: list[str], *, group: bool, signum: int) -> Any:
-    """Start a run, wait for its first commit, then send ``signum`` a moment into epoch 2's steps."""
-    proc = spawn(run, *items, log=log)
-    wait_for(lambda: pointer_names(run) == "epoch-0001", proc, log, "the first checkpoint")
-    time.sleep(0.1)
+    """Start a run and send ``signum`` once it reports being inside epoch 2's steps (``in_epoch_2``)."""
+    proc = spawn(run, *items, log=log, flags=MID_EPOCH_FLAGS)
+    wait_for(lambda: in_epoch_2(run), proc, log, "a step of epoch 2")
     if group:
         os.killpg(proc.pid, signum)  # what a terminal's Ctrl-C does: the controller worker gets it too
     else:
@@ -141,7 +154,7 @@ def signal_mid_epoch(run: Path, log: Path, items: list[str], *, group: bool, sig
 def test_sigterm_and_sigint_stop_gracefully_with_a_verified_checkpoint(tmp_path: Path, signum: int, code: int,
                                                                        group: bool, isolation: str) -> None:
     run, log = tmp_path / "run", tmp_path / "esper.log"
-    items = [*LONG_EPOCHS, isolation]
+    items = [*LONG_EPOCHS, *MID_EPOCH_ITEMS, isolation]
     proc = signal_mid_epoch(run, log, items, group=group, signum=signum)
     assert finish(proc, log) == code, log.read_text()
     assert_no_orphans(proc.pid)
@@ -162,7 +175,7 @@ def test_sigterm_and_sigint_stop_gracefully_with_a_verified_checkpoint(tmp_path:
 @pytest.mark.slow
 def test_second_sigint_during_the_graceful_checkpoint_aborts_at_once_leaving_latest_valid(tmp_path: Path) -> None:
     run, log = tmp_path / "run", tmp_path / "esper.log"
-    items = [*LONG_EPOCHS, INLINE, delay(3000)]
+    items = [*LONG_EPOCHS, *MID_EPOCH_ITEMS, INLINE, delay(3000)]
     proc = signal_mid_epoch(run, log, items, group=False, signum=signal.SIGINT)
     wait_for(lambda: any("-step-" in t for t in temp_dirs(run)), proc, log, "the graceful checkpoint write")
     proc.send_signal(signal.SIGINT)

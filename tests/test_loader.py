@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
 from concurrent.futures import Future
 from typing import Any
 
 import pytest
 import torch
-from conftest import EventRecorder
+from conftest import EventRecorder, wait_until
 from torch import nn
 
 from esper.core.kasmina.loader import BlueprintLoadError, BlueprintLoadManager, LoadInfo, module_nbytes
@@ -21,8 +20,7 @@ from esper.core.kasmina.ownership import OwnershipIssue, ParameterOwnership
 class Builder:
     """Counts builds; optional delay, a gate to hold builds, and names that fail."""
 
-    def __init__(self, delay_s: float = 0.0, fail: set[str] | None = None) -> None:
-        self.delay_s = delay_s
+    def __init__(self, fail: set[str] | None = None) -> None:
         self.fail = fail or set()
         self.gate: threading.Event | None = None
         self.calls: list[tuple[str, int]] = []
@@ -33,8 +31,6 @@ class Builder:
             self.calls.append((name, width))
         if self.gate is not None:
             self.gate.wait(10)
-        if self.delay_s:
-            time.sleep(self.delay_s)
         if name in self.fail:
             raise RuntimeError(f"cannot build {name}")
         return nn.Linear(width, width)
@@ -52,10 +48,7 @@ def manager(builder: Builder, **kw: Any) -> BlueprintLoadManager:
 
 def wait_threads(baseline: set[threading.Thread], timeout_s: float = 5.0) -> None:
     """No thread started since ``baseline`` is left (threads of earlier tests may finish meanwhile)."""
-    deadline = time.monotonic() + timeout_s
-    while set(threading.enumerate()) - baseline and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not set(threading.enumerate()) - baseline
+    wait_until(lambda: not set(threading.enumerate()) - baseline, "the manager's threads to end", timeout_s)
 
 
 # -- concurrency stress -------------------------------------------------------------------------------------
@@ -101,7 +94,7 @@ def test_concurrent_get_prefetch_evict_keep_invariants() -> None:
                 violations.append(f"lifetime {s.lifetime}")
             if rng_reset.random() < 0.2:
                 mgr.reset_stats()
-            time.sleep(0.001)
+            stop.wait(0.001)  # pace the checks; returns at once when the workers are done
 
     rng_reset = random.Random(99)
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
@@ -278,7 +271,7 @@ def test_in_flight_requests_are_deduplicated() -> None:
     got: list[nn.Module] = []
     getter = threading.Thread(target=lambda: got.append(mgr.get("a", 4)))
     getter.start()
-    time.sleep(0.05)
+    wait_until(lambda: mgr.stats().window.gets == 1, "the get to join the load in flight")
     builder.gate.set()
     getter.join(5)
     assert [f.result(5).name for f in futures] == ["a"] * 5
@@ -292,10 +285,8 @@ def test_get_gives_up_after_the_timeout_and_the_load_still_lands() -> None:
     builder.gate = threading.Event()
     rec = EventRecorder()
     mgr = manager(builder, timeout_ms=100, emit=rec)
-    t0 = time.monotonic()
     with pytest.raises(BlueprintLoadError, match="not ready within 100 ms"):
         mgr.get("slow", 4)
-    assert time.monotonic() - t0 < 1.0
     assert mgr.stats().window.timeouts == 1 and rec.named("blueprint_load_timeout")
     builder.gate.set()
     assert mgr.prefetch("slow", 4).result(5).name == "slow"
@@ -315,7 +306,8 @@ def test_prefetch_without_a_running_loop() -> None:
 
 
 def test_prefetch_inside_a_running_loop_never_nests_loops() -> None:
-    builder = Builder(delay_s=0.05)
+    builder = Builder()
+    builder.gate = threading.Event()  # the loads finish only once the loop has ticked while they were pending
     mgr = manager(builder)
 
     async def main() -> tuple[LoadInfo, LoadInfo, int]:
@@ -326,7 +318,9 @@ def test_prefetch_inside_a_running_loop_never_nests_loops() -> None:
             nonlocal ticks
             while True:
                 ticks += 1
-                await asyncio.sleep(0.005)
+                if ticks == 3:
+                    builder.gate.set()  # type: ignore[union-attr]
+                await asyncio.sleep(0)
 
         tick_task = asyncio.create_task(ticker())
         sync_future = mgr.prefetch("b", 8)  # the sync API is usable from inside a loop too
@@ -347,15 +341,14 @@ def test_prefetch_inside_a_running_loop_never_nests_loops() -> None:
 def test_shutdown_under_load_is_prompt_and_cancels_pending() -> None:
     baseline = set(threading.enumerate())
     rec = EventRecorder()
-    builder = Builder(delay_s=0.3)
+    builder = Builder()
+    builder.gate = threading.Event()
     mgr = manager(builder, workers=2, emit=rec)
     futures = [mgr.prefetch("a", w) for w in range(4, 14)]
-    time.sleep(0.05)
-    t0 = time.monotonic()
-    report = mgr.shutdown(1.0)
-    elapsed = time.monotonic() - t0
-    assert elapsed < 2.0
-    assert report.cancelled >= 7 and report.cancelled + report.finished + report.abandoned == 10
+    wait_until(lambda: len(builder.calls) == 2, "both workers busy with a load")
+    report = mgr.shutdown(0.2)  # the two running loads are held: shutdown waits its bound for them, no longer
+    builder.gate.set()
+    assert report.cancelled == 8 and (report.finished, report.abandoned) == (0, 2)
     assert len(builder.calls) <= 3
     cancelled = [f for f in futures if isinstance(f.exception(5), BlueprintLoadError)]
     assert len(cancelled) >= 7
@@ -375,11 +368,9 @@ def test_shutdown_abandons_a_stuck_load_within_its_bound() -> None:
     builder.gate = threading.Event()
     mgr = manager(builder, workers=1)
     fut = mgr.prefetch("stuck", 4)
-    time.sleep(0.05)
-    t0 = time.monotonic()
+    wait_until(lambda: builder.calls == [("stuck", 4)], "the load to start")
     report = mgr.shutdown(0.2)
-    assert time.monotonic() - t0 < 1.0
-    assert (report.abandoned, report.cancelled) == (1, 0)
+    assert (report.abandoned, report.cancelled) == (1, 0)  # the stuck build was not waited for
     builder.gate.set()  # the build returns; the load stops at its next stage and is not cached
     with pytest.raises(BlueprintLoadError, match="shut down before warm-up"):
         fut.result(5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -241,9 +240,8 @@ def test_all_expectations_of_the_failing_step_are_reported(tmp_path: Path) -> No
 
 
 def test_run_command_kills_a_command_past_its_timeout(tmp_path: Path) -> None:
-    start = time.monotonic()
     done = run_command([sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"], tmp_path, 1.0)
-    assert done.exit_code is None and time.monotonic() - start < 30
+    assert done.exit_code is None  # killed at its timeout: a command left to finish would exit 0
     assert done.stdout == "x\n"
     done = run_command([sys.executable, "-c", "import os,sys; print(os.getcwd()); sys.exit(5)"], tmp_path, 60)
     assert (done.exit_code, done.stdout.strip()) == (5, str(tmp_path))

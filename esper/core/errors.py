@@ -36,18 +36,6 @@ class CheckpointError(EsperError):
     exit_code = ExitCode.CHECKPOINT
 
 
-class CommandRejected(EsperError):
-    """A lifecycle command requested directly was illegal or rejected by a gate."""
-
-    exit_code = ExitCode.ILLEGAL
-
-
-class HaltedByEmergency(EsperError):
-    """The run reached emergency level HALT."""
-
-    exit_code = ExitCode.HALTED
-
-
 class ExpectationFailed(EsperError):
     """A drill or runbook expectation was not met."""
 

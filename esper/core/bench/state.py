@@ -20,7 +20,7 @@ from torch import nn
 from esper.core.bench.stats import Absolute, BenchPlan, Comparison, Result, alternate, gc_paused
 from esper.core.checkpoint import load_checkpoint, write_checkpoint
 from esper.core.durable import fsync_dir, fsync_file
-from esper.core.tolaria import Components, FastSnapshot, Layout, ModuleState, TorchOptimizerState, live_tensors
+from esper.core.tolaria import Components, FastSnapshot, Layout, ModuleState, TorchOptimizerState
 
 # ------------------------------------------------------------------------------------------------- P-2
 
@@ -53,11 +53,6 @@ def stack_components(model: nn.Module, opt: torch.optim.Optimizer) -> Components
     components.register("model", ModuleState(model, "model"), Layout(file="model"))
     components.register("optimizer", TorchOptimizerState(opt, "sgd"), Layout(file="optimizer", key="optimizer"))
     return components
-
-
-def module_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Model and optimizer tensors by the snapshot's stable names (``model/…``, ``optimizer/<i>.<key>``)."""
-    return live_tensors(stack_components(model, opt))
 
 
 def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:

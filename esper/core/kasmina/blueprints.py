@@ -107,9 +107,6 @@ class BlueprintRegistry:
     def __getitem__(self, name: str) -> Blueprint:
         return self._items[name]
 
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
     def build(self, name: str, width: int, generator_seed: int) -> nn.Module:
         """Instantiate a blueprint with its own RNG stream, so init does not depend on global RNG history.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -217,7 +217,3 @@ class FieldReportLog:
         jsonl.append(self.path, [line], durable=True)  # durable: a report is filed once
         self._known[report.report_id] = report
         return True
-
-    def extend(self, reports: Sequence[FieldReport]) -> int:
-        """Append several reports; returns how many were new."""
-        return sum(1 for r in reports if self.append(r))

@@ -1,19 +1,41 @@
-"""What a run writes down about itself: the metrics row of an epoch (T-9), the failure record, and the summary
-(``summary.json``, SPEC §8)."""
+"""What a run shows and writes down about itself: the reporter interface the CLI implements, the metrics row of
+an epoch (T-9), the failure record, and the summary (``summary.json``, SPEC §8)."""
 
 from __future__ import annotations
 
 import platform
 import traceback
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 import esper
 from esper.core.errors import EsperError, ExitCode
 from esper.core.kasmina import Kasmina
+from esper.core.tolaria.builder import Parts
 from esper.core.tolaria.train_state import EpochStats
+
+
+class Reporter(Protocol):
+    """What the CLI shows while training; the trainer never prints."""
+
+    def epoch_start(self, epoch: int, steps: int) -> None: ...
+    def step(self, loss: float) -> None: ...
+    def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None: ...
+
+
+class Silent:
+    """A reporter that shows nothing (``--json``, tests, drills)."""
+
+    def epoch_start(self, epoch: int, steps: int) -> None:
+        pass
+
+    def step(self, loss: float) -> None:
+        pass
+
+    def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None:
+        pass
 
 
 def metrics_row(epoch: int, global_step: int, stats: EpochStats, val_loss: float, val_acc: float,
@@ -37,34 +59,36 @@ def metrics_row(epoch: int, global_step: int, stats: EpochStats, val_loss: float
     }
 
 
-def failure_record(exc: BaseException, epoch: int, global_step: int, exit_code: int | None = None) -> dict[str, Any]:
+def failure_record(exc: BaseException, parts: Parts | None, exit_code: int | None = None) -> dict[str, Any]:
     """The failure as summary.json and the ``run.failed`` event carry it (call inside the ``except``)."""
     code = exit_code if exit_code is not None else exc.exit_code if isinstance(exc, EsperError) else ExitCode.INTERNAL
-    return {"type": type(exc).__name__, "message": str(exc), "epoch": epoch, "global_step": global_step,
-            "exit_code": int(code), "traceback": traceback.format_exc()}
+    return {"type": type(exc).__name__, "message": str(exc), "epoch": parts.state.epoch if parts else 0,
+            "global_step": parts.state.global_step if parts else 0, "exit_code": int(code),
+            "traceback": traceback.format_exc()}
 
 
-def summary(*, run_id: str, status: str, exit_code: int, history: list[dict[str, Any]], global_step: int,
-            seeds: list[dict[str, Any]], level: str | None, emergencies: list[dict[str, Any]],
-            rollbacks: list[dict[str, Any]], faults: list[dict[str, Any]], commands: dict[str, int],
-            checkpoint: str | None, failure: dict[str, Any] | None, run_dir: str) -> dict[str, Any]:
+def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failure: dict[str, Any] | None,
+            run_dir: str) -> dict[str, Any]:
+    """``summary.json`` (also when the run failed before its parts were built)."""
+    history = parts.state.history if parts else []
     last = history[-1] if history else {}
+    checkpoint = parts.checkpointer.last if parts else None
     return {
         "run_id": run_id,
         "status": status,
         "exit_code": exit_code,
         "epochs_completed": len(history),
-        "global_step": global_step,
+        "global_step": parts.state.global_step if parts else 0,
         "final": {"val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
                   "params": last.get("params")},
         "seeds": [{k: r[k] for k in ("slot", "layer", "stage", "blueprint", "seed_id", "alpha", "history")}
-                  for r in seeds],
-        "emergency_level": level,
-        "emergencies": emergencies,
-        "rollbacks": rollbacks,
-        "faults": faults,
-        "commands": commands,
-        "checkpoint": checkpoint,
+                  for r in (parts.kasmina.records() if parts else [])],
+        "emergency_level": parts.emergency.level if parts else None,
+        "emergencies": parts.emergency.history() if parts else [],
+        "rollbacks": parts.state.rollbacks if parts else [],
+        "faults": parts.faults.fired if parts else [],
+        "commands": dict(parts.state.commands) if parts else {},
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "failure": failure,
         "run_dir": run_dir,
         "versions": {"esper": esper.__version__, "torch": torch.__version__, "python": platform.python_version()},

@@ -11,7 +11,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -33,35 +33,16 @@ from esper.core.tolaria.train_state import EpochStats
 from esper.statemachines import TRAINER, StrictMachine, TransitionRecord
 
 
-class Reporter(Protocol):
-    """What the CLI shows while training; the trainer never prints."""
-
-    def epoch_start(self, epoch: int, steps: int) -> None: ...
-    def step(self, loss: float) -> None: ...
-    def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None: ...
-
-
-class _Silent:
-    def epoch_start(self, epoch: int, steps: int) -> None:
-        pass
-
-    def step(self, loss: float) -> None:
-        pass
-
-    def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None:
-        pass
-
-
 class Trainer:
     """Drives epochs through the trainer machine over the parts ``build`` makes from one config."""
 
-    def __init__(self, cfg: EsperConfig, run_dir: RunDir, *, reporter: Reporter | None = None,
+    def __init__(self, cfg: EsperConfig, run_dir: RunDir, *, reporter: records.Reporter | None = None,
                  emitter: Emitter | None = None, controller_factory: ControllerFactory | None = controller_factory,
                  faults: Sequence[FaultEntry] = (), stop: StopRequest | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.run_id = run_dir.run_id
-        self.reporter = reporter or _Silent()
+        self.reporter = reporter or records.Silent()
         self.emitter = emitter or Emitter(run_dir.events, self.run_id, cfg.telemetry)
         self.emit = self.emitter.emit
         self.machine = StrictMachine(TRAINER, self.run_id, observer=self._on_trainer_change)
@@ -162,6 +143,7 @@ class Trainer:
         p.state.end_epoch(row)
         self.run_dir.append_metrics(row)
         self.emit("tolaria", "epoch.completed", "INFO", **{k: v for k, v in row.items() if k != "epoch"})
+        self.emit("telemetry", "telemetry.window", "INFO", **self.emitter.reset_window())  # this epoch's (O-4)
         if p.loader is not None:
             p.loader.report_window()  # the blueprint cache's counters of this epoch (O-4)
         if epoch % self.cfg.checkpoint.every_epochs == 0 or epoch == self.cfg.trainer.epochs:
@@ -290,9 +272,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- records
     def _fail(self, exc: BaseException, exit_code: int | None = None) -> None:
-        p = self.parts
-        self.failure = records.failure_record(exc, p.state.epoch if p else 0, p.state.global_step if p else 0,
-                                              exit_code)
+        self.failure = records.failure_record(exc, self.parts, exit_code)
         self.emit("tolaria", "run.failed", "CRITICAL", **self.failure)
         if self.machine.may("fail"):
             self.machine.fire("fail", reason=f"{type(exc).__name__}: {exc}")
@@ -300,9 +280,7 @@ class Trainer:
     def _telemetry_lost(self, exc: TelemetryDeliveryError) -> None:
         """A CRITICAL event could not be made durable (E-4): halt; the record goes to summary.json instead."""
         self.machine.observer = None  # its events cannot be delivered either
-        p = self.parts
-        self.failure = records.failure_record(exc, p.state.epoch if p else 0, p.state.global_step if p else 0,
-                                              ExitCode.HALTED)
+        self.failure = records.failure_record(exc, self.parts, ExitCode.HALTED)
         if self.machine.may("halt"):
             self.machine.fire("halt", reason=f"telemetry delivery failed: {exc}")
 
@@ -318,15 +296,8 @@ class Trainer:
         return int({"COMPLETED": ExitCode.OK, "HALTED": ExitCode.HALTED}.get(self.machine.state, ExitCode.INTERNAL))
 
     def finish(self) -> dict[str, Any]:
-        p = self.parts
-        last = p.checkpointer.last if p else None
-        summary = records.summary(
-            run_id=self.run_id, status=self.machine.state, exit_code=self.exit_code(),
-            history=p.state.history if p else [], global_step=p.state.global_step if p else 0,
-            seeds=p.kasmina.records() if p else [], level=p.emergency.level if p else None,
-            emergencies=p.emergency.history() if p else [], rollbacks=p.state.rollbacks if p else [],
-            faults=p.faults.fired if p else [], commands=dict(p.state.commands) if p else {},
-            checkpoint=str(last) if last else None, failure=self.failure, run_dir=str(self.run_dir.path))
+        summary = records.summary(self.run_id, self.machine.state, self.exit_code(), self.parts, self.failure,
+                                  str(self.run_dir.path))
         self.run_dir.write_summary(summary)
         if self.machine.observer is not None:
             self.emit("tolaria", "run.finished", "INFO" if summary["exit_code"] == 0 else "CRITICAL",
@@ -335,8 +306,9 @@ class Trainer:
         return summary
 
 
-def train(cfg: EsperConfig, run_dir: RunDir, *, reporter: Reporter | None = None, emitter: Emitter | None = None,
-          resume: LoadedCheckpoint | None = None, faults: Sequence[FaultEntry] = ()) -> dict[str, Any]:
+def train(cfg: EsperConfig, run_dir: RunDir, *, reporter: records.Reporter | None = None,
+          emitter: Emitter | None = None, resume: LoadedCheckpoint | None = None,
+          faults: Sequence[FaultEntry] = ()) -> dict[str, Any]:
     """One training run, new or resumed, with SIGINT/SIGTERM stopping it gracefully; returns the summary."""
     trainer = Trainer(cfg, run_dir, reporter=reporter, emitter=emitter, faults=faults)
     with graceful_signals(trainer.stop):

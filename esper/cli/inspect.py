@@ -56,6 +56,11 @@ def inspect_checkpoint(
                    f"{_esc(problems)} (use --verify to fail on them)", highlight=False)
 
 
+# the manifest fields this view shows; the others are listed by name only (other_keys)
+_IDENTITY = ("run_id", "epoch", "global_step", "saved_at", "reason", "schema_version", "config_hash", "versions")
+_SHOWN = {*_IDENTITY, "config_toml", "trainer_state", "emergency", "seeds", "controller", "metrics", "optimizer"}
+
+
 def inspection(report: VerifyReport) -> dict[str, Any]:
     """The one JSON document --json prints; the tables render the same content. Everything comes from the
     manifest model; a manifest that does not fit its schema shows as missing values plus its problems."""
@@ -64,8 +69,7 @@ def inspection(report: VerifyReport) -> dict[str, Any]:
     optimizer = (m.optimizer if m else None) or {}
     return {
         "path": str(report.path),
-        "identity": {k: getattr(m, k) if m else None for k in (
-            "run_id", "epoch", "global_step", "saved_at", "reason", "schema_version", "config_hash", "versions")},
+        "identity": {k: getattr(m, k) if m else None for k in _IDENTITY},
         "trainer": {"state": m.trainer_state if m else None},
         "emergency": {"level": emergency.get("level"), "history": emergency.get("history")},
         "seeds": [_seed_row(s) for s in m.seeds] if m and m.seeds is not None else None,
@@ -73,7 +77,7 @@ def inspection(report: VerifyReport) -> dict[str, Any]:
         "metrics": m.metrics if m else None,
         "tensors": _tensor_summary(m.tensors) if m else None,
         "optimizer": {"groups": optimizer.get("groups")},
-        "other_keys": sorted(m.model_extra or {}) if m else [],
+        "other_keys": sorted(k for k in m.payload() if k not in _SHOWN) if m else [],
         "integrity": report.to_dict(),
     }
 

@@ -10,8 +10,7 @@ import typer
 from rich.table import Table
 
 from esper.cli.common import JsonOpt, handle_errors, print_json, stdout
-from esper.core.tamiyo.errors import FieldReportLogMissing
-from esper.core.tamiyo.reports import FILENAME, FieldReport, Outcome, ReadProblem, read_reports
+from esper.core.tamiyo import FILENAME, FieldReport, FieldReportLogMissing, Outcome, ReadProblem, read_reports
 
 _OUTCOMES = [o.value for o in Outcome]
 

@@ -109,9 +109,10 @@ def encode(payload: Mapping[str, Any], files: Mapping[str, bytes], tensors: Mapp
         text = json.dumps(doc, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint payload is not strict JSON: {exc}") from exc
-    _, problems = validate(doc)
-    if problems:
-        raise ValueError(f"checkpoint payload does not fit the manifest schema: {'; '.join(problems)}")
+    try:
+        Manifest.model_validate(doc)  # never write what the reader would refuse
+    except ValidationError as exc:
+        raise ValueError(f"checkpoint payload does not fit the manifest schema: {'; '.join(_describe(exc))}") from exc
     return (text + "\n").encode()
 
 

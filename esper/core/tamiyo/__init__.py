@@ -1,9 +1,14 @@
 """Tamiyo, the strategic controller: observation in, validated and risk-gated commands out, field reports
 later.
 
-Pure Python on purpose (no torch import): decisions may run in a worker process.
+Pure Python on purpose (no torch import): decisions may run in a worker process (``worker``: the controller the
+process builds; ``pipe``: that process's end of the mediator's pipe).
+
+Facade convention (kasmina, tamiyo, tolaria alike): the package's ``__init__`` re-exports what other layers use;
+code outside the package imports from here, modules inside import each other by module path.
 """
 
+from esper.core.tamiyo import pipe, worker
 from esper.core.tamiyo.commands import Command, command_id
 from esper.core.tamiyo.controller import Decision, Rejection, Tamiyo
 from esper.core.tamiyo.errors import (
@@ -35,5 +40,5 @@ __all__ = [
     "HeuristicPolicy", "ObservationError", "Observation", "Outcome", "Policy", "Proposal", "ReadProblem",
     "Rejection", "RiskHistory", "RiskStage", "RiskVerdict", "SlotView", "Tamiyo", "TamiyoError",
     "ValidationContext", "ValidationResult", "build_policy", "classify", "command_id", "prune",
-    "read_reports", "validate",
+    "pipe", "read_reports", "validate", "worker",
 ]

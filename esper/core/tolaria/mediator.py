@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 
 from esper.core.errors import EsperError
 from esper.core.plugins import load_factory
-from esper.core.tamiyo.pipe import CONFIG_KEY, WireError, child_main, decode, encode
+from esper.core.tamiyo import pipe
 
 Emit = Callable[..., Any]
 Json = dict[str, Any]  # a JSON object: what crosses the pipe
@@ -58,15 +58,15 @@ class ControllerCrashed(MediatorError):
 
 def _encode(message: list[Any]) -> bytes:
     try:
-        return encode(message)
-    except WireError as exc:
+        return pipe.encode(message)
+    except pipe.WireError as exc:
         raise MediatorError(str(exc)) from exc
 
 
 def _decode(raw: bytes) -> list[Any]:
     try:
-        return decode(raw)
-    except WireError as exc:
+        return pipe.decode(raw)
+    except pipe.WireError as exc:
         raise MediatorError(str(exc)) from exc
 
 
@@ -174,7 +174,7 @@ class ControllerWorker:
         if self._process is not None:  # it died between requests (crash or kill): reap it before replacing
             self._kill_child()
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=child_main, args=(child_conn, self.factory_ref, self._args_json),
+        process = self._ctx.Process(target=pipe.child_main, args=(child_conn, self.factory_ref, self._args_json),
                                     name="esper-controller", daemon=True)
         t0 = time.perf_counter()
         process.start()
@@ -319,7 +319,7 @@ class InlineController:
 
     def _build(self) -> None:
         try:
-            self._controller = load_factory(self.factory_ref, CONFIG_KEY)(**json.loads(self._args_json))
+            self._controller = load_factory(self.factory_ref, pipe.CONFIG_KEY)(**json.loads(self._args_json))
         except EsperError:
             raise
         except Exception as exc:  # noqa: BLE001 -- re-raised typed, as the process worker would report it

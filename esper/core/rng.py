@@ -54,5 +54,8 @@ class RngState:
             self._buffer.copy_(torch.get_rng_state())
         return {"torch": self._buffer}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         set_state(state["torch"])

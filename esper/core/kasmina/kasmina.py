@@ -148,8 +148,13 @@ class Kasmina:
         return [ParamGroupSpec(name="host", params=host_params), *groups]
 
     def seed_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{s.name}.{k}": v for s in self.slots.values() if s.module is not None
-                for k, v in s.module.state_dict().items()}
+        out: dict[str, torch.Tensor] = {}
+        for s in self.slots.values():
+            if s.module is not None:
+                head = s.name + "."
+                for k, v in s.module.state_dict().items():
+                    out[head + k] = v
+        return out
 
     def candidate_params(self, slot_name: str) -> dict[str, int]:
         """Parameter count each allowed blueprint would have in this slot (risk stage's budget check)."""
@@ -378,6 +383,9 @@ class Kasmina:
     def state_dict(self) -> dict[str, Any]:
         """Every slot's record under ``seeds``, and each live module's tensors as ``<slot>.<key>`` (live)."""
         return {"seeds": self.records(), **self.seed_tensors()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.seed_tensors()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put every slot back as captured. A live module that is the same seed (same id and blueprint) gets the

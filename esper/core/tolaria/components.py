@@ -8,16 +8,16 @@ buffers. Given its own live tensors back (the fast tier after an in-place copy),
 
 Checkpoint capture and restore, the fast-rollback snapshot and the bench all go through :class:`Components`;
 restore runs in registration order (the host and the seeds before the optimizer that holds their parameters).
-:data:`LAYOUT`-style placements map each part onto the on-disk format v1, unchanged since the first release:
-tensors in ``<file>.safetensors`` under ``<prefix><key>``; the JSON values in the manifest, either as one
-object under ``key`` or as the top-level ``keys`` they always had. A new Stateful (a GradScaler, a sampler)
+Each part's :class:`Layout` maps it onto the on-disk format v1, unchanged since the first release: tensors in
+``<file>.safetensors`` under ``<prefix><key>``; the JSON values in the manifest, either as one object under
+``key`` or as the top-level ``keys`` they always had. A new Stateful (a GradScaler, a sampler)
 registers with a new manifest ``key`` of its own (and, if it has tensors, a file or a prefix).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +36,13 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class WithTensors(Protocol):
+    """A part with tensors may also hand out just those (live), without building its JSON state: the fast
+    rollback's hot path asks for them on every restore."""
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where one part's state lives in a checkpoint."""
@@ -51,6 +58,7 @@ class _Entry:
     part: Stateful | None
     layout: Layout
     keep_on_rollback: bool | tuple[str, ...]
+    tensors: Callable[[], dict[str, torch.Tensor]] | None  # the part's ``tensors()``, found once at registration
 
 
 class ModuleState:
@@ -62,6 +70,9 @@ class ModuleState:
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.module.state_dict())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()  # type: ignore[return-value]  # an OrderedDict of tensors
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
@@ -91,7 +102,8 @@ class Components:
                 if e.layout.file == layout.file and (not e.layout.prefix or not layout.prefix
                                                      or e.layout.prefix == layout.prefix):
                     raise ValueError(f"components {other!r} and {name!r} would mix tensors in {layout.file}")
-        self._entries[name] = _Entry(part, layout, keep_on_rollback)
+        tensors = getattr(part, "tensors", None)
+        self._entries[name] = _Entry(part, layout, keep_on_rollback, tensors if callable(tensors) else None)
 
     def __getitem__(self, name: str) -> Stateful | None:
         return self._entries[name].part
@@ -158,6 +170,19 @@ class Components:
         return states
 
     # ------------------------------------------------------------------------------------ snapshot layout
+    def live_tensors(self) -> dict[str, torch.Tensor]:
+        """Every live tensor, by its stable name; only the parts that have tensors are asked (the fast tier's and
+        the bench's hot path: no JSON state is built)."""
+        flat: dict[str, torch.Tensor] = {}
+        for e in self._entries.values():
+            if e.part is None or e.layout.file is None:
+                continue
+            tensors = e.tensors() if e.tensors is not None else _split(e.part.state_dict())[0]
+            head = f"{e.layout.file}/{e.layout.prefix}"
+            for k, v in tensors.items():
+                flat[head + k] = v
+        return flat
+
     def flatten(self, states: States) -> dict[str, torch.Tensor]:
         """Every tensor of ``states`` under one stable name, ``<file>/<prefix><key>`` (as in the checkpoint)."""
         flat: dict[str, torch.Tensor] = {}

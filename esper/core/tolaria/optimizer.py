@@ -34,6 +34,19 @@ def optimizer_state(optimizer: torch.optim.Optimizer, kind: str) -> dict[str, An
     return out
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Just the state tensors of :func:`optimizer_state` (live), without packing the rest."""
+    out: dict[str, torch.Tensor] = {}
+    index = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    out[f"{index}.{key}"] = value
+            index += 1
+    return out
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """:func:`optimizer_state`'s inverse, into ``optimizer`` over the same parameters (tensors cloned: what it
     is given may be a snapshot's buffers). A state that does not fit is a CheckpointError."""
@@ -60,6 +73,9 @@ class TorchOptimizerState:
 
     def state_dict(self) -> dict[str, Any]:
         return optimizer_state(self.optimizer, self.kind)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return optimizer_tensors(self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, state)
@@ -112,6 +128,9 @@ class OptimizerPart:
     # ---------------------------------------------------------------- Stateful
     def state_dict(self) -> dict[str, Any]:
         return optimizer_state(self.optimizer, self.cfg.optimizer)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return optimizer_tensors(self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Into the live optimizer when it holds the same parameters with the same state layout (copied in

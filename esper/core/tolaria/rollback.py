@@ -88,7 +88,7 @@ class RollbackResult:
 
 def live_tensors(components: Components) -> dict[str, torch.Tensor]:
     """Every tensor of the live training state by its stable name (``model/host.…``, ``optimizer/0.…``, …)."""
-    return components.flatten(components.state_dict())
+    return components.live_tensors()
 
 
 class RollbackManager:

@@ -14,6 +14,7 @@ class ExitCode(IntEnum):
     ILLEGAL = 5
     HALTED = 6
     EXPECTATION = 7
+    BUSY = 8
     SIGINT = 130
     SIGTERM = 143
 

@@ -1,0 +1,83 @@
+"""One writer per run directory (S-5): the lock refuses a second writer at once and dies with its holder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from esper.core.errors import ExitCode
+from esper.core.runlock import LOCK_NAME, RunDirBusy, RunLock, writer_alive
+
+# A real second process that takes the lock, says so on stdout, and holds it until its stdin closes.
+_HOLDER = """
+import sys
+from pathlib import Path
+from esper.core.runlock import RunLock
+with RunLock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _holder(run_dir: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_writer_is_refused_with_the_busy_exit_code_and_the_holder_keeps_it(tmp_path: Path) -> None:
+    proc = _holder(tmp_path)
+    try:
+        with pytest.raises(RunDirBusy) as err, RunLock(tmp_path):
+            pass
+        assert err.value.exit_code == ExitCode.BUSY == 8
+        assert "in use by another esper process" in str(err.value)
+        assert writer_alive(tmp_path)
+    finally:
+        proc.communicate("")
+    assert proc.returncode == 0
+    assert not writer_alive(tmp_path)
+    with RunLock(tmp_path) as lock:  # released with its holder: the directory is writable again
+        assert lock.held
+
+
+def test_a_killed_writer_leaves_no_stale_lock(tmp_path: Path) -> None:
+    proc = _holder(tmp_path)
+    proc.kill()
+    proc.wait()
+    assert (tmp_path / LOCK_NAME).exists()  # the file stays; the lock died with the process
+    assert not writer_alive(tmp_path)
+    with RunLock(tmp_path):
+        pass
+
+
+def test_probing_never_takes_the_lock_from_its_own_holder(tmp_path: Path) -> None:
+    with RunLock(tmp_path) as lock:
+        for _ in range(50):
+            assert writer_alive(tmp_path)
+        assert lock.held
+    assert not lock.held
+    assert not writer_alive(tmp_path)
+
+
+def test_a_directory_never_locked_has_no_writer(tmp_path: Path) -> None:
+    assert not writer_alive(tmp_path)
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(target, run / LOCK_NAME)
+    with pytest.raises(RunDirBusy, match="symbolic link"), RunLock(run):
+        pass
+    assert not writer_alive(run)
+    assert target.read_text() == "precious\n"

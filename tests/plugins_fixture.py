@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
 from esper.core.config import ControllerConfig, EsperConfig, SeedsConfig
-from esper.core.data import Dataset
+from esper.core.data import Task
 from esper.core.tamiyo import ControllerState, Observation, Proposal
 
 N_FEATURES = 5
@@ -14,16 +17,86 @@ N_CLASSES = 3
 TRUNK_WIDTH = 6
 
 
-def make_data(cfg: EsperConfig) -> Dataset:
+def _separable(cfg: EsperConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """A tiny separable task: the label is the argmax of three fixed projections."""
     gen = torch.Generator().manual_seed(cfg.run.seed)
     x = torch.randn(96, N_FEATURES, generator=gen)
-    y = (x @ torch.randn(N_FEATURES, N_CLASSES, generator=gen)).argmax(dim=1)
-    return Dataset("plugin", x[:64], y[:64], x[64:], y[64:], N_CLASSES)
+    return x, (x @ torch.randn(N_FEATURES, N_CLASSES, generator=gen)).argmax(dim=1)
+
+
+def make_data(cfg: EsperConfig) -> tuple[Dataset[tuple[torch.Tensor, ...]], Dataset[tuple[torch.Tensor, ...]]]:
+    """A (train_ds, val_ds) pair: Esper makes it a classification task (classes found from the labels)."""
+    x, y = _separable(cfg)
+    return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+
+
+class Named(TensorDataset):
+    """A dataset that names its classes (torchvision's ``classes``): more classes than its labels use."""
+
+    classes = ["a", "b", "c", "d", "e", "f", "g"]
+
+
+def make_named_data(cfg: EsperConfig) -> tuple[Named, Named]:
+    x, y = _separable(cfg)
+    return Named(x[:64], y[:64]), Named(x[64:], y[64:])
+
+
+def mean_abs_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (output.squeeze(1) - target).abs().mean()
+
+
+def make_regression(cfg: EsperConfig) -> Task:
+    """A Task that is not classification: one output, MSE loss, mean absolute error (lower is better)."""
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    x = torch.randn(160, N_FEATURES, generator=gen)
+    y = torch.sin(x @ torch.randn(N_FEATURES, generator=gen))
+    return Task("regression", TensorDataset(x[:128], y[:128]), TensorDataset(x[128:], y[128:]), (N_FEATURES,), 1,
+                lambda out, t: ((out.squeeze(1) - t) ** 2).mean(), {"mae": mean_abs_error}, primary="mae",
+                direction="min")
 
 
 def not_a_dataset(cfg: EsperConfig) -> dict[str, int]:
     return {"x": 1}
+
+
+def pair_of_lists(cfg: EsperConfig) -> tuple[list[int], list[int]]:
+    return [1, 2], [3]
+
+
+def float_labels(cfg: EsperConfig) -> tuple[TensorDataset, TensorDataset]:
+    x, y = _separable(cfg)
+    return TensorDataset(x[:64], y[:64].float()), TensorDataset(x[64:], y[64:].float())
+
+
+def wrong_input_shape(cfg: EsperConfig) -> Task:
+    task = make_regression(cfg)
+    return Task(task.name, task.train, task.val, (7,), 1, task.loss, dict(task.metrics), "mae", "min")
+
+
+def unknown_primary(cfg: EsperConfig) -> Task:
+    task = make_regression(cfg)
+    return Task(task.name, task.train, task.val, task.input_shape, 1, task.loss, dict(task.metrics), "r2", "max")
+
+
+class TinyCNN(nn.Module):
+    """A small conv net for image tasks ``[C, H, W]``: two conv blocks, then a linear head on the flat features."""
+
+    def __init__(self, input_shape: tuple[int, ...], n_classes: int, width: int = 8) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.block1 = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(width * h * w, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block2(self.block1(x)).flatten(1))
+
+
+def make_cnn(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    if len(input_shape) != 3:
+        raise ValueError(f"make_cnn needs [C, H, W] inputs, got {list(input_shape)}")
+    torch.manual_seed(cfg.run.seed)
+    return TinyCNN(input_shape, n_outputs)
 
 
 class TrunkHost(nn.Module):
@@ -38,12 +111,12 @@ class TrunkHost(nn.Module):
         return self.out(self.trunk(x))
 
 
-def make_host(cfg: EsperConfig, n_features: int, n_classes: int) -> nn.Module:
+def make_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     torch.manual_seed(cfg.run.seed)
-    return TrunkHost(n_features, n_classes)
+    return TrunkHost(math.prod(input_shape), n_outputs)
 
 
-def not_a_module(cfg: EsperConfig, n_features: int, n_classes: int) -> str:
+def not_a_module(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> str:
     return "host"
 
 

@@ -60,18 +60,33 @@ def assert_fast_rollback(doc: Doc, events: Events, cause: str) -> None:
     assert fired["seq"] < up["seq"] < done["seq"]
 
 
+def assert_batch_skipped(doc: Doc, events: Events, cause: str) -> None:
+    """H-6: the replay leaves out the batch whose loss raised the rollback (the fault's own point)."""
+    fired = injected(events)
+    [done, *_] = named(events, "rollback.completed", after=fired["seq"])
+    skip = {"epoch": fired["attributes"]["epoch"], "step": fired["attributes"]["step"], "cause": cause,
+            "global_step": fired["attributes"]["global_step"]}
+    assert done["attributes"]["skip"] == skip
+    [passed] = named(events, "batch.skipped", after=done["seq"])
+    assert {k: passed["attributes"][k] for k in skip} == skip
+    assert "batch_skipped" in doc["actions"]
+
+
 def check_nan_loss(doc: Doc, events: Events, run: Path) -> None:
     assert_fast_rollback(doc, events, "non_finite_loss")
     skipped = named(events, "step.skipped", after=injected(events)["seq"])
     assert skipped and skipped[0]["attributes"]["cause"] == "non_finite_loss"
+    assert_batch_skipped(doc, events, "non_finite_loss")
 
 
 def check_inf_grad(doc: Doc, events: Events, run: Path) -> None:
     assert_fast_rollback(doc, events, "non_finite_gradient")
+    assert named(events, "batch.skipped") == []  # a gradient fault is not the batch's: the replay reads it again
 
 
 def check_loss_spike(doc: Doc, events: Events, run: Path) -> None:
     assert_fast_rollback(doc, events, "loss_explosion")
+    assert_batch_skipped(doc, events, "loss_explosion")
 
 
 def check_seed_forward_error(doc: Doc, events: Events, run: Path) -> None:

@@ -35,8 +35,8 @@ def make_cfg(*overrides: str) -> EsperConfig:
 def make_kasmina(*overrides: str, build: Callable[[str, int], nn.Module] | None = None,
                  ) -> tuple[Kasmina, EventRecorder, nn.Module]:
     cfg = make_cfg(*overrides)
-    host = build_host(cfg, N_FEATURES, N_CLASSES)
-    widths = layer_widths(host, [s.layer for s in cfg.seeds.slots], N_FEATURES)
+    host = build_host(cfg, (N_FEATURES,), N_CLASSES)
+    widths = layer_widths(host, [s.layer for s in cfg.seeds.slots], torch.zeros(2, N_FEATURES))
     rec = EventRecorder()
     return Kasmina(cfg, host, widths, rec, build=build), rec, host
 
@@ -46,9 +46,9 @@ def batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, N_FEATURES, generator=gen), torch.randint(0, N_CLASSES, (n,), generator=gen)
 
 
-def fake_evaluate(bypass: frozenset[str]) -> tuple[float, float]:
+def fake_evaluate(bypass: frozenset[str]) -> dict[str, float]:
     """Validation with the seed is better than without it: counterfactual gain 0.5."""
-    return (1.5, 0.4) if bypass else (1.0, 0.6)
+    return {"val_loss": 1.5, "val_accuracy": 0.4} if bypass else {"val_loss": 1.0, "val_accuracy": 0.6}
 
 
 def to_training(k: Kasmina, slot: str, blueprint: str = "residual_mlp") -> SeedSlot:
@@ -489,7 +489,7 @@ def test_parse_blend_accepts_the_config_model_and_a_dict_alike() -> None:
 def test_training_seed_leaves_host_outputs_and_gradients_bit_identical() -> None:
     k, _, host = make_kasmina()
     cfg = k.cfg
-    plain = build_host(cfg, N_FEATURES, N_CLASSES)  # same seed: an identical host without seeds
+    plain = build_host(cfg, (N_FEATURES,), N_CLASSES)  # same seed: an identical host without seeds
     assert all(torch.equal(a, b) for a, b in zip(host.parameters(), plain.parameters(), strict=True))
     slots = [to_training(k, "s1"), to_training(k, "s2", "gated")]
     for s in slots:
@@ -638,7 +638,7 @@ def test_cull_removes_the_module_and_its_param_group() -> None:
     assert [g.name for g in groups] == ["host"]
     assert not seed_params & {id(p) for g in groups for p in g.params}
     x, _ = batch()
-    assert torch.equal(k.forward(x), build_host(k.cfg, N_FEATURES, N_CLASSES)(x))
+    assert torch.equal(k.forward(x), build_host(k.cfg, (N_FEATURES,), N_CLASSES)(x))
 
 
 def test_embargo_lasts_embargo_epochs_then_resets_to_dormant_through_g5() -> None:
@@ -674,7 +674,7 @@ def test_bypass_mode_gives_the_host_alone() -> None:
     slot = to_probationary(k, "s1")
     perturb(slot.module)
     x, _ = batch()
-    plain = build_host(k.cfg, N_FEATURES, N_CLASSES)
+    plain = build_host(k.cfg, (N_FEATURES,), N_CLASSES)
     with k.modes(Mode.BYPASS, ["s1"]):
         assert torch.equal(k.forward(x), plain(x))
     assert not torch.equal(k.forward(x), plain(x))

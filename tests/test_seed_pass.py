@@ -8,7 +8,6 @@ import torch
 
 from esper.core import config as cfgmod
 from esper.core.rundir import RunDir
-from esper.core.tolaria.builder import task_loss
 from esper.core.tolaria.trainer import Trainer
 
 
@@ -21,6 +20,7 @@ def test_suffix_seed_pass_is_bit_identical_to_the_full_pass_with_two_training_se
                                 "controller.isolation=inline"])
     tr = Trainer(cfg, RunDir.create(cfg, tmp_path / "run"))
     tr.build()
+    task_loss = tr.parts.task.loss
     try:
         for name in ("s1", "s2"):  # s2 sits downstream of s1: s1's pass runs s2's hook
             tr.parts.kasmina.germinate(name, "residual_mlp", "test")

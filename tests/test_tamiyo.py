@@ -54,7 +54,8 @@ def slot(name: str, stage: str = "DORMANT", blueprint: str | None = None, epochs
 def obs(epoch: int, val_loss: float, *, slots: list[dict[str, Any]] | None = None, acc: float = 0.5,
         latency: float = 10.0, rollbacks: int = 0, run_id: str = RUN) -> dict[str, Any]:
     return {"run_id": run_id, "epoch": epoch, "train_loss": val_loss * 0.9, "val_loss": val_loss,
-            "val_accuracy": acc, "step_latency_ms": latency, "rollbacks_total": rollbacks, "total_params": 1000,
+            "val_metrics": {"val_accuracy": acc}, "primary_metric": "val_accuracy", "direction": "max",
+            "step_latency_ms": latency, "rollbacks_total": rollbacks, "total_params": 1000,
             "slots": slots if slots is not None else [slot("s1"), slot("s2")]}
 
 
@@ -188,7 +189,11 @@ def test_cull_stalled_seed_with_reason() -> None:
     lambda d: d.pop("val_loss"),
     lambda d: d.update(val_loss=float("nan")),
     lambda d: d.update(train_loss=float("inf")),
-    lambda d: d.update(val_accuracy=None),
+    lambda d: d.update(val_metrics={"val_accuracy": None}),
+    lambda d: d.update(val_metrics={"accuracy": 0.5}),  # metrics are named val_<name>
+    lambda d: d.update(primary_metric="val_f1"),  # the primary metric is one the observation carries
+    lambda d: d.update(direction="up"),
+    lambda d: d.pop("primary_metric"),
     lambda d: d.update(step_latency_ms="12"),
     lambda d: d.update(rollbacks_total=True),
     lambda d: d["slots"][0].update(stage="SPROUTING"),

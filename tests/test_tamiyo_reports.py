@@ -64,9 +64,36 @@ def report(n: int, *, outcome: Outcome = Outcome.SUCCESS, blueprint: str = "lowr
     (metrics(3, 0.90, 0.40), Outcome.NEUTRAL),      # mixed: loss better, accuracy much worse
 ])
 def test_classify_crafted_windows(after: EpochMetrics, expected: Outcome) -> None:
-    outcome, why = classify(metrics(1, 1.0, 0.6), after, 0.02)
+    outcome, why = classify(metrics(1, 1.0, 0.6), after, 0.02, "val_accuracy", "max")
     assert outcome is expected
-    assert "epochs 1 -> 3" in why
+    assert "epochs 1 -> 3" in why and "val_accuracy 0.6000 -> " in why
+
+
+@pytest.mark.parametrize(("after", "expected"), [
+    (EpochMetrics(epoch=3, train_loss=1.0, val_loss=1.0, val_mae=0.25), Outcome.SUCCESS),  # error -0.05: better
+    (EpochMetrics(epoch=3, train_loss=1.0, val_loss=1.0, val_mae=0.35), Outcome.REGRESSION),  # error +0.05
+    (EpochMetrics(epoch=3, train_loss=1.0, val_loss=0.9, val_mae=0.35), Outcome.NEUTRAL),  # mixed
+])
+def test_classify_judges_a_primary_metric_that_improves_downwards(after: EpochMetrics, expected: Outcome) -> None:
+    before = EpochMetrics(epoch=1, train_loss=1.0, val_loss=1.0, val_mae=0.3)
+    outcome, why = classify(before, after, 0.02, "val_mae", "min")
+    assert outcome is expected and "val_mae 0.3000 -> " in why
+
+
+def test_classify_by_the_loss_alone_when_it_is_primary() -> None:
+    before = EpochMetrics(epoch=1, train_loss=1.0, val_loss=1.0)
+    assert classify(before, EpochMetrics(epoch=2, train_loss=1.0, val_loss=0.9), 0.02, "val_loss", "min")[0] \
+        is Outcome.SUCCESS
+    assert classify(before, EpochMetrics(epoch=2, train_loss=1.0, val_loss=1.0), 0.02, "val_loss", "min")[0] \
+        is Outcome.NEUTRAL
+
+
+def test_epoch_metrics_carry_only_val_named_task_metrics() -> None:
+    with pytest.raises(ValueError, match="val_<name>"):
+        EpochMetrics(epoch=1, train_loss=1.0, val_loss=1.0, accuracy=0.5)
+    m = EpochMetrics.model_validate({"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5})
+    assert m.metric("val_accuracy") == 0.5
+    assert m.model_dump() == {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5}  # flat, as before
 
 
 # --- the controller's report windows ---------------------------------------------------------------------
@@ -80,7 +107,8 @@ def slot(name: str, stage: str = "DORMANT", blueprint: str | None = None, epochs
 
 
 def obs(epoch: int, loss: float, acc: float, s1: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"run_id": RUN, "epoch": epoch, "train_loss": loss, "val_loss": loss, "val_accuracy": acc,
+    return {"run_id": RUN, "epoch": epoch, "train_loss": loss, "val_loss": loss,
+            "val_metrics": {"val_accuracy": acc}, "primary_metric": "val_accuracy", "direction": "max",
             "step_latency_ms": 5.0, "rollbacks_total": 0, "total_params": 100,
             "slots": [s1 or slot("s1"), slot("s2")]}
 

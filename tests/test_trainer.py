@@ -16,6 +16,7 @@ from typer.testing import CliRunner, Result
 
 from esper.cli.main import app
 from esper.core.config import EsperConfig
+from esper.core.data import fetch
 from esper.core.errors import ExitCode
 from esper.core.rundir import RunDir
 from esper.core.tamiyo import Command
@@ -84,12 +85,12 @@ def group_of(tr: Trainer, p: torch.nn.Parameter) -> list[str]:
     return [g["name"] for g in tr.parts.optimizer.optimizer.param_groups if any(q is p for q in g["params"])]
 
 
-def fake_evaluate(bypass: frozenset[str]) -> tuple[float, float]:
-    return (1.5, 0.4) if bypass else (1.0, 0.6)
+def fake_evaluate(bypass: frozenset[str]) -> dict[str, float]:
+    return {"val_loss": 1.5, "val_accuracy": 0.4} if bypass else {"val_loss": 1.0, "val_accuracy": 0.6}
 
 
 def healthy_step(tr: Trainer) -> None:
-    x, y = tr.parts.data.x_train[:32], tr.parts.data.y_train[:32]
+    x, y = fetch(tr.parts.task.train, range(32))
     assert tr.train_step(x, y, EpochStats()) is True
 
 

@@ -77,8 +77,7 @@ class RichReporter:
         self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
 
     def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None:
-        self.last = (f"val loss {_fmt(row['val_loss'])} acc {_fmt(row['val_accuracy'])} "
-                     f"params {row['params']} level {row['emergency_level']}")
+        self.last = (f"{_metrics(row, 'val_')} params {row['params']} level {row['emergency_level']}")
         self.progress.update(self.task, last=self.last)
         self.console.print(plain_line(row, self.epochs), highlight=False)
         self.live.update(Group(self.progress, slot_table(slots)))
@@ -109,10 +108,14 @@ class PlainReporter:
 
 def plain_line(row: dict[str, Any], epochs: int) -> str:
     stages = ",".join(f"{k}:{v}" for k, v in row["seeds_by_stage"].items()) or "-"
-    return (f"epoch {row['epoch']}/{epochs} train_loss={_fmt(row['train_loss'])} "
-            f"train_acc={_fmt(row['train_accuracy'])} val_loss={_fmt(row['val_loss'])} "
-            f"val_acc={_fmt(row['val_accuracy'])} params={row['params']} seeds={stages} "
-            f"level={row['emergency_level']}")
+    return (f"epoch {row['epoch']}/{epochs} {_metrics(row, 'train_')} {_metrics(row, 'val_')} "
+            f"params={row['params']} seeds={stages} level={row['emergency_level']}")
+
+
+def _metrics(row: dict[str, Any], prefix: str) -> str:
+    """The loss and every task metric of a row (or of summary.json's ``final``) with ``prefix``, loss first."""
+    names = [k for k in row if k.startswith(prefix) and k != f"{prefix}loss"]
+    return " ".join(f"{k}={_fmt(row[k])}" for k in [f"{prefix}loss", *names] if k in row)
 
 
 def render_summary(console: Console, summary: dict[str, Any]) -> None:
@@ -120,8 +123,7 @@ def render_summary(console: Console, summary: dict[str, Any]) -> None:
     status = summary["status"]
     colour = "green" if status == "COMPLETED" else "yellow" if status == "STOPPED" else "red"
     console.print(f"[bold {colour}]{status}[/] run {summary['run_id']} after {summary['epochs_completed']} epoch(s): "
-                  f"val_loss={_fmt(final['val_loss'])} val_accuracy={_fmt(final['val_accuracy'])} "
-                  f"params={final['params']}", highlight=False)
+                  f"{_metrics(final, 'val_')} params={final['params']}", highlight=False)
     for s in summary["seeds"]:
         path = " -> ".join([s["history"][0]["source"], *(h["dest"] for h in s["history"])]) if s["history"] else "-"
         console.print(f"  slot {s['slot']}: {s['stage']} ({s['blueprint'] or '-'})  {path}", highlight=False)

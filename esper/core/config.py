@@ -46,10 +46,20 @@ class RunConfig(_Section):
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
 
 
+BUILTIN_TASKS = ("mnist1d", "digits", "digits_images", "synthetic")
+
+
 class DataConfig(_Section):
-    task: str = Field("digits", description="digits | synthetic | module:function")
+    task: str = Field("digits", description="mnist1d | digits | digits_images | synthetic | module:function")
     batch_size: int = Field(64, ge=1, le=65536, description="training mini-batch size")
-    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out fraction for validation")
+    eval_batch_size: int = Field(512, ge=1, le=65536,
+                                 description="validation batch size (no gradients kept: larger than batch_size)")
+    drop_last: bool = Field(True, description="drop each epoch's incomplete last batch (its loss is noisy)")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes; 0 loads in the trainer")
+    pin_memory: bool = Field(False, description="page-lock batches for faster copies to a CUDA device (no effect "
+                                                "on cpu)")
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out fraction for validation (digits, "
+                                                                  "digits_images, synthetic)")
     synthetic_samples: int = Field(512, ge=16, description="synthetic task: number of samples")
     synthetic_features: int = Field(16, ge=2, description="synthetic task: input features")
     synthetic_classes: int = Field(4, ge=2, description="synthetic task: classes")
@@ -57,9 +67,9 @@ class DataConfig(_Section):
     @field_validator("task")
     @classmethod
     def _task(cls, v: str) -> str:
-        if v in ("digits", "synthetic") or is_factory_ref(v):
+        if v in BUILTIN_TASKS or is_factory_ref(v):
             return v
-        raise ValueError(f"must be 'digits', 'synthetic' or 'module:function', got {v!r}")
+        raise ValueError(f"must be one of {', '.join(BUILTIN_TASKS)} or 'module:function', got {v!r}")
 
 
 class HostConfig(_Section):

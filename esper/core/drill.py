@@ -109,6 +109,8 @@ def report(summary: dict[str, Any], rd: RunDir, expected: FaultSpec, *, fault: s
         mismatches.append(f"rollback took {rollback['latency_ms']:.1f} ms > SLA {rollback['sla_ms']} ms")
     if "rollback" in expected.action and rollback is None:
         mismatches.append("expected a rollback, none happened")
+    if "skipped" in expected.action and "batch_skipped" not in actions:
+        mismatches.append("expected the offending batch to be skipped on the replay, it was not")
     return {
         "fault": fault,
         "level_forced": level.upper() if level else None,
@@ -135,7 +137,7 @@ _ACTION_EVENTS = {
     "rollback.completed": "rollback", "rollback.failed": "rollback_failed", "seed.transition": None,
     "controller.suspended": "controller_suspended", "checkpoint.failed": "checkpoint_write_failed",
     "checkpoint.corrupt_detected": "corruption_detected", "command.rejected": "command_rejected",
-    "stop.requested": "graceful_stop",
+    "stop.requested": "graceful_stop", "batch.skipped": "batch_skipped",
 }
 
 

@@ -28,11 +28,11 @@ CATALOGUE: dict[str, FaultSpec] = {
     f.name: f
     for f in (
         FaultSpec("nan_loss", "the training loss of one step becomes NaN", "ELEVATED",
-                  "fast rollback; bad step not applied", "COMPLETED", 0),
+                  "fast rollback; bad step not applied; its batch skipped on the replay", "COMPLETED", 0),
         FaultSpec("inf_grad", "one parameter gradient becomes +inf after backward", "ELEVATED",
                   "fast rollback; bad step not applied", "COMPLETED", 0),
         FaultSpec("loss_spike", "one step's loss is multiplied far past the EWMA explosion factor", "ELEVATED",
-                  "fast rollback; bad step not applied", "COMPLETED", 0),
+                  "fast rollback; bad step not applied; its batch skipped on the replay", "COMPLETED", 0),
         FaultSpec("seed_forward_error", "an active seed's forward raises", "ELEVATED",
                   "fast rollback; offending seed culled", "COMPLETED", 0),
         FaultSpec("controller_timeout", "the controller's decision hangs past controller.timeout_ms",

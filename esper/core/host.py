@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,7 +16,8 @@ _ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
 class MLPHost(nn.Module):
-    """hidden1..N (Linear + activation) then a linear head; slots attach to the hidden layers' outputs."""
+    """hidden1..N (Linear + activation) then a linear head; slots attach to the hidden layers' outputs.
+    Inputs of any shape are flattened first."""
 
     def __init__(self, n_features: int, n_classes: int, widths: list[int], activation: str) -> None:
         super().__init__()
@@ -25,6 +28,7 @@ class MLPHost(nn.Module):
         self.depth = len(widths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
         for i in range(1, self.depth + 1):
             x = getattr(self, f"hidden{i}")(x)
         return self.head(x)
@@ -40,17 +44,18 @@ class MLPHost(nn.Module):
         return self.head(h)
 
 
-def build_host(cfg: EsperConfig, n_features: int, n_classes: int) -> nn.Module:
-    """Build the configured host (initialised from the run seed)."""
+def build_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """Build the configured host (initialised from the run seed) for per-sample inputs of ``input_shape``."""
     rng.seed_global(cfg.run.seed)
     if cfg.host.factory == "mlp":
-        return MLPHost(n_features, n_classes, cfg.host.hidden, cfg.host.activation)
+        return MLPHost(math.prod(input_shape), n_outputs, cfg.host.hidden, cfg.host.activation)
     factory = load_factory(cfg.host.factory, "host.factory")
-    return check_type(factory(cfg, n_features, n_classes), nn.Module, cfg.host.factory, "host.factory")
+    return check_type(factory(cfg, input_shape, n_outputs), nn.Module, cfg.host.factory, "host.factory")
 
 
-def layer_widths(host: nn.Module, layers: list[str], n_features: int) -> dict[str, int]:
-    """Output width of each named layer, found by one probe forward; unknown layers are config errors."""
+def layer_widths(host: nn.Module, layers: list[str], example_x: torch.Tensor) -> dict[str, int]:
+    """Output width of each named layer, found by one probe forward of a real example batch (the task's
+    ``example_x``); unknown layers are config errors."""
     names = dict(host.named_modules())
     missing = [name for name in layers if name not in names]
     if missing:
@@ -65,7 +70,7 @@ def layer_widths(host: nn.Module, layers: list[str], n_features: int) -> dict[st
         handles.append(names[name].register_forward_hook(hook))
     try:
         with torch.no_grad():
-            host(torch.zeros(2, n_features))
+            host(example_x)
     finally:
         for h in handles:
             h.remove()

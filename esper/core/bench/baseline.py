@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from esper.core import config as config_mod
 from esper.core.bench.stats import BenchError, BenchUnsupported
-from esper.core.data import Dataset, batches, build_dataset
+from esper.core.data import Task, build_task, train_batches, val_batches
 from esper.core.host import MLPHost, build_host
 from esper.core.optim import ParamGroupSpec, build_optimizer
 
@@ -45,7 +45,7 @@ class PlainNet(nn.Module):
         self.alpha = 0.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x
+        h = x.flatten(1)
         seed_h: torch.Tensor | None = None
         for i in range(1, self.host.depth + 1):
             name = f"hidden{i}"
@@ -72,28 +72,36 @@ class PlainNet(nn.Module):
 
 
 
-def p1_round(net: PlainNet, opt: torch.optim.Optimizer, data: Dataset, batch_size: int, seed: int,
+def epoch_batches(task: Task, cfg: config_mod.EsperConfig, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One whole epoch of training batches, exactly as the trainer reads them (the same DataLoader)."""
+    return iter(train_batches(task, cfg.data, cfg.run.seed, epoch, 0, frozenset()))
+
+
+def p1_round(net: PlainNet, opt: torch.optim.Optimizer, task: Task, cfg: config_mod.EsperConfig,
              first_epoch: int, epochs: int, blend_steps: int, grad_clip: float) -> float:
     """ms per step of a hand-written loop over the same batches Esper's P-1 round trains on."""
     train_params = list(net.train_seed.parameters())
     all_params = [p for g in opt.param_groups for p in g["params"]]
-    steps, loss_sum, correct, step = 0, 0.0, 0, 0
+    steps, loss_sum, step = 0, 0.0, 0
+    metric_sums = dict.fromkeys(task.metrics, 0.0)
     t0 = time.perf_counter()
     for e in range(epochs):
-        for x, y in batches(data, batch_size, seed, first_epoch + e):
+        for x, y in epoch_batches(task, cfg, first_epoch + e):
             opt.zero_grad(set_to_none=True)
             net.alpha = min(1.0, step / blend_steps)
             logits, seed_logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            loss = task.loss(logits, y)
             loss_sum += loss.item()
             loss.backward()
-            seed_loss = F.cross_entropy(seed_logits, y)
+            seed_loss = task.loss(seed_logits, y)
             for p, g in zip(train_params, torch.autograd.grad(seed_loss, train_params), strict=True):
                 p.grad = g
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(all_params, grad_clip)
             opt.step()
-            correct += int((logits.detach().argmax(dim=1) == y).sum())
+            with torch.no_grad():  # the task's metrics, as the trainer records them per step
+                for name, fn in task.metrics.items():
+                    metric_sums[name] += float(fn(logits, y)) * len(y)
             steps += 1
             step += 1
     dt = time.perf_counter() - t0
@@ -104,17 +112,21 @@ def p1_round(net: PlainNet, opt: torch.optim.Optimizer, data: Dataset, batch_siz
 
 def train_plain(cfg: config_mod.EsperConfig, epochs: int) -> float:
     """The configured host trained on the configured task by a plain loop; returns the last validation loss."""
-    data = build_dataset(cfg)
-    model = build_host(cfg, data.n_features, data.n_classes)
+    task = build_task(cfg)
+    model = build_host(cfg, task.input_shape, task.n_outputs)
     opt = build_optimizer(cfg.trainer, [ParamGroupSpec("host", list(model.parameters()))])
     val = float("nan")
     for epoch in range(1, epochs + 1):
-        for x, y in batches(data, cfg.data.batch_size, cfg.run.seed, epoch):
+        for x, y in epoch_batches(task, cfg, epoch):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            task.loss(model(x), y).backward()
             opt.step()
         with torch.no_grad():
-            val = float(F.cross_entropy(model(data.x_val), data.y_val))
+            total, seen = 0.0, 0
+            for x, y in val_batches(task, cfg.data):
+                total += float(task.loss(model(x), y)) * len(y)
+                seen += len(y)
+            val = total / seen
     return val
 
 

@@ -110,7 +110,8 @@ def observations(cfg: EsperConfig, run_id: str, candidates: Mapping[str, dict[st
                           "alpha": alpha, "seed_loss_improvement": 0.1 if stage == "TRAINING" else None,
                           "counterfactual_gain": gain, "candidate_params": dict(candidates[name])})
         yield {"run_id": run_id, "epoch": epoch, "train_loss": 0.5 + 0.001 * (i % 3),
-               "val_loss": 0.6 - 0.0005 * (i % 2), "val_accuracy": 0.8, "step_latency_ms": 1.0,
+               "val_loss": 0.6 - 0.0005 * (i % 2), "val_metrics": {"val_accuracy": 0.8},
+               "primary_metric": "val_accuracy", "direction": "max", "step_latency_ms": 1.0,
                "rollbacks_total": 0, "total_params": 682,
                "slots": slots}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from esper.core.bench.baseline import PlainNet, p1_round
+from esper.core.bench.baseline import PlainNet, epoch_batches, p1_round
 from esper.core.bench.stats import (
     Absolute,
     BenchError,
@@ -25,7 +25,6 @@ from esper.core.bench.stats import (
     summarize,
 )
 from esper.core.config import EsperConfig
-from esper.core.data import batches
 from esper.core.host import MLPHost, build_host
 from esper.core.kasmina import SeedSlot
 from esper.core.optim import ParamGroupSpec, build_optimizer
@@ -43,7 +42,7 @@ class P1Setup:
     cfg: EsperConfig
     parts: Parts
     step: Step  # Trainer.train_step
-    evaluate: Callable[[frozenset[str]], tuple[float, float]]
+    evaluate: Callable[[frozenset[str]], dict[str, float]]
     emitter: Emitter
     close: Callable[[], None]
     plain: PlainNet
@@ -65,7 +64,7 @@ def _germinate(p: Parts, slot: str, blueprint: str) -> None:
 def _train_epoch(cfg: EsperConfig, p: Parts, step: Step, emitter: Emitter, epoch: int) -> EpochStats:
     stats = EpochStats()
     training = [sl for sl in p.kasmina.slots.values() if sl.stage == "TRAINING"]
-    for x, y in batches(p.data, cfg.data.batch_size, cfg.run.seed, epoch):
+    for x, y in epoch_batches(p.task, cfg, epoch):
         emitter.set_context(epoch=epoch, step=p.state.global_step)
         step(x, y, stats, training)
     return stats
@@ -98,7 +97,7 @@ def setup_p1(cfg: EsperConfig, scratch: Path) -> P1Setup:
         _germinate(p, train_slot, blueprints[1 % len(blueprints)])
         assert isinstance(p.host, MLPHost)
         # a fresh host carries no Kasmina hooks; it starts from the trainer's weights
-        host = build_host(cfg, p.data.n_features, p.data.n_classes)
+        host = build_host(cfg, p.task.input_shape, p.task.n_outputs)
         assert isinstance(host, MLPHost)
         host.load_state_dict(p.host.state_dict())
         blend_mod, train_mod = p.kasmina.slots[blend_slot].module, p.kasmina.slots[train_slot].module
@@ -117,8 +116,7 @@ def setup_p1(cfg: EsperConfig, scratch: Path) -> P1Setup:
 
 def _plain_round(s: P1Setup, epochs: int) -> float:
     cfg = s.cfg
-    return p1_round(s.plain, s.plain_opt, s.parts.data, cfg.data.batch_size, cfg.run.seed, s.epoch, epochs,
-                    s.blend_steps, cfg.trainer.grad_clip)
+    return p1_round(s.plain, s.plain_opt, s.parts.task, cfg, s.epoch, epochs, s.blend_steps, cfg.trainer.grad_clip)
 
 
 def _esper_round(s: P1Setup, epochs: int) -> float:
@@ -129,7 +127,7 @@ def _esper_round(s: P1Setup, epochs: int) -> float:
     steps = 0
     t0 = time.perf_counter()
     for e in range(epochs):
-        for x, y in batches(p.data, s.cfg.data.batch_size, s.cfg.run.seed, s.epoch + e):
+        for x, y in epoch_batches(p.task, s.cfg, s.epoch + e):
             s.emitter.set_context(epoch=s.epoch + e, step=p.state.global_step)
             s.step(x, y, stats, training)
             steps += 1
@@ -148,7 +146,7 @@ def run_p1(s: P1Setup, plan: BenchPlan) -> tuple[Comparison, EpochStats]:
                                lambda: _esper_round(s, plan.p1_epochs_per_round),
                                warmup=plan.warmup, repeats=plan.repeats)
     stats = EpochStats()
-    for x, y in batches(p.data, s.cfg.data.batch_size, s.cfg.run.seed, s.epoch):
+    for x, y in epoch_batches(p.task, s.cfg, s.epoch):
         s.step(x, y, stats, None)
     comp = Comparison(
         "P-1", "train step, 2 active seeds + telemetry", "ms/step", "plain PyTorch loop, same modules",
@@ -166,13 +164,13 @@ def run_p1_controller(s: P1Setup, stats: EpochStats, plan: BenchPlan,
     p = s.parts
     if p.controller is None or p.mediator is None or p.decisions is None:
         raise BenchError("P-1 controller cost needs a controller (seeds.enabled with slots)")
-    val_loss, val_acc = s.evaluate(frozenset())
+    val = s.evaluate(frozenset())
     epoch = 10_000
     per_decision: list[float] = []
     n = max(plan.repeats, 3) + plan.warmup
     for i in range(n):
         epoch += 1
-        obs = p.decisions.observation(epoch, stats, val_loss, val_acc)
+        obs = p.decisions.observation(epoch, stats, val)
         t0 = time.perf_counter()
         decision = p.controller.adopt(p.mediator.decide("decide", p.controller.payload(obs)))
         dt = (time.perf_counter() - t0) * 1000.0

@@ -26,8 +26,8 @@ from esper.statemachines import SEED, StrictMachine, TransitionRecord
 Emit = Callable[..., Any]
 Build = Callable[[str, int], nn.Module]  # (blueprint, width) -> a fresh module: the blueprint load manager's get
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# bypassed slot names -> (val_loss, val_accuracy)
-Evaluator = Callable[[frozenset[str]], tuple[float, float]]
+# bypassed slot names -> the task's validation metrics: val_loss and every val_<metric>
+Evaluator = Callable[[frozenset[str]], dict[str, float]]
 
 
 class Kasmina:
@@ -321,8 +321,8 @@ class Kasmina:
                     self._reset(slot)
         for slot in self.slots.values():
             if slot.stage == "PROBATIONARY":
-                loss_with, _ = evaluate(frozenset())
-                loss_without, _ = evaluate(frozenset({slot.name}))
+                loss_with = evaluate(frozenset())["val_loss"]
+                loss_without = evaluate(frozenset({slot.name}))["val_loss"]
                 slot.stats.counterfactual = {"loss_with": loss_with, "loss_without": loss_without,
                                              "gain": loss_without - loss_with}
         return changed

@@ -71,8 +71,7 @@ class Decision:
 
 
 def _metrics(obs: Observation) -> EpochMetrics:
-    return EpochMetrics(epoch=obs.epoch, train_loss=obs.train_loss, val_loss=obs.val_loss,
-                        val_accuracy=obs.val_accuracy)
+    return EpochMetrics(epoch=obs.epoch, train_loss=obs.train_loss, val_loss=obs.val_loss, **obs.val_metrics)
 
 
 class Tamiyo:
@@ -296,7 +295,8 @@ class Tamiyo:
         if abort is not None:
             outcome, why = Outcome.ABORTED, abort
         elif obs.epoch >= window.due_epoch:
-            outcome, why = classify(window.before, after, self._c.plateau_min_delta)
+            outcome, why = classify(window.before, after, self._c.plateau_min_delta, obs.primary_metric,
+                                    obs.direction)
         else:
             return None
         return FieldReport(report_id=report_id_for(cmd.command_id), run_id=self.run_id,

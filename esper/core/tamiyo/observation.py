@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -72,7 +72,11 @@ class Observation(BaseModel):
     epoch: int = Field(ge=0)
     train_loss: float
     val_loss: float
-    val_accuracy: float = Field(ge=0.0, le=1.0)
+    # every task metric on the validation set by its reported name (val_accuracy, ...), and which one is primary
+    # (a key of val_metrics, or val_loss) with the direction in which it improves
+    val_metrics: dict[str, float]
+    primary_metric: str
+    direction: Literal["max", "min"]
     step_latency_ms: float = Field(ge=0.0)
     rollbacks_total: int = Field(ge=0)
     total_params: int = Field(ge=0)
@@ -83,7 +87,16 @@ class Observation(BaseModel):
         names = [s.name for s in self.slots]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate slot names {names}")
+        bad = [k for k in self.val_metrics if k == "val_loss" or not (k.startswith("val_") and k.isidentifier())]
+        if bad:
+            raise ValueError(f"val_metrics keys must be val_<name> other than val_loss, got {bad}")
+        if self.primary_metric != "val_loss" and self.primary_metric not in self.val_metrics:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is neither val_loss nor one of "
+                             f"{sorted(self.val_metrics)}")
         return self
+
+    def metric(self, name: str) -> float:
+        return self.val_loss if name == "val_loss" else self.val_metrics[name]
 
     def slot(self, name: str) -> SlotView:
         for s in self.slots:

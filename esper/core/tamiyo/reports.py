@@ -81,16 +81,21 @@ def relative_change(before: float, after: float) -> float:
     return 0.0 if before == 0.0 else (after - before) / abs(before)
 
 
-def classify(before: EpochMetrics, after: EpochMetrics, min_delta: float) -> tuple[Outcome, str]:
-    """SUCCESS when val loss fell by at least ``min_delta`` (relative) or accuracy rose by it (absolute) and
-    neither got worse by that much; REGRESSION for the mirror image; NEUTRAL for small or mixed changes."""
+def classify(before: EpochMetrics, after: EpochMetrics, min_delta: float, primary: str,
+             direction: str) -> tuple[Outcome, str]:
+    """SUCCESS when val loss fell by at least ``min_delta`` (relative) or the task's primary metric improved by
+    it (absolute, in its ``direction``) and neither got worse by that much; REGRESSION for the mirror image;
+    NEUTRAL for small or mixed changes. A primary metric of ``val_loss`` is judged by the loss alone."""
     loss = relative_change(before.val_loss, after.val_loss)
-    acc = after.val_accuracy - before.val_accuracy
-    better = loss <= -min_delta or acc >= min_delta
-    worse = loss >= min_delta or acc <= -min_delta
-    detail = (f"val loss {before.val_loss:.4g} -> {after.val_loss:.4g} ({loss:+.2%}), "
-              f"accuracy {before.val_accuracy:.4f} -> {after.val_accuracy:.4f} ({acc:+.4f}), "
-              f"epochs {before.epoch} -> {after.epoch}, threshold {min_delta:g}")
+    better = loss <= -min_delta
+    worse = loss >= min_delta
+    detail = f"val loss {before.val_loss:.4g} -> {after.val_loss:.4g} ({loss:+.2%}), "
+    if primary != "val_loss":
+        b, a = before.metric(primary), after.metric(primary)
+        gain = (a - b) if direction == "max" else (b - a)
+        better, worse = better or gain >= min_delta, worse or gain <= -min_delta
+        detail += f"{primary} {b:.4f} -> {a:.4f} ({a - b:+.4f}), "
+    detail += f"epochs {before.epoch} -> {after.epoch}, threshold {min_delta:g}"
     if better and not worse:
         return Outcome.SUCCESS, detail
     if worse and not better:

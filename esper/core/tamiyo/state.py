@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from esper.core.tamiyo._util import describe
 from esper.core.tamiyo.commands import Command
@@ -17,14 +17,31 @@ _MODEL = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class EpochMetrics(BaseModel):
-    """Validation/training metrics of one epoch: the before/after points of a field report."""
+    """Validation/training metrics of one epoch: the before/after points of a field report. Besides the losses,
+    one ``val_<metric>`` float per task metric (``val_accuracy`` for classification), flat as in metrics.jsonl."""
 
-    model_config = ConfigDict(frozen=True, strict=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, strict=True, extra="allow", allow_inf_nan=False)
+    __pydantic_extra__: dict[str, float] = Field(init=False)
 
     epoch: int = Field(ge=0)
     train_loss: float
     val_loss: float
-    val_accuracy: float
+
+    @model_validator(mode="after")
+    def _val_names(self) -> EpochMetrics:
+        bad = [k for k in self.model_extra or {} if not (k.startswith("val_") and k.isidentifier())]
+        if bad:
+            raise ValueError(f"unknown metric keys {bad}: task metrics are val_<name>")
+        return self
+
+    def metric(self, name: str) -> float:
+        """``val_loss`` or a task metric by its reported name; a missing one is a KeyError naming it."""
+        if name == "val_loss":
+            return self.val_loss
+        extra = self.model_extra or {}
+        if name not in extra:
+            raise KeyError(f"epoch {self.epoch} has no metric {name!r} (has {sorted(extra)})")
+        return float(extra[name])
 
 
 class EpochRecord(BaseModel):

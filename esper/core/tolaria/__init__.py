@@ -6,7 +6,7 @@ code outside the package imports from here, modules inside import each other by 
 run is started with :func:`train` and driven step by step (the bench) through :func:`open_trainer`.
 """
 
-from esper.core.tolaria.builder import Parts, task_loss
+from esper.core.tolaria.builder import Parts
 from esper.core.tolaria.components import Components, Layout, ModuleState, Stateful
 from esper.core.tolaria.emergency import LEVELS, EmergencyManager, Signal
 from esper.core.tolaria.injector import FaultEntry, force_level
@@ -20,5 +20,5 @@ from esper.core.tolaria.trainer import open_trainer, train
 __all__ = [
     "LEVELS", "Components", "ControllerWorker", "EmergencyManager", "EpochStats", "FastSnapshot", "FaultEntry",
     "Layout", "Mediator", "ModuleState", "Parts", "Position", "Reporter", "Signal", "Stateful",
-    "TorchOptimizerState", "TrainState", "force_level", "live_tensors", "open_trainer", "task_loss", "train",
+    "TorchOptimizerState", "TrainState", "force_level", "live_tensors", "open_trainer", "train",
 ]

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from esper.core.config import EsperConfig
-from esper.core.data import Dataset, build_dataset, steps_per_epoch
+from esper.core.data import BatchSkips, Task, build_task, fetch, steps_per_epoch
 from esper.core.host import build_host, layer_widths
 from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina
 from esper.core.optim import LRSchedule
@@ -46,17 +45,12 @@ def controller_factory(cfg: EsperConfig, run_id: str) -> Tamiyo:
     return Tamiyo(cfg.controller, cfg.seeds, run_id)
 
 
-def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # computed on the output's device (Tolaria #22)
-    return F.cross_entropy(logits, y.to(logits.device))
-
-
 @dataclass
 class Parts:
     """Everything one run is made of."""
 
     device: torch.device
-    data: Dataset
+    task: Task
     host: nn.Module
     kasmina: Kasmina
     loader: BlueprintLoadManager | None
@@ -66,6 +60,7 @@ class Parts:
     controller: Tamiyo | None
     mediator: Mediator | None
     state: TrainState
+    skips: BatchSkips
     rng: RngState
     components: Components
     faults: FaultInjector
@@ -76,6 +71,7 @@ class Parts:
     profiler: ProfilerWindow
     probe: tuple[torch.Tensor, torch.Tensor]
     steps_per_epoch: int
+    pin_memory: bool  # data.pin_memory, on a CUDA device
 
     def close(self) -> None:
         """Stop the controller worker and the blueprint prefetcher: nothing of the run outlives it."""
@@ -86,17 +82,18 @@ class Parts:
 
 
 def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit: Callable[..., Any], *,
-                controller: ControllerFactory | None = controller_factory, faults: Sequence[FaultEntry] = ()) -> Parts:
-    """Every part of the run, wired. ``controller=None`` runs without one (emergency tests); ``faults`` are
-    injected besides the config's (a drill's forced level)."""
+                task: Task | None = None, controller: ControllerFactory | None = controller_factory,
+                faults: Sequence[FaultEntry] = ()) -> Parts:
+    """Every part of the run, wired. ``task``: already built (else built here); ``controller=None`` runs without
+    one (emergency tests); ``faults`` are injected besides the config's (a drill's forced level)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.use_deterministic_algorithms(True)
     device = torch.device(cfg.run.device)
-    data = build_dataset(cfg)
-    host = build_host(cfg, data.n_features, data.n_classes).to(device)
+    task = task if task is not None else build_task(cfg)
+    host = build_host(cfg, task.input_shape, task.n_outputs).to(device)
     seeds_cfg = cfg.seeds if cfg.seeds.enabled else cfg.seeds.model_copy(update={"slots": []})
-    widths = layer_widths(host, [s.layer for s in seeds_cfg.slots], data.n_features)
+    widths = layer_widths(host, [s.layer for s in seeds_cfg.slots], task.example_x().to(device))
     kcfg = cfg if cfg.seeds.enabled else cfg.model_copy(update={"seeds": seeds_cfg})
     registry = BlueprintRegistry(kcfg.seeds)
     loader = None
@@ -114,7 +111,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
                 for width in sorted(set(widths.values())):
                     loader.prefetch(name, width)
         optimizer = OptimizerPart(cfg.trainer, kasmina, emit)
-        n_steps = steps_per_epoch(data, cfg.data.batch_size)
+        n_steps = steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last)  # type: ignore[arg-type]
         schedule = LRSchedule(cfg.trainer, cfg.trainer.epochs * n_steps)
         emergency = EmergencyManager(cfg.emergency, emit)
         tamiyo = None
@@ -124,6 +121,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
                                        tamiyo_worker.factory_args(cfg.controller, cfg.seeds, run_dir.run_id))
             mediator = Mediator(cfg.controller.timeout_ms, emit, controller=endpoint)
         state = TrainState()
+        skips = BatchSkips()
         rng = RngState()
 
         components = Components()  # restore order: the modules before the optimizer that holds their parameters
@@ -134,6 +132,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         components.register("train", state, Layout(keys=(
             "epoch", "step_in_epoch", "global_step", "metrics", "history", "epoch_stats", "rollbacks", "commands")),
             keep_on_rollback=TrainState.KEEP_ON_ROLLBACK)
+        components.register("data", skips, Layout(key="data", absent=BatchSkips.ABSENT), keep_on_rollback=True)
         components.register("emergency", emergency, Layout(key="emergency"), keep_on_rollback=True)
         components.register("controller", tamiyo, Layout(key="controller"), keep_on_rollback=True)  # rewound instead
         components.register("rng", rng, Layout(file="rng"))
@@ -142,13 +141,14 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         checkpointer = Checkpointer(cfg, run_dir.checkpoints, run_dir.run_id, components, state, machine, injector,
                                     emit)
         rollback = RollbackManager(cfg.rollback, components, state, tamiyo, lambda: checkpointer.last, emit)
-        safety = Safety(cfg.emergency, machine, emergency, rollback, checkpointer, state, kasmina, optimizer, emit)
-        n = min(len(data.x_train), cfg.data.batch_size)
-        probe = (data.x_train[:n].to(device), data.y_train[:n].to(device))
+        safety = Safety(cfg.emergency, machine, emergency, rollback, checkpointer, state, skips, kasmina, optimizer,
+                        emit)
+        px, py = fetch(task.train, range(min(len(task.train), cfg.data.batch_size)))  # type: ignore[arg-type]
+        probe = (px.to(device), py.to(device))  # G1's probe batch: the first training samples
         decisions = None
         if tamiyo is not None and mediator is not None:
             decisions = Decisions(run_dir.run_id, tamiyo, mediator, kasmina, optimizer, state,
-                                  FieldReportLog(run_dir.field_reports), injector, probe, task_loss, safety.handle,
+                                  FieldReportLog(run_dir.field_reports), injector, probe, task, safety.handle,
                                   emit)
         profiler = ProfilerWindow(cfg.trainer.profiler, run_dir.path, emit)
     except BaseException:
@@ -158,5 +158,6 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         if mediator is not None:
             mediator.close()
         raise
-    return Parts(device, data, host, kasmina, loader, optimizer, schedule, emergency, tamiyo, mediator, state, rng,
-                 components, injector, checkpointer, rollback, safety, decisions, profiler, probe, n_steps)
+    return Parts(device, task, host, kasmina, loader, optimizer, schedule, emergency, tamiyo, mediator, state, skips,
+                 rng, components, injector, checkpointer, rollback, safety, decisions, profiler, probe, n_steps,
+                 cfg.data.pin_memory and device.type == "cuda")

@@ -51,6 +51,8 @@ class Layout:
     prefix: str = ""  # key prefix of its tensors in that file (parts may share a file by prefix)
     key: str | None = None  # manifest key holding its JSON values as one object ...
     keys: tuple[str, ...] = ()  # ... or the top-level manifest keys its JSON values are written under
+    # the state of a part added after format v1's first release, when a checkpoint from before it lacks ``key``
+    absent: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,9 @@ class Components:
         states: States = {}
         for name, e in self._entries.items():
             lay = e.layout
+            if lay.key is not None and lay.key not in payload and lay.absent is not None:
+                states[name] = json.loads(json.dumps(lay.absent))  # an older checkpoint: the part's stated default
+                continue
             missing = [k for k in ((lay.key,) if lay.key is not None else lay.keys) if k not in payload]
             if missing:
                 raise CheckpointError(f"checkpoint manifest has no {missing} (the state of {name})")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from esper.core.data import Task
 from esper.core.kasmina import BlueprintLoadError, GateResult, Kasmina, LossFn
 from esper.core.tamiyo import Command, FieldReportLog, Tamiyo
 from esper.core.tolaria.emergency import Signal
@@ -24,7 +25,7 @@ class Decisions:
 
     def __init__(self, run_id: str, controller: Tamiyo, mediator: Mediator, kasmina: Kasmina,
                  optimizer: OptimizerPart, state: TrainState, reports: FieldReportLog, faults: FaultInjector,
-                 probe: tuple[torch.Tensor, torch.Tensor], loss: LossFn, signal: Callable[[Signal], None],
+                 probe: tuple[torch.Tensor, torch.Tensor], task: Task, signal: Callable[[Signal], None],
                  emit: Callable[..., Any]) -> None:
         self.run_id = run_id
         self.controller = controller
@@ -35,17 +36,18 @@ class Decisions:
         self.reports = reports
         self.faults = faults
         self.probe = probe
-        self.loss = loss
+        self.task = task
+        self.loss: LossFn = task.loss
         self.signal = signal  # safety.handle
         self.emit = emit
 
-    def decide(self, epoch: int, stats: EpochStats, val_loss: float, val_acc: float) -> dict[str, int]:
+    def decide(self, epoch: int, stats: EpochStats, val: dict[str, float]) -> dict[str, int]:
         """One epoch's decision; returns how many commands were accepted and rejected."""
         out = {"accepted": 0, "rejected": 0}
         if stats.seen == 0:
             self.emit("tamiyo", "controller.skipped", "WARNING", reason="no healthy training step this epoch")
             return out
-        obs = self.observation(epoch, stats, val_loss, val_acc)
+        obs = self.observation(epoch, stats, val)
         payload = self.controller.payload(obs)
         injection = self.faults.controller()
         if injection is not None:
@@ -66,14 +68,15 @@ class Decisions:
         for cmd in decision.accepted:
             out["accepted" if self.apply(cmd) else "rejected"] += 1
         if decision.accepted:
-            obs = self.observation(epoch, stats, val_loss, val_acc)  # stages changed by applied commands
+            obs = self.observation(epoch, stats, val)  # stages changed by applied commands
         for report in self.controller.observe_outcomes(obs):
             written = self.reports.append(report)  # False: already on disk (a resumed run re-files it)
             self.emit("tamiyo", "field_report.filed", "INFO", written=written, **report.to_dict())
         return out
 
-    def observation(self, epoch: int, stats: EpochStats, val_loss: float, val_acc: float) -> dict[str, Any]:
-        """What the controller sees at the end of ``epoch``."""
+    def observation(self, epoch: int, stats: EpochStats, val: dict[str, float]) -> dict[str, Any]:
+        """What the controller sees at the end of ``epoch``: every validation metric of the task, which one is
+        primary and its direction (the policy judges plateaus by ``val_loss``)."""
         slots = []
         for s in self.kasmina.slots.values():
             losses = s.stats.epoch_losses
@@ -88,7 +91,8 @@ class Decisions:
         return {
             "run_id": self.run_id, "epoch": epoch,
             "train_loss": stats.loss_sum / stats.seen,
-            "val_loss": val_loss, "val_accuracy": val_acc,
+            "val_loss": val["val_loss"], "val_metrics": {k: v for k, v in val.items() if k != "val_loss"},
+            "primary_metric": self.task.primary_metric, "direction": self.task.direction,
             "step_latency_ms": stats.mean_step_ms,
             "rollbacks_total": len(self.state.rollbacks),
             "total_params": self.kasmina.total_params(),

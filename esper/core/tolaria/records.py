@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import torch
 
 import esper
+from esper.core.data import Task
 from esper.core.errors import EsperError, ExitCode
 from esper.core.kasmina import Kasmina
 from esper.core.tolaria.builder import Parts
@@ -38,17 +39,16 @@ class Silent:
         pass
 
 
-def metrics_row(epoch: int, global_step: int, stats: EpochStats, val_loss: float, val_acc: float,
+def metrics_row(epoch: int, global_step: int, stats: EpochStats, task: Task, val: dict[str, float],
                 kasmina: Kasmina, optimizer: torch.optim.Optimizer, level: str,
                 decisions: dict[str, int]) -> dict[str, Any]:
+    """One epoch's row: ``train_loss``/``train_<metric>`` and ``val_loss``/``val_<metric>`` of the task (C1)."""
     stages = Counter(s.stage for s in kasmina.slots.values())
     return {
         "epoch": epoch,
         "global_step": global_step,
-        "train_loss": stats.loss_sum / stats.seen if stats.seen else None,
-        "train_accuracy": stats.correct / stats.seen if stats.seen else None,
-        "val_loss": val_loss,
-        "val_accuracy": val_acc,
+        **stats.means(task.metrics),
+        **val,
         "params": kasmina.total_params(),
         "seeds_by_stage": dict(sorted(stages.items())),
         "lr": optimizer.param_groups[0]["lr"],
@@ -68,24 +68,27 @@ def failure_record(exc: BaseException, parts: Parts | None, exit_code: int | Non
 
 
 def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failure: dict[str, Any] | None,
-            run_dir: str) -> dict[str, Any]:
+            run_dir: str, task: Task | None = None) -> dict[str, Any]:
     """``summary.json`` (also when the run failed before its parts were built)."""
     history = parts.state.history if parts else []
     last = history[-1] if history else {}
     checkpoint = parts.checkpointer.last if parts else None
+    described = task.describe() if task is not None else None
+    final = {k: last.get(k) for k in (described["metrics"] if described else ("val_loss",))}
     return {
         "run_id": run_id,
         "status": status,
         "exit_code": exit_code,
         "epochs_completed": len(history),
         "global_step": parts.state.global_step if parts else 0,
-        "final": {"val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
-                  "params": last.get("params")},
+        "task": described,
+        "final": {**final, "params": last.get("params")},
         "seeds": [{k: r[k] for k in ("slot", "layer", "stage", "blueprint", "seed_id", "alpha", "history")}
                   for r in (parts.kasmina.records() if parts else [])],
         "emergency_level": parts.emergency.level if parts else None,
         "emergencies": parts.emergency.history() if parts else [],
         "rollbacks": parts.state.rollbacks if parts else [],
+        "skipped_batches": parts.skips.state_dict()["skipped"] if parts else [],
         "faults": parts.faults.fired if parts else [],
         "commands": dict(parts.state.commands) if parts else {},
         "checkpoint": str(checkpoint) if checkpoint else None,

@@ -1,6 +1,8 @@
 """Tolaria's safety component: what each emergency level does (SPEC §3.4).
 
-ELEVATED rolls back to last-known-good (the bad step is never applied) and restarts from there; CONSERVATIVE
+ELEVATED rolls back to last-known-good (the bad step is never applied) and restarts from there; when a loss
+spike or a non-finite loss raised it, the batch that did is skipped on the replay and ever after (H-6, as
+large-scale practice does: a deterministic replay would only meet the same batch again); CONSERVATIVE
 pauses lifecycle mutations while the host keeps training; HALT writes an emergency checkpoint of the
 last-known-good state and stops the run. The level change is emitted (CRITICAL, durable) before its action.
 """
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from esper.core.config import EmergencyConfig
+from esper.core.data import BatchSkips
 from esper.core.errors import CheckpointError
 from esper.core.kasmina import LIVE, Kasmina
 from esper.core.tolaria.checkpointer import Checkpointer
@@ -19,6 +22,10 @@ from esper.core.tolaria.optimizer import OptimizerPart
 from esper.core.tolaria.rollback import RollbackError, RollbackManager
 from esper.core.tolaria.train_state import Position, TrainState
 from esper.statemachines import EMERGENCY, StrictMachine
+
+# causes whose rollback skips the batch that raised them: the loss of that batch was the problem. A non-finite
+# gradient can come from the model's state as much as from the batch, and a data or forced fault from neither.
+SKIP_CAUSES = frozenset({"loss_explosion", "non_finite_loss"})
 
 
 class Restart(Exception):  # noqa: N818 - control flow, not an error
@@ -41,14 +48,15 @@ class Safety:
     """Turns signals into level changes and their actions, on the parts it is given."""
 
     def __init__(self, cfg: EmergencyConfig, machine: StrictMachine, emergency: EmergencyManager,
-                 rollback: RollbackManager, checkpointer: Checkpointer, state: TrainState, kasmina: Kasmina,
-                 optimizer: OptimizerPart, emit: Callable[..., Any]) -> None:
+                 rollback: RollbackManager, checkpointer: Checkpointer, state: TrainState, skips: BatchSkips,
+                 kasmina: Kasmina, optimizer: OptimizerPart, emit: Callable[..., Any]) -> None:
         self.cfg = cfg
         self.machine = machine
         self.emergency = emergency
         self.rollback_mgr = rollback
         self.checkpointer = checkpointer
         self.state = state
+        self.skips = skips
         self.kasmina = kasmina
         self.optimizer = optimizer
         self.emit = emit
@@ -77,13 +85,17 @@ class Safety:
     def rollback(self, signal: Signal, cull: str | None) -> None:
         self.machine.fire("rollback", reason=f"{signal.cause}: restore last-known-good")
         before = self.state.global_step
+        at = (self.state.epoch, self.state.step_in_epoch)  # the batch of the bad step (the loop's position)
         try:
             result = self.rollback_mgr.rollback(f"{signal.cause}: {signal.detail}")
         except (RollbackError, CheckpointError) as exc:
             self.emit("tolaria", "rollback.failed", "CRITICAL", cause=signal.cause, error=str(exc))
             self.emergency.escalate("HALT", f"rollback failed: {exc}")
             raise Halt(f"rollback failed: {exc}") from exc
-        record = {**result.to_dict(), "cause": signal.cause, "epoch": self.state.epoch, "global_step_before": before}
+        record = {**result.to_dict(), "cause": signal.cause, "epoch": self.state.epoch, "global_step_before": before,
+                  "skip": None}
+        if signal.cause in SKIP_CAUSES:
+            record["skip"] = self.skips.add(at[0], at[1], signal.cause, before).to_dict()
         self.state.rollbacks.append(record)
         self.emit("tolaria", "rollback.completed", "WARNING" if result.within_sla else "CRITICAL", **record)
         if not result.within_sla:

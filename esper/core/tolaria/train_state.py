@@ -4,27 +4,42 @@ log, command counts) and the partial epoch's statistics. A Stateful part of ever
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
 @dataclass
 class EpochStats:
-    """Aggregation of one epoch's steps."""
+    """Aggregation of one epoch's steps: the loss and each task metric as sample-weighted sums of batch means."""
 
     loss_sum: float = 0.0
-    correct: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
     seen: int = 0
     steps: int = 0
     skipped: int = 0
     step_ms: list[float] = field(default_factory=list)
 
-    def add(self, loss: float, correct: int, n: int, ms: float) -> None:
+    def add(self, loss: float, metrics: dict[str, float], n: int, ms: float) -> None:
         self.loss_sum += loss * n
-        self.correct += correct
+        for name, value in metrics.items():
+            self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value * n
         self.seen += n
         self.steps += 1
         self.step_ms.append(ms)
+
+    def means(self, metrics: Iterable[str]) -> dict[str, float | None]:
+        """``train_loss`` and ``train_<metric>`` of the steps so far (None before the first)."""
+        out: dict[str, float | None] = {"train_loss": self.loss_sum / self.seen if self.seen else None}
+        for name in metrics:
+            out[f"train_{name}"] = self.metric_sums[name] / self.seen if self.seen else None
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochStats:
+        sums = dict(d["metric_sums"]) if "metric_sums" in d else {"accuracy": float(d["correct"])}  # pre-task format
+        return cls(float(d["loss_sum"]), sums, int(d["seen"]), int(d["steps"]), int(d["skipped"]),
+                   [float(v) for v in d["step_ms"]])
 
     @property
     def mean_step_ms(self) -> float:
@@ -96,6 +111,6 @@ class TrainState:
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
         stats = state["epoch_stats"]
-        self.stats = EpochStats(**{**stats, "step_ms": list(stats["step_ms"])}) if stats is not None else None
+        self.stats = EpochStats.from_dict(stats) if stats is not None else None
         self.rollbacks = list(state["rollbacks"])
         self.commands = Counter(state["commands"])

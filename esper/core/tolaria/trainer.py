@@ -19,12 +19,12 @@ import esper
 import esper.core.tolaria.records as records
 from esper.core.checkpoint import LoadedCheckpoint
 from esper.core.config import EsperConfig
-from esper.core.data import batches
+from esper.core.data import Task, build_task, steps_per_epoch, train_batches, val_batches
 from esper.core.errors import ExitCode
 from esper.core.kasmina import Mode, SeedForwardError, SeedSlot
 from esper.core.rundir import RunDir
 from esper.core.telemetry import Emitter, TelemetryDeliveryError
-from esper.core.tolaria.builder import ControllerFactory, Parts, build_parts, controller_factory, task_loss
+from esper.core.tolaria.builder import ControllerFactory, Parts, build_parts, controller_factory
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.injector import DataLoaderError, FaultEntry
 from esper.core.tolaria.safety import Halt, Restart
@@ -51,10 +51,14 @@ class Trainer:
         self._controller_factory = controller_factory
         self._faults = tuple(faults)  # injected besides the config's (a drill's forced level)
         self.parts: Parts | None = None
+        self.task: Task | None = None
+        self._started = False
 
     def build(self) -> Parts:
-        self.parts = build_parts(self.cfg, self.run_dir, self.machine, self.emit, controller=self._controller_factory,
-                                 faults=self._faults)
+        if self.task is None:
+            self.task = build_task(self.cfg)
+        self.parts = build_parts(self.cfg, self.run_dir, self.machine, self.emit, task=self.task,
+                                 controller=self._controller_factory, faults=self._faults)
         return self.parts
 
     def close(self) -> None:
@@ -65,10 +69,11 @@ class Trainer:
     # -------------------------------------------------------------------- run
     def run(self, resume: LoadedCheckpoint | None = None) -> dict[str, Any]:
         """Train to completion (or stop/halt/failure); always returns the summary and writes summary.json."""
-        self.emit("tolaria", "run.started" if resume is None else "run.resuming", "INFO",
-                  config_hash=self.cfg.config_hash(), esper=esper.__version__, torch=torch.__version__)
+        self._resuming = resume is not None
         try:
             try:
+                self.task = build_task(self.cfg)
+                self._announce()
                 p = self.build()
                 if resume is not None:
                     self._resume(p, resume)
@@ -89,6 +94,20 @@ class Trainer:
         finally:
             self.close()
         return self.finish()
+
+    def _announce(self) -> None:
+        """``run.started`` / ``run.resuming``: the first event of a run, with its task once that is built (C1)."""
+        if self._started:
+            return
+        self._started = True
+        task: dict[str, Any] = {}
+        if self.task is not None:
+            d = self.cfg.data
+            task = {"task": self.task.describe(), "steps_per_epoch": steps_per_epoch(
+                len(self.task.train), d.batch_size, d.drop_last)}  # type: ignore[arg-type]
+        self.emit("tolaria", "run.resuming" if getattr(self, "_resuming", False) else "run.started", "INFO",
+                  config_hash=self.cfg.config_hash(), esper=esper.__version__, torch=torch.__version__,
+                  epochs=self.cfg.trainer.epochs, **task)
 
     def _resume(self, p: Parts, resume: LoadedCheckpoint) -> None:
         p.components.load_state_dict(p.components.from_checkpoint(resume.tensors, resume.payload))
@@ -124,9 +143,10 @@ class Trainer:
         if stats is None:
             return False
         self.machine.fire("validate", reason=f"end of epoch {epoch}")
-        val_loss, val_acc = self.evaluate(frozenset())
-        if not math.isfinite(val_loss):
-            p.safety.handle(Signal("ELEVATED", "non_finite_validation", f"validation loss is {val_loss}", {}))
+        val = self.evaluate(frozenset())
+        bad = {k: v for k, v in val.items() if not math.isfinite(v)}
+        if bad:
+            p.safety.handle(Signal("ELEVATED", "non_finite_validation", f"validation metrics {bad}", {}))
         decisions = {"accepted": 0, "rejected": 0}
         if p.safety.paused:
             self.emit("tamiyo", "controller.suspended", "WARNING", emergency_level=p.emergency.level,
@@ -136,9 +156,9 @@ class Trainer:
             if changed:
                 p.optimizer.rebuild(f"automatic lifecycle changes in {changed}")
             if p.decisions is not None:
-                decisions = p.decisions.decide(epoch, stats, val_loss, val_acc)
+                decisions = p.decisions.decide(epoch, stats, val)
         p.emergency.end_epoch()
-        row = records.metrics_row(epoch, p.state.global_step, stats, val_loss, val_acc, p.kasmina,
+        row = records.metrics_row(epoch, p.state.global_step, stats, p.task, val, p.kasmina,
                                   p.optimizer.optimizer, p.emergency.level, decisions)
         p.state.end_epoch(row)
         self.run_dir.append_metrics(row)
@@ -156,15 +176,26 @@ class Trainer:
         return True
 
     # ----------------------------------------------------------------- epochs
-    def _batches(self, p: Parts, epoch: int, skip: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from ``skip`` on; the faults due at each step are armed as it begins."""
-        for index, (x, y) in enumerate(batches(p.data, self.cfg.data.batch_size, self.cfg.run.seed, epoch)):
-            if index < skip:
-                continue
-            self.emitter.set_context(epoch=epoch, step=p.state.global_step)
-            p.faults.arm(epoch, index, p.state.global_step)
-            p.faults.before_batch(epoch, index)
-            yield index, x, y
+    def _batches(self, p: Parts, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch ``start`` on; the faults due at each step are armed as it begins. A
+        batch in the skip record is passed over (announced, never read): the position moves past it."""
+        skipped = p.skips.steps(epoch)
+        data = iter(train_batches(p.task, self.cfg.data, self.cfg.run.seed, epoch, start, skipped, p.pin_memory))
+        try:
+            for index in range(start, p.steps_per_epoch):
+                self.emitter.set_context(epoch=epoch, step=p.state.global_step)
+                if index in skipped:
+                    self.emit("tolaria", "batch.skipped", "WARNING", **p.skips.cause(epoch, index).to_dict(),
+                              reason="it raised an ELEVATED rollback: left out of every replay")
+                    p.state.step_in_epoch = index + 1
+                    continue
+                p.state.step_in_epoch = index  # the batch of this step (where a bad step's skip points)
+                p.faults.arm(epoch, index, p.state.global_step)
+                p.faults.before_batch(epoch, index)
+                x, y = next(data)
+                yield index, x, y
+        finally:
+            del data  # a loader's worker processes end with its iterator
 
     def _train_epoch(self, p: Parts, epoch: int, skip: int) -> EpochStats | None:
         p.host.train()
@@ -172,21 +203,24 @@ class Trainer:
         self.reporter.epoch_start(epoch, p.steps_per_epoch)
         training_slots = [s for s in p.kasmina.slots.values() if s.stage == "TRAINING"]
         data = self._batches(p, epoch, skip)
-        while True:
-            if self.stop.requested:
-                self._graceful_stop(p)
-                return None
-            try:
-                index, x, y = next(data)
-            except StopIteration:
-                break
-            except DataLoaderError as exc:
-                # ELEVATED always ends in a Restart (rollback) or a Halt, so nothing after this runs
-                p.safety.handle(Signal("ELEVATED", "dataloader_error", str(exc), {}))
-                raise
-            self.train_step(x, y, stats, training_slots)
-            p.profiler.step()
-            p.state.step_in_epoch = index + 1
+        try:
+            while True:
+                if self.stop.requested:
+                    self._graceful_stop(p)
+                    return None
+                try:
+                    index, x, y = next(data)
+                except StopIteration:
+                    break
+                except DataLoaderError as exc:
+                    # ELEVATED always ends in a Restart (rollback) or a Halt, so nothing after this runs
+                    p.safety.handle(Signal("ELEVATED", "dataloader_error", str(exc), {}))
+                    raise
+                self.train_step(x, y, stats, training_slots)
+                p.profiler.step()
+                p.state.step_in_epoch = index + 1
+        finally:
+            data.close()  # its loader (and any worker processes) end here, also on a rollback's Restart
         if self.stop.requested and epoch < self.cfg.trainer.epochs:
             self._graceful_stop(p)
             return None
@@ -200,18 +234,19 @@ class Trainer:
         if training_slots is None:
             training_slots = [s for s in p.kasmina.slots.values() if s.stage == "TRAINING"]
         p.safety.handle(p.faults.before_step(p.kasmina))
-        x, y = x.to(p.device), y.to(p.device)
+        x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
+        task = p.task
         opt = p.optimizer.optimizer
         opt.zero_grad(set_to_none=True)
         try:
-            logits = p.kasmina.forward(x)
-            loss = p.faults.corrupt_loss(task_loss(logits, y))
+            out = p.kasmina.forward(x)
+            loss = p.faults.corrupt_loss(task.loss(out, y))
             value = float(loss.detach())
             bad = p.emergency.check_loss(value)
             if bad is not None:
                 return self._bad_step(p, bad, stats)
             loss.backward()
-            p.kasmina.seed_passes(training_slots, x, y, task_loss)
+            p.kasmina.seed_passes(training_slots, x, y, task.loss)
         except SeedForwardError as exc:
             return self._bad_step(p, Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
                                   cull=exc.slot)
@@ -228,9 +263,10 @@ class Trainer:
         if not p.safety.paused:
             p.kasmina.after_step()  # CONSERVATIVE freezes seeds in their stage (alpha included)
         p.emergency.accept_loss(value)
+        with torch.no_grad():
+            metrics = {name: float(fn(out, y)) for name, fn in task.metrics.items()}
         ms = (time.perf_counter() - t0) * 1000.0
-        correct = int((logits.detach().argmax(dim=1) == y).sum())
-        stats.add(value, correct, len(y), ms)
+        stats.add(value, metrics, len(y), ms)
         self.reporter.step(value)
         if ms > self.cfg.emergency.slow_step_ms:
             p.safety.handle(Signal("NOTICE", "slow_step", f"step took {ms:.0f} ms > "
@@ -255,15 +291,27 @@ class Trainer:
         self.machine.fire("stop", reason=f"{name} after a graceful checkpoint")
 
     @torch.no_grad()
-    def evaluate(self, bypass: frozenset[str]) -> tuple[float, float]:
-        """Validation loss/accuracy, optionally with some slots bypassed (counterfactual)."""
+    def evaluate(self, bypass: frozenset[str]) -> dict[str, float]:
+        """``val_loss`` and ``val_<metric>`` over the validation loader, optionally with some slots bypassed
+        (the counterfactual): sample-weighted means of the batch means."""
         p = self._parts()
+        task = p.task
+        sums = dict.fromkeys(["loss", *task.metrics], 0.0)
+        seen = 0
         p.host.eval()
-        x, y = p.data.x_val.to(p.device), p.data.y_val.to(p.device)
-        with p.kasmina.modes(Mode.BYPASS, bypass):
-            logits = p.kasmina.forward(x)
-        p.host.train()
-        return float(task_loss(logits, y)), float((logits.argmax(dim=1) == y).float().mean())
+        try:
+            with p.kasmina.modes(Mode.BYPASS, bypass):
+                for x, y in val_batches(task, self.cfg.data, p.pin_memory):
+                    x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
+                    out = p.kasmina.forward(x)
+                    n = len(y)
+                    sums["loss"] += float(task.loss(out, y)) * n
+                    for name, fn in task.metrics.items():
+                        sums[name] += float(fn(out, y)) * n
+                    seen += n
+        finally:
+            p.host.train()
+        return {f"val_{k}": v / seen for k, v in sums.items()}
 
     def _parts(self) -> Parts:
         if self.parts is None:
@@ -273,6 +321,7 @@ class Trainer:
     # ---------------------------------------------------------------- records
     def _fail(self, exc: BaseException, exit_code: int | None = None) -> None:
         self.failure = records.failure_record(exc, self.parts, exit_code)
+        self._announce()  # a run that failed to build its task still starts its events with run.started
         self.emit("tolaria", "run.failed", "CRITICAL", **self.failure)
         if self.machine.may("fail"):
             self.machine.fire("fail", reason=f"{type(exc).__name__}: {exc}")
@@ -297,7 +346,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         summary = records.summary(self.run_id, self.machine.state, self.exit_code(), self.parts, self.failure,
-                                  str(self.run_dir.path))
+                                  str(self.run_dir.path), self.task)
         self.run_dir.write_summary(summary)
         if self.machine.observer is not None:
             self.emit("tolaria", "run.finished", "INFO" if summary["exit_code"] == 0 else "CRITICAL",

@@ -9,12 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC, UNHURRIED, events, make_config, metrics, out, summary, train
+from conftest import (
+    SYNTHETIC,
+    UNHURRIED,
+    assert_same_tensors,
+    events,
+    latest,
+    make_config,
+    metrics,
+    metrics_without_wall_clock,
+    out,
+    summary,
+    tensors,
+    train,
+)
 from torch.utils.data import Dataset
 
 from esper.core.data import (
     EpochBatches,
     build_task,
+    classification,
     epoch_order,
     fetch,
     mnist1d_arrays,
@@ -77,8 +91,6 @@ class NoisyDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 @pytest.mark.slow
 def test_workers_fetch_what_the_sampler_orders_from_rngs_seeded_by_seed_epoch_and_worker() -> None:
-    from esper.core.data import classification
-
     task = classification("noisy", NoisyDataset(), NoisyDataset(), (2,), 3)
 
     def epoch(workers: int, seed: int, e: int) -> list[torch.Tensor]:
@@ -217,3 +229,17 @@ def test_the_mlp_host_takes_image_inputs_flattened(tmp_path: Path) -> None:
     assert result.exit_code == 0, out(result)
     row = metrics(run)[0]
     assert row["global_step"] == 1348 // 64 and row["params"] == 64 * 6 + 6 + 6 * 6 + 6 + 6 * 10 + 10
+
+
+@pytest.mark.slow
+def test_a_run_with_worker_processes_trains_bit_identically_to_one_without(tmp_path: Path) -> None:
+    runs = {}
+    for workers in (0, 2):
+        run = tmp_path / f"workers-{workers}"
+        result = train(run, *FAST, "trainer.epochs=2", "controller.plateau_min_delta=1.0",
+                       "controller.warmup_epochs=0", f"data.num_workers={workers}")
+        assert result.exit_code == 0, out(result)
+        runs[workers] = run
+    for stem in ("model", "optimizer", "rng"):
+        assert_same_tensors(tensors(latest(runs[0]), stem), tensors(latest(runs[2]), stem))
+    assert metrics_without_wall_clock(runs[0]) == metrics_without_wall_clock(runs[2])

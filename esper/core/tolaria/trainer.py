@@ -52,7 +52,8 @@ class Trainer:
         self._faults = tuple(faults)  # injected besides the config's (a drill's forced level)
         self.parts: Parts | None = None
         self.task: Task | None = None
-        self._started = False
+        self._started = False  # run.started / run.resuming emitted
+        self._resuming = False
 
     def build(self) -> Parts:
         if self.task is None:
@@ -105,7 +106,7 @@ class Trainer:
             d = self.cfg.data
             task = {"task": self.task.describe(), "steps_per_epoch": steps_per_epoch(
                 len(self.task.train), d.batch_size, d.drop_last)}  # type: ignore[arg-type]
-        self.emit("tolaria", "run.resuming" if getattr(self, "_resuming", False) else "run.started", "INFO",
+        self.emit("tolaria", "run.resuming" if self._resuming else "run.started", "INFO",
                   config_hash=self.cfg.config_hash(), esper=esper.__version__, torch=torch.__version__,
                   epochs=self.cfg.trainer.epochs, **task)
 

@@ -201,6 +201,9 @@ def test_a_bad_task_factory_exits_3_at_build_with_its_message_intact(tmp_path: P
     s = json.loads(result.stdout)
     assert s["epochs_completed"] == 0 and "[5]" in s["failure"]["message"] and "[7]" in s["failure"]["message"]
     assert [e["event"] for e in events(tmp_path / "run")][0] == "run.started"
+    human = train(tmp_path / "run2", *FAST, "data.task=plugins_fixture:wrong_input_shape")
+    assert human.exit_code == ExitCode.CONFIG
+    assert "inputs have shape [5], Task.input_shape says [7]" in human.output  # Rich ate no bracketed text
 
 
 @pytest.mark.slow

@@ -74,7 +74,8 @@ def test_classify_crafted_windows(after: EpochMetrics, expected: Outcome) -> Non
 
 def slot(name: str, stage: str = "DORMANT", blueprint: str | None = None, epochs: int = 0,
          gain: float | None = None) -> dict[str, Any]:
-    return {"name": name, "stage": stage, "blueprint": blueprint, "epochs_in_stage": epochs, "alpha": 0.0,
+    return {"name": name, "kind": "features", "shape": [6], "compatible": ["residual_mlp", "lowrank", "bottleneck"],
+            "stage": stage, "blueprint": blueprint, "epochs_in_stage": epochs, "alpha": 0.0,
             "seed_loss_improvement": None, "counterfactual_gain": gain,
             "candidate_params": {"residual_mlp": 10, "lowrank": 10, "bottleneck": 10}}
 

@@ -105,7 +105,7 @@ def p1_round(net: PlainNet, opt: torch.optim.Optimizer, data: Dataset, batch_siz
 def train_plain(cfg: config_mod.EsperConfig, epochs: int) -> float:
     """The configured host trained on the configured task by a plain loop; returns the last validation loss."""
     data = build_dataset(cfg)
-    model = build_host(cfg, data.n_features, data.n_classes)
+    model = build_host(cfg, tuple(data.x_train.shape[1:]), data.n_classes)
     opt = build_optimizer(cfg.trainer, [ParamGroupSpec("host", list(model.parameters()))])
     val = float("nan")
     for epoch in range(1, epochs + 1):

@@ -98,7 +98,7 @@ def setup_p1(cfg: EsperConfig, scratch: Path) -> P1Setup:
         _germinate(p, train_slot, blueprints[1 % len(blueprints)])
         assert isinstance(p.host, MLPHost)
         # a fresh host carries no Kasmina hooks; it starts from the trainer's weights
-        host = build_host(cfg, p.data.n_features, p.data.n_classes)
+        host = build_host(cfg, tuple(p.data.x_train.shape[1:]), p.data.n_classes)
         assert isinstance(host, MLPHost)
         host.load_state_dict(p.host.state_dict())
         blend_mod, train_mod = p.kasmina.slots[blend_slot].module, p.kasmina.slots[train_slot].module

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from esper.core import rng
@@ -326,3 +328,34 @@ def test_a_host_whose_forward_from_is_wrong_is_caught_at_build(fail: bool, needl
     assert not torch.equal(host.b(host.a(x)), host(x))  # the relu matters on this batch
     with pytest.raises(ConfigError, match=needle):
         resumes_from(host, "a", x)
+
+
+# --- hostile shapes and host keys (Hypothesis) ----------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(declared=st.sampled_from(["auto", *KINDS]), shape=st.lists(st.integers(-2, 40), max_size=6).map(tuple))
+def test_resolve_either_gives_a_consistent_slot_shape_or_a_config_error(declared: str, shape: tuple[int, ...]) -> None:
+    try:
+        s = resolve(declared, shape, "seeds.slots[0]", "layer")
+    except ConfigError as exc:
+        assert "seeds.slots[0]" in str(exc)
+        return
+    assert s.shape == shape and all(d >= 1 for d in shape) and (declared == "auto" or s.kind == declared)
+    assert s.zeros(1).dim() == len(shape) + 1 and s.channels >= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(channels=st.lists(st.integers(1, 6), min_size=1, max_size=4), kernel=st.integers(1, 9),
+       stride=st.integers(1, 4), padding=st.integers(0, 3), length=st.integers(1, 30), images=st.booleans())
+def test_any_cnn_host_config_builds_a_host_that_runs_or_is_a_config_error(
+        channels: list[int], kernel: int, stride: int, padding: int, length: int, images: bool) -> None:
+    cfg = cnn_cfg(f"host.channels={channels}", f"host.kernels={[kernel] * len(channels)}", f"host.stride={stride}",
+                  f"host.padding={padding}")
+    shape = (2, length, length) if images else (2, length)
+    try:
+        host = build_host(cfg, shape, 5)
+    except ConfigError as exc:
+        assert "host.kernels/host.stride/host.padding" in str(exc)
+        return
+    assert host(torch.randn(3, *shape)).shape == (3, 5)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from esper.core.config import ControllerConfig, EsperConfig, SeedsConfig
-from esper.core.data import Task
+from esper.core.data import Task, TensorPairs, build_task, classification
 from esper.core.tamiyo import ControllerState, Observation, Proposal
 
 N_FEATURES = 5
@@ -113,7 +111,8 @@ class TrunkHost(nn.Module):
 
 def make_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     torch.manual_seed(cfg.run.seed)
-    return TrunkHost(math.prod(input_shape), n_outputs)
+    (n_features,) = input_shape
+    return TrunkHost(n_features, n_outputs)
 
 
 def not_a_module(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> str:
@@ -131,12 +130,12 @@ class _Scale(nn.Module):
         return x * (1 + self.s)
 
 
-def make_blueprint(width: int) -> nn.Module:
-    return _Scale(width)
+def make_blueprint(kind: str, shape: tuple[int, ...]) -> nn.Module:
+    return _Scale(shape[-1])
 
 
-def not_a_blueprint(width: int) -> list[int]:
-    return [width]
+def not_a_blueprint(kind: str, shape: tuple[int, ...]) -> list[int]:
+    return list(shape)
 
 
 class FossilizeDormant:
@@ -161,5 +160,117 @@ class _Dead(nn.Module):
         return x + 0.0 * self.p
 
 
-def dead_blueprint(width: int) -> nn.Module:
-    return _Dead(width)
+def dead_blueprint(kind: str, shape: tuple[int, ...]) -> nn.Module:
+    return _Dead(shape[-1])
+
+
+# --- activation kinds (issue 13): image and signal tasks, hosts with odd layers, conv blueprints -----------
+
+
+def digits_signal(cfg: EsperConfig) -> Task:
+    """The digits task as one-channel signals of length 64 (a 1-D conv host's input): the same split as `digits`."""
+    d = build_task(cfg.model_copy(update={"data": cfg.data.model_copy(update={"task": "digits"})}))
+    train, val = d.train, d.val
+    assert isinstance(train, TensorPairs) and isinstance(val, TensorPairs)
+    return classification("digits_signal", TensorPairs(train.x.view(-1, 1, 64), train.y),
+                          TensorPairs(val.x.view(-1, 1, 64), val.y), (1, 64), d.n_outputs)
+
+
+class _Pair(nn.Module):
+    """Returns a tuple, as an LSTM or an attention layer with weights does."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+
+class PairHost(nn.Module):
+    def __init__(self, n_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(n_features, TRUNK_WIDTH)
+        self.pair = _Pair()
+        self.out = nn.Linear(TRUNK_WIDTH, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.pair(self.trunk(x))[0])
+
+
+def pair_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    return PairHost(input_shape[0], n_outputs)
+
+
+class _ToTokens(nn.Module):
+    def __init__(self, n_features: int, tokens: int, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(n_features, tokens * width)
+        self.tokens, self.width = tokens, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x)).view(x.shape[0], self.tokens, self.width)
+
+
+class TokenHost(nn.Module):
+    """Flat inputs -> ``tokens`` [N, 4, 6] -> mean over tokens -> head: a slot at ``tokens`` is 3-D."""
+
+    def __init__(self, n_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.tokens = _ToTokens(n_features, 4, TRUNK_WIDTH)
+        self.head = nn.Linear(TRUNK_WIDTH, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tokens(x).mean(dim=1))
+
+
+def token_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    torch.manual_seed(cfg.run.seed)
+    return TokenHost(input_shape[0], n_outputs)
+
+
+class _ChannelScale(nn.Module):
+    """x * (1 + s) with one zero-initialised scale per channel (axis 1): the identity at germination."""
+
+    def __init__(self, channels: int, spatial: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.zeros(channels, *[1] * spatial))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + self.s)
+
+
+def channel_scale(kind: str, shape: tuple[int, ...]) -> nn.Module:
+    """A user conv blueprint: told the slot's kind and shape, declares the kinds it accepts and its bounds."""
+    return _ChannelScale(shape[0], len(shape) - 1)
+
+
+channel_scale.kinds = ("channels1d", "channels2d")  # type: ignore[attr-defined]
+channel_scale.bounds = lambda kind, shape: (shape[0], shape[0])  # type: ignore[attr-defined]
+CALLS: list[tuple[str, tuple[int, ...]]] = []
+
+
+def recording_blueprint(kind: str, shape: tuple[int, ...]) -> nn.Module:
+    """Records what it was told (every kind): the blueprint signature is ``factory(kind, shape)``."""
+    CALLS.append((kind, shape))
+    return _Scale(shape[-1])
+
+
+def shrinking_blueprint(kind: str, shape: tuple[int, ...]) -> nn.Module:
+    """Drops the last position: does not keep its slot's shape."""
+    return nn.Conv1d(shape[0], shape[0], 2)
+
+
+shrinking_blueprint.kinds = ("channels1d",)  # type: ignore[attr-defined]
+
+
+class ProposeEverywhere:
+    """Asks to germinate its blueprint into ``s1`` whatever fits there (a user policy that ignores kinds)."""
+
+    def __init__(self, blueprint: str) -> None:
+        self.blueprint = blueprint
+
+    def decide(self, obs: Observation, state: ControllerState) -> list[Proposal]:
+        if obs.slot("s1").stage != "DORMANT":
+            return []
+        return [Proposal("germinate", "s1", self.blueprint, "test: ignores the slot's kind", "test")]
+
+
+def propose_conv_block(controller: ControllerConfig, seeds: SeedsConfig) -> ProposeEverywhere:
+    return ProposeEverywhere("conv_block")

@@ -23,6 +23,7 @@ from esper.core import config as config_mod
 from esper.core.config import EsperConfig
 from esper.core.drill import drill_config, run_drill
 from esper.core.kasmina.blueprints import BlueprintRegistry
+from esper.core.kasmina.kinds import SlotShape
 from esper.core.rundir import RunDir
 from esper.core.tolaria.trainer import Trainer
 
@@ -122,11 +123,11 @@ def test_a_prefetched_blueprint_attaches_from_the_cache_without_a_load(tmp_path:
         tr.build()
         loader = tr.parts.loader
         assert loader is not None
-        widths = sorted({s.width for s in tr.parts.kasmina.slots.values()})
-        wanted = [(bp, w) for bp in cfg.seeds.blueprints for w in widths]
-        wait_until(lambda: all(loader.is_ready(bp, w) for bp, w in wanted), "the build-time prefetch")
+        shapes = {s.shape for s in tr.parts.kasmina.slots.values()}
+        wanted = [(bp, shape) for bp in cfg.seeds.blueprints for shape in shapes]
+        wait_until(lambda: all(loader.is_ready(bp, shape) for bp, shape in wanted), "the build-time prefetch")
         builds = loader.stats().lifetime.builds
-        assert builds == len(wanted)  # one load per (blueprint, width), de-duplicated
+        assert builds == len(wanted)  # one load per (blueprint, slot shape), de-duplicated
         loader.reset_stats()
         slot = tr.parts.kasmina.slots["s1"]
         tr.parts.kasmina.germinate("s1", "lowrank", "test: prefetched")
@@ -135,7 +136,7 @@ def test_a_prefetched_blueprint_attaches_from_the_cache_without_a_load(tmp_path:
         assert slot.stage == "GERMINATED" and slot.blueprint == "lowrank"
         assert isinstance(slot.module, nn.Module)
         # a private copy: training the seed cannot touch the cached template or the next germination's module
-        again = loader.get("lowrank", slot.width)
+        again = loader.get("lowrank", slot.shape)
         assert {id(p) for p in again.parameters()}.isdisjoint({id(p) for p in slot.module.parameters()})
     finally:
         tr.close()
@@ -162,10 +163,10 @@ def test_germinations_in_a_run_are_all_cache_hits(tmp_path: Path) -> None:
 def fail_to_build(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
     real = BlueprintRegistry.build
 
-    def build(self: BlueprintRegistry, name: str, width: int, generator_seed: int) -> nn.Module:
+    def build(self: BlueprintRegistry, name: str, shape: SlotShape, generator_seed: int) -> nn.Module:
         if name == broken:
             raise ValueError(f"test: {name} weights are unreadable")
-        return real(self, name, width, generator_seed)
+        return real(self, name, shape, generator_seed)
 
     monkeypatch.setattr(BlueprintRegistry, "build", build)
 

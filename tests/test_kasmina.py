@@ -9,16 +9,17 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EventRecorder, make_config
+from conftest import EventRecorder, fake_evaluate, make_config, perturb, seed_to_probationary, seed_to_training
 from torch import nn
 
 from esper.core.config import BlendConfig, EsperConfig
 from esper.core.errors import ConfigError, EsperError, ExitCode
-from esper.core.host import build_host, layer_widths
+from esper.core.host import build_host, probe_host
 from esper.core.kasmina import gates
 from esper.core.kasmina.blending import BlendError, BlendSpec, alpha_at, blend, parse_blend
 from esper.core.kasmina.isolation import IsolationMonitor
 from esper.core.kasmina.kasmina import Kasmina
+from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.slot import Mode, SeedSlot
 from esper.statemachines import GateRejected, IllegalTransition
 
@@ -36,9 +37,9 @@ def make_kasmina(*overrides: str, build: Callable[[str, int], nn.Module] | None 
                  ) -> tuple[Kasmina, EventRecorder, nn.Module]:
     cfg = make_cfg(*overrides)
     host = build_host(cfg, (N_FEATURES,), N_CLASSES)
-    widths = layer_widths(host, [s.layer for s in cfg.seeds.slots], torch.zeros(2, N_FEATURES))
+    probe = probe_host(host, [s.layer for s in cfg.seeds.slots], batch(2)[0])
     rec = EventRecorder()
-    return Kasmina(cfg, host, widths, rec, build=build), rec, host
+    return Kasmina(cfg, host, probe, rec, build=build), rec, host
 
 
 def batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,48 +47,12 @@ def batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, N_FEATURES, generator=gen), torch.randint(0, N_CLASSES, (n,), generator=gen)
 
 
-def fake_evaluate(bypass: frozenset[str]) -> dict[str, float]:
-    """Validation with the seed is better than without it: counterfactual gain 0.5."""
-    return {"val_loss": 1.5, "val_accuracy": 0.4} if bypass else {"val_loss": 1.0, "val_accuracy": 0.6}
-
-
 def to_training(k: Kasmina, slot: str, blueprint: str = "residual_mlp") -> SeedSlot:
-    x, y = batch()
-    k.germinate(slot, blueprint, "test")
-    result = k.probe_g1(slot, x, y, F.cross_entropy)
-    assert result.passed, result.reason
-    k.start_training(slot, result, "test")
-    return k.slots[slot]
+    return seed_to_training(k, slot, blueprint, *batch())
 
 
 def to_probationary(k: Kasmina, name: str) -> SeedSlot:
-    """Drive a seed through G1, G2, G3 and SHADOWING with the real end_epoch logic."""
-    slot = to_training(k, name)
-    st = slot.stats
-    # one finished epoch with seed loss 2.0 and the current one at 1.0: a 50% improvement for G2
-    st.epoch_losses = [2.0]
-    st.loss_sum, st.loss_count = 1.0, 1
-    st.epochs_in_stage = k.scfg.min_training_epochs - 1
-    k.end_epoch(fake_evaluate)
-    assert slot.stage == "BLENDING"
-    x, _ = batch()
-    for _ in range(k.spec.steps):
-        k.forward(x)
-        k.after_step()
-    assert slot.alpha == 1.0
-    k.end_epoch(fake_evaluate)
-    assert slot.stage == "SHADOWING"
-    k.end_epoch(fake_evaluate)
-    assert slot.stage == "PROBATIONARY"
-    return slot
-
-
-def perturb(module: nn.Module, seed: int = 1) -> None:
-    """Non-zero weights everywhere, so a seed that leaked into the host would change its gradients."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
+    return seed_to_probationary(k, name, "residual_mlp", *batch())
 
 
 # --- gates as pure functions ----------------------------------------------------------------------------
@@ -260,15 +225,15 @@ class _Widen(nn.Module):
 
 
 def test_g0_rejects_a_blueprint_whose_output_does_not_fit_the_slot() -> None:
-    k, _, _ = make_kasmina("seeds.param_budget=1000000", build=lambda _n, w: _Widen(w))
+    k, _, _ = make_kasmina("seeds.param_budget=1000000", build=lambda _n, s: _Widen(s.channels))
     with pytest.raises(GateRejected, match="shape"):
         k.germinate("s1", "residual_mlp", "test")
     assert k.slots["s1"].stage == "DORMANT"
 
 
 def test_g0_rejects_non_finite_parameters() -> None:
-    def build(name: str, width: int) -> nn.Module:
-        m = k.registry.build(name, width, 0)
+    def build(name: str, shape: SlotShape) -> nn.Module:
+        m = k.registry.build(name, shape, 0)
         with torch.no_grad():
             next(m.parameters()).view(-1)[0] = float("nan")
         return m

@@ -13,8 +13,14 @@ import torch
 from conftest import EventRecorder, wait_until
 from torch import nn
 
+from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.loader import BlueprintLoadError, BlueprintLoadManager, LoadInfo, module_nbytes
 from esper.core.kasmina.ownership import OwnershipIssue, ParameterOwnership
+
+
+def feat(width: int) -> SlotShape:
+    """A features slot of ``width`` (the loader keys templates by blueprint and slot shape)."""
+    return SlotShape("features", (width,))
 
 
 class Builder:
@@ -26,7 +32,8 @@ class Builder:
         self.calls: list[tuple[str, int]] = []
         self._lock = threading.Lock()
 
-    def __call__(self, name: str, width: int) -> nn.Module:
+    def __call__(self, name: str, shape: SlotShape) -> nn.Module:
+        width = shape.channels
         with self._lock:
             self.calls.append((name, width))
         if self.gate is not None:
@@ -59,7 +66,7 @@ def test_concurrent_get_prefetch_evict_keep_invariants() -> None:
     builder = Builder()
     bound = 6000  # fits a few of the 8 templates (80..4224 bytes each): evictions must happen
     mgr = manager(builder, cache_bytes=bound, workers=3, emit=rec)
-    keys = [(name, w) for name in ("a", "b") for w in (4, 8, 16, 32)]
+    keys = [(name, feat(w)) for name in ("a", "b") for w in (4, 8, 16, 32)]
     n_threads, n_ops = 6, 150
     gets = [0] * n_threads
     errors: list[BaseException] = []
@@ -72,11 +79,12 @@ def test_concurrent_get_prefetch_evict_keep_invariants() -> None:
         start.wait()
         try:
             for _ in range(n_ops):
-                name, width = rng.choice(keys)
+                name, shape = rng.choice(keys)
+                width = shape.channels
                 if rng.random() < 0.25:
-                    mgr.prefetch(name, width)
+                    mgr.prefetch(name, shape)
                     continue
-                module = mgr.get(name, width)
+                module = mgr.get(name, shape)
                 gets[i] += 1
                 assert isinstance(module, nn.Linear) and module.weight.shape == (width, width)
                 assert module(torch.zeros(1, width)).shape == (1, width)
@@ -118,7 +126,7 @@ def test_concurrent_get_prefetch_evict_keep_invariants() -> None:
     assert s.lifetime.builds == len(builder.calls)
     # the cache's byte count is exactly the sum of the templates it holds: nothing lost or double counted
     held = [k for k in keys if mgr.is_ready(*k)]
-    assert s.entries == len(held) and s.cached_bytes == sum(linear_bytes(w) for _, w in held) <= bound
+    assert s.entries == len(held) and s.cached_bytes == sum(linear_bytes(k.channels) for _, k in held) <= bound
     assert s.in_flight == 0
     mgr.shutdown(2)
 
@@ -131,17 +139,17 @@ def test_build_failure_is_an_error_with_reason_and_counted() -> None:
     builder = Builder(fail={"broken"})
     mgr = manager(builder, emit=rec)
     with pytest.raises(BlueprintLoadError, match="cannot build broken") as info:
-        mgr.get("broken", 8)
+        mgr.get("broken", feat(8))
     assert info.value.blueprint == "broken" and "build failed" in info.value.reason
     assert mgr.stats().window.load_failures == 1
     assert rec.named("blueprint_load_failed")[0]["blueprint"] == "broken"
     assert rec.events[0].source == "kasmina"
     # a later get tries again (and fails again): nothing was cached in its place
     with pytest.raises(BlueprintLoadError):
-        mgr.get("broken", 8)
-    assert not mgr.is_ready("broken", 8) and len(builder.calls) == 2
+        mgr.get("broken", feat(8))
+    assert not mgr.is_ready("broken", feat(8)) and len(builder.calls) == 2
     assert mgr.stats().lifetime.load_failures == 2
-    fut = mgr.prefetch("broken", 8)
+    fut = mgr.prefetch("broken", feat(8))
     with pytest.raises(BlueprintLoadError):
         fut.result(5)
     mgr.shutdown(1)
@@ -150,7 +158,8 @@ def test_build_failure_is_an_error_with_reason_and_counted() -> None:
 def test_failed_load_is_retried_for_real_not_served_a_fallback() -> None:
     attempts: list[int] = []
 
-    def flaky(name: str, width: int) -> nn.Module:
+    def flaky(name: str, shape: SlotShape) -> nn.Module:
+        width = shape.channels
         attempts.append(width)
         if len(attempts) == 1:
             raise OSError("transient")
@@ -158,8 +167,8 @@ def test_failed_load_is_retried_for_real_not_served_a_fallback() -> None:
 
     mgr = BlueprintLoadManager(flaky, cache_bytes=1 << 20, workers=1, timeout_ms=5000)
     with pytest.raises(BlueprintLoadError, match="transient"):
-        mgr.get("x", 4)
-    module = mgr.get("x", 4)
+        mgr.get("x", feat(4))
+    module = mgr.get("x", feat(4))
     assert isinstance(module, nn.Sequential) and isinstance(module[1], nn.Tanh)
     assert attempts == [4, 4]
     mgr.shutdown(1)
@@ -173,15 +182,15 @@ class _NaN(nn.Module):
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda name, w: nn.Linear(w, w + 1), r"warm-up output \(2, 5\), expected \(2, 4\)"),
-        (lambda name, w: "not a module", "not a Module"),
-        (lambda name, w: nn.Sequential(nn.Linear(w, w), _NaN()), "not finite"),
+        (lambda name, s: nn.Linear(s.channels, s.channels + 1), r"warm-up output \[2, 5\], expected \[2, 4\]"),
+        (lambda name, s: "not a module", "not a Module"),
+        (lambda name, s: nn.Sequential(nn.Linear(s.channels, s.channels), _NaN()), "not finite"),
     ],
 )
 def test_warm_up_rejects_broken_modules(build: Any, match: str) -> None:
     mgr = BlueprintLoadManager(build, cache_bytes=1 << 20, workers=1, timeout_ms=5000)
     with pytest.raises(BlueprintLoadError, match=match):
-        mgr.get("bad", 4)
+        mgr.get("bad", feat(4))
     assert mgr.stats().window.load_failures == 1 and mgr.stats().window.compile_failures == 0
     mgr.shutdown(1)
 
@@ -194,9 +203,9 @@ def test_compile_failure_is_counted_and_rejected(monkeypatch: pytest.MonkeyPatch
     rec = EventRecorder()
     mgr = manager(Builder(), compile=True, emit=rec)
     with pytest.raises(BlueprintLoadError, match="compile failed: RuntimeError: inductor unavailable"):
-        mgr.get("a", 4)
+        mgr.get("a", feat(4))
     s = mgr.stats()
-    assert s.window.compile_failures == 1 and s.window.load_failures == 0 and not mgr.is_ready("a", 4)
+    assert s.window.compile_failures == 1 and s.window.load_failures == 0 and not mgr.is_ready("a", feat(4))
     assert rec.named("blueprint_compile_failed")[0]["reason"].startswith("compile failed")
     mgr.shutdown(1)
 
@@ -218,25 +227,26 @@ def test_compiled_module_is_warmed_and_a_lazy_compile_failure_counts(monkeypatch
     explode = {"flag": False}
     monkeypatch.setattr(torch, "compile", lambda m: Compiled(m, explode["flag"]))
     mgr = manager(Builder(), compile=True)
-    module = mgr.get("a", 4)
+    module = mgr.get("a", feat(4))
     assert isinstance(module, Compiled) and module.calls == 1  # the template's warm-up ran through it
-    assert mgr.prefetch("a", 4).result(5).compiled is True
+    assert mgr.prefetch("a", feat(4)).result(5).compiled is True
 
     explode["flag"] = True
     with pytest.raises(BlueprintLoadError, match="compiled warm-up failed"):
-        mgr.get("b", 4)
+        mgr.get("b", feat(4))
     assert mgr.stats().lifetime.compile_failures == 1 and mgr.stats().lifetime.load_failures == 0
     mgr.shutdown(1)
 
 
 def test_warm_up_leaves_buffers_untouched() -> None:
-    def with_bn(name: str, w: int) -> nn.Module:
+    def with_bn(name: str, shape: SlotShape) -> nn.Module:
+        w = shape.channels
         lin = nn.Linear(w, w)
         nn.init.constant_(lin.bias, 3.0)
         return nn.Sequential(lin, nn.BatchNorm1d(w))
 
     mgr = BlueprintLoadManager(with_bn, cache_bytes=1 << 20, workers=1, timeout_ms=5000)
-    module = mgr.get("bn", 4)
+    module = mgr.get("bn", feat(4))
     bn = module[1]
     assert isinstance(bn, nn.BatchNorm1d)
     assert torch.equal(bn.running_mean, torch.zeros(4)) and int(bn.num_batches_tracked) == 0
@@ -249,17 +259,17 @@ def test_warm_up_leaves_buffers_untouched() -> None:
 def test_prefetch_then_get_does_not_rebuild_and_copies_are_independent() -> None:
     builder = Builder()
     mgr = manager(builder)
-    info = mgr.prefetch("a", 8).result(5)
-    assert info == LoadInfo("a", 8, linear_bytes(8), info.load_ms, False)
-    assert mgr.is_ready("a", 8)
-    first, second = mgr.get("a", 8), mgr.get("a", 8)
+    info = mgr.prefetch("a", feat(8)).result(5)
+    assert info == LoadInfo("a", feat(8), linear_bytes(8), info.load_ms, False)
+    assert mgr.is_ready("a", feat(8))
+    first, second = mgr.get("a", feat(8)), mgr.get("a", feat(8))
     assert builder.calls == [("a", 8)]
     s = mgr.stats().window
     assert (s.gets, s.hits, s.misses, s.builds) == (2, 2, 0, 1)
     assert first is not second and first.weight.data_ptr() != second.weight.data_ptr()
     with torch.no_grad():
         first.weight.fill_(7.0)
-    assert not torch.equal(mgr.get("a", 8).weight, first.weight)
+    assert not torch.equal(mgr.get("a", feat(8)).weight, first.weight)
     mgr.shutdown(1)
 
 
@@ -267,9 +277,9 @@ def test_in_flight_requests_are_deduplicated() -> None:
     builder = Builder()
     builder.gate = threading.Event()
     mgr = manager(builder, workers=4)
-    futures = [mgr.prefetch("a", 4) for _ in range(5)]
+    futures = [mgr.prefetch("a", feat(4)) for _ in range(5)]
     got: list[nn.Module] = []
-    getter = threading.Thread(target=lambda: got.append(mgr.get("a", 4)))
+    getter = threading.Thread(target=lambda: got.append(mgr.get("a", feat(4))))
     getter.start()
     wait_until(lambda: mgr.stats().window.gets == 1, "the get to join the load in flight")
     builder.gate.set()
@@ -286,18 +296,18 @@ def test_get_gives_up_after_the_timeout_and_the_load_still_lands() -> None:
     rec = EventRecorder()
     mgr = manager(builder, timeout_ms=100, emit=rec)
     with pytest.raises(BlueprintLoadError, match="not ready within 100 ms"):
-        mgr.get("slow", 4)
+        mgr.get("slow", feat(4))
     assert mgr.stats().window.timeouts == 1 and rec.named("blueprint_load_timeout")
     builder.gate.set()
-    assert mgr.prefetch("slow", 4).result(5).name == "slow"
-    assert builder.calls == [("slow", 4)] and mgr.get("slow", 4).weight.shape == (4, 4)
+    assert mgr.prefetch("slow", feat(4)).result(5).name == "slow"
+    assert builder.calls == [("slow", 4)] and mgr.get("slow", feat(4)).weight.shape == (4, 4)
     mgr.shutdown(1)
 
 
 def test_prefetch_without_a_running_loop() -> None:
     builder = Builder()
     mgr = manager(builder)
-    fut = mgr.prefetch("a", 4)
+    fut = mgr.prefetch("a", feat(4))
     assert isinstance(fut, Future)
     assert fut.result(5).nbytes == linear_bytes(4)
     with pytest.raises(RuntimeError):
@@ -323,8 +333,8 @@ def test_prefetch_inside_a_running_loop_never_nests_loops() -> None:
                 await asyncio.sleep(0)
 
         tick_task = asyncio.create_task(ticker())
-        sync_future = mgr.prefetch("b", 8)  # the sync API is usable from inside a loop too
-        info = await asyncio.wrap_future(mgr.prefetch("a", 4))  # the loop keeps running while the load happens
+        sync_future = mgr.prefetch("b", feat(8))  # the sync API is usable from inside a loop too
+        info = await asyncio.wrap_future(mgr.prefetch("a", feat(4)))  # the loop keeps running while the load happens
         tick_task.cancel()
         assert asyncio.get_running_loop() is loop
         return info, await asyncio.wrap_future(sync_future), ticks
@@ -344,7 +354,7 @@ def test_shutdown_under_load_is_prompt_and_cancels_pending() -> None:
     builder = Builder()
     builder.gate = threading.Event()
     mgr = manager(builder, workers=2, emit=rec)
-    futures = [mgr.prefetch("a", w) for w in range(4, 14)]
+    futures = [mgr.prefetch("a", feat(w)) for w in range(4, 14)]
     wait_until(lambda: len(builder.calls) == 2, "both workers busy with a load")
     report = mgr.shutdown(0.2)  # the two running loads are held: shutdown waits its bound for them, no longer
     builder.gate.set()
@@ -355,9 +365,9 @@ def test_shutdown_under_load_is_prompt_and_cancels_pending() -> None:
     assert "cancelled by shutdown" in str(cancelled[-1].exception())
     assert rec.named("blueprint_loader_shutdown")[0]["cancelled"] == report.cancelled
     with pytest.raises(BlueprintLoadError, match="shut down"):
-        mgr.get("a", 4)
+        mgr.get("a", feat(4))
     with pytest.raises(BlueprintLoadError, match="shut down"):
-        mgr.prefetch("a", 4)
+        mgr.prefetch("a", feat(4))
     assert mgr.stats().entries == 0  # nothing lands in the cache after shutdown
     wait_threads(baseline)
 
@@ -367,7 +377,7 @@ def test_shutdown_abandons_a_stuck_load_within_its_bound() -> None:
     builder = Builder()
     builder.gate = threading.Event()
     mgr = manager(builder, workers=1)
-    fut = mgr.prefetch("stuck", 4)
+    fut = mgr.prefetch("stuck", feat(4))
     wait_until(lambda: builder.calls == [("stuck", 4)], "the load to start")
     report = mgr.shutdown(0.2)
     assert (report.abandoned, report.cancelled) == (1, 0)  # the stuck build was not waited for
@@ -384,37 +394,37 @@ def test_lru_eviction_order_bytes_and_events() -> None:
     rec = EventRecorder()
     builder = Builder()
     mgr = manager(builder, cache_bytes=linear_bytes(8) * 2, emit=rec)
-    mgr.get("a", 8)
-    mgr.get("b", 8)
-    mgr.get("a", 8)  # a is now most recent: b goes first
-    mgr.get("c", 8)
-    assert mgr.is_ready("a", 8) and mgr.is_ready("c", 8) and not mgr.is_ready("b", 8)
+    mgr.get("a", feat(8))
+    mgr.get("b", feat(8))
+    mgr.get("a", feat(8))  # a is now most recent: b goes first
+    mgr.get("c", feat(8))
+    assert mgr.is_ready("a", feat(8)) and mgr.is_ready("c", feat(8)) and not mgr.is_ready("b", feat(8))
     [ev] = rec.named("blueprint_cache_evicted")
-    assert (ev["blueprint"], ev["width"], ev["nbytes"]) == ("b", 8, linear_bytes(8))
+    assert (ev["blueprint"], ev["slot_shape"], ev["nbytes"]) == ("b", "features [N, 8]", linear_bytes(8))
     assert mgr.stats().cached_bytes == 2 * linear_bytes(8)
-    mgr.get("huge", 64)  # larger than the whole bound: handed out, never cached, evicts nothing
-    assert not mgr.is_ready("huge", 64) and mgr.stats().lifetime.evictions == 1
+    mgr.get("huge", feat(64))  # larger than the whole bound: handed out, never cached, evicts nothing
+    assert not mgr.is_ready("huge", feat(64)) and mgr.stats().lifetime.evictions == 1
     mgr.shutdown(1)
 
 
 def test_zero_cache_builds_every_time() -> None:
     builder = Builder()
     mgr = manager(builder, cache_bytes=0)
-    mgr.get("a", 4)
-    mgr.get("a", 4)
+    mgr.get("a", feat(4))
+    mgr.get("a", feat(4))
     assert len(builder.calls) == 2 and mgr.stats().entries == 0
     mgr.shutdown(1)
 
 
 def test_stats_are_windowed_and_resettable() -> None:
     mgr = manager(Builder())
-    mgr.get("a", 4)
-    mgr.get("a", 4)
+    mgr.get("a", feat(4))
+    mgr.get("a", feat(4))
     closed = mgr.reset_stats()
     assert (closed.gets, closed.hits, closed.misses, closed.hit_rate) == (2, 1, 1, 0.5)
     s = mgr.stats()
     assert s.window.gets == 0 and s.window.hit_rate is None and s.lifetime.gets == 2
-    mgr.get("a", 4)
+    mgr.get("a", feat(4))
     s = mgr.stats()
     assert s.window.hit_rate == 1.0 and s.lifetime.hits == 2
     assert s.to_dict()["window"]["hit_rate"] == 1.0 and s.to_dict()["cached_bytes"] == linear_bytes(4)

@@ -21,6 +21,7 @@ from esper.core.tamiyo import (
     Proposal,
     RiskHistory,
     RiskStage,
+    SlotView,
     Tamiyo,
     TamiyoError,
     ValidationContext,
@@ -32,6 +33,7 @@ from esper.core.tamiyo.worker import factory_args, make_worker
 RUN = "run-test"
 T0 = "2024-05-01T12:00:00+00:00"
 PARAMS = {"residual_mlp": 300, "lowrank": 100, "bottleneck": 200}
+ALL_BLUEPRINTS = ("residual_mlp", "lowrank", "gated", "bottleneck")  # every slot accepts these unless a test says
 
 
 def seeds_cfg(**kw: object) -> SeedsConfig:
@@ -44,11 +46,14 @@ def clock() -> str:
 
 
 def slot(name: str, stage: str = "DORMANT", blueprint: str | None = None, epochs: int = 0,
-         gain: float | None = None, params: dict[str, int] | None = None) -> dict[str, Any]:
-    return {"name": name, "stage": stage, "blueprint": blueprint, "epochs_in_stage": epochs,
+         gain: float | None = None, params: dict[str, int] | None = None, kind: str = "features",
+         shape: tuple[int, ...] = (6,), compatible: tuple[str, ...] | None = None) -> dict[str, Any]:
+    params = dict(PARAMS if params is None else params)
+    return {"name": name, "kind": kind, "shape": list(shape),
+            "compatible": list(ALL_BLUEPRINTS if compatible is None else compatible), "stage": stage,
+            "blueprint": blueprint, "epochs_in_stage": epochs,
             "alpha": 1.0 if stage in ("SHADOWING", "PROBATIONARY", "FOSSILIZED") else 0.0,
-            "seed_loss_improvement": None, "counterfactual_gain": gain,
-            "candidate_params": dict(PARAMS if params is None else params)}
+            "seed_loss_improvement": None, "counterfactual_gain": gain, "candidate_params": params}
 
 
 def obs(epoch: int, val_loss: float, *, slots: list[dict[str, Any]] | None = None, acc: float = 0.5,
@@ -182,6 +187,52 @@ def test_cull_stalled_seed_with_reason() -> None:
     assert "3 epochs in BLENDING" in cmd.reason
 
 
+# --- policy: only blueprints that fit the slot's kind (issue 13) ----------------------------------------
+
+MIXED = SeedsConfig(blueprints=["residual_mlp", "conv_block", "lowrank"], max_active=2)
+
+
+def mixed_slots(s1: str = "DORMANT") -> list[dict[str, Any]]:
+    """s1 is a conv slot (conv_block only), s2 a features slot (the two MLP-style blueprints)."""
+    return [slot("s1", s1, "conv_block" if s1 != "DORMANT" else None, kind="channels1d", shape=(6, 19),
+                 compatible=("conv_block",), params={"conv_block": 1470}),
+            slot("s2", compatible=("residual_mlp", "lowrank"), params={"residual_mlp": 162, "lowrank": 30})]
+
+
+def test_the_policy_proposes_only_blueprints_compatible_with_the_slot() -> None:
+    t = tamiyo(seeds=MIXED)
+    for epoch in (0, 1):  # the plateau window fills
+        assert t.decide(obs(epoch, 1.0, slots=mixed_slots())).proposed == ()
+    (first,) = t.decide(obs(2, 1.0, slots=mixed_slots())).accepted
+    assert (first.slot, first.blueprint) == ("s1", "conv_block")  # residual_mlp comes first, but not for s1
+    t.applied(first)
+    t.observe_outcomes(obs(2, 1.0, slots=mixed_slots()))
+    (second,) = t.decide(obs(3, 1.0, slots=mixed_slots("TRAINING"))).accepted
+    assert (second.slot, second.blueprint) == ("s2", "residual_mlp")
+
+
+def test_a_free_slot_without_a_usable_compatible_blueprint_is_skipped() -> None:
+    t = tamiyo(seeds=MIXED)
+    only_conv = [slot("s1", compatible=()), slot("s2", kind="channels2d", shape=(4, 8, 8), compatible=("conv_block",),
+                                                 params={"conv_block": 2622})]
+    for epoch in (0, 1):
+        t.decide(obs(epoch, 1.0, slots=only_conv))
+    (cmd,) = t.decide(obs(2, 1.0, slots=only_conv)).accepted
+    assert (cmd.slot, cmd.blueprint) == ("s2", "conv_block")
+    nothing = [slot("s1", compatible=()), slot("s2", compatible=())]
+    t2 = tamiyo(seeds=MIXED)
+    assert all(t2.decide(obs(i, 1.0, slots=nothing)).proposed == () for i in range(4))  # no candidate, no command
+
+
+def test_an_incompatible_command_is_rejected_by_the_validator_with_the_slots_layout() -> None:
+    t = tamiyo(seeds=MIXED, policy=FixedPolicy(Proposal("germinate", "s1", "lowrank", "ignores kinds", "test")))
+    decision = t.decide(obs(0, 1.0, slots=mixed_slots()))
+    (rej,) = decision.rejected
+    assert rej.stage == "validator" and decision.accepted == ()
+    assert rej.reason == ("blueprint 'lowrank' does not accept slot 's1' (channels1d [N, 6, 19]); compatible there: "
+                          "conv_block")
+
+
 # --- observations ---------------------------------------------------------------------------------------
 
 
@@ -199,6 +250,11 @@ def test_cull_stalled_seed_with_reason() -> None:
     lambda d: d["slots"][0].update(stage="SPROUTING"),
     lambda d: d["slots"][0].update(stage="TRAINING", blueprint=None),
     lambda d: d["slots"][0].pop("candidate_params"),
+    lambda d: d["slots"][0].pop("kind"),
+    lambda d: d["slots"][0].update(kind="voxels"),
+    lambda d: d["slots"][0].update(kind="channels2d"),  # its shape [6] is not [C, H, W]
+    lambda d: d["slots"][0].update(shape=[0]),
+    lambda d: d["slots"][0].pop("compatible"),
     lambda d: d["slots"][1].update(alpha=float("nan")),
 ])
 def test_broken_observation_is_an_error(mutate: Any) -> None:
@@ -241,7 +297,8 @@ def command(kind: str = "germinate", slot_name: str = "s1", blueprint: str | Non
 
 
 def ctx(epoch: int = 3, issued: frozenset[str] = frozenset()) -> ValidationContext:
-    return ValidationContext.build(seeds_cfg(), RUN, epoch, issued)
+    views = [SlotView.model_validate(slot(name), strict=False) for name in ("s1", "s2")]
+    return ValidationContext.build(seeds_cfg(), RUN, epoch, issued, views)
 
 
 @pytest.mark.parametrize(("cmd", "stages", "context", "needle"), [

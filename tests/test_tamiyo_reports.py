@@ -101,7 +101,8 @@ def test_epoch_metrics_carry_only_val_named_task_metrics() -> None:
 
 def slot(name: str, stage: str = "DORMANT", blueprint: str | None = None, epochs: int = 0,
          gain: float | None = None) -> dict[str, Any]:
-    return {"name": name, "stage": stage, "blueprint": blueprint, "epochs_in_stage": epochs, "alpha": 0.0,
+    return {"name": name, "kind": "features", "shape": [6], "compatible": ["residual_mlp", "lowrank", "bottleneck"],
+            "stage": stage, "blueprint": blueprint, "epochs_in_stage": epochs, "alpha": 0.0,
             "seed_loss_improvement": None, "counterfactual_gain": gain,
             "candidate_params": {"residual_mlp": 10, "lowrank": 10, "bottleneck": 10}}
 

@@ -11,6 +11,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from esper.cli.common import (
     ConfigOpt,
@@ -128,8 +129,9 @@ def render_summary(console: Console, summary: dict[str, Any]) -> None:
         path = " -> ".join([s["history"][0]["source"], *(h["dest"] for h in s["history"])]) if s["history"] else "-"
         console.print(f"  slot {s['slot']}: {s['stage']} ({s['blueprint'] or '-'})  {path}", highlight=False)
     if summary.get("failure"):
-        console.print(f"[red]failure:[/] {summary['failure']['type']}: {summary['failure']['message']}",
-                      highlight=False)
+        # the message is data, not markup: shapes like [N, C, L] must survive (contracts C4)
+        console.print(Text.assemble(("failure:", "red"), f" {summary['failure']['type']}: "
+                                                          f"{summary['failure']['message']}"), highlight=False)
     console.print(f"run directory: {summary['run_dir']}", highlight=False)
     if summary.get("checkpoint"):
         console.print(f"last verified checkpoint: {summary['checkpoint']}", highlight=False)

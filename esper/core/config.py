@@ -72,30 +72,64 @@ class DataConfig(_Section):
         raise ValueError(f"must be one of {', '.join(BUILTIN_TASKS)} or 'module:function', got {v!r}")
 
 
+HOSTS = ("mlp", "cnn")
+# What a slot's layer outputs (H-1): features [N, D], channels1d [N, C, L], channels2d [N, C, H, W], tokens [N, T, D];
+# "auto" infers the kind from the rank.
+SlotKind = Literal["auto", "features", "channels1d", "channels2d", "tokens"]
+KINDS: tuple[str, ...] = get_args(SlotKind)[1:]
+# rank of one sample's activation (no batch axis) for each kind; "auto" picks the first kind of a rank
+KIND_RANK: dict[str, int] = {"features": 1, "channels1d": 2, "channels2d": 3, "tokens": 2}
+assert tuple(KIND_RANK) == KINDS
+
+
 class HostConfig(_Section):
-    factory: str = Field("mlp", description="mlp | module:function")
+    factory: str = Field("mlp", description="mlp | cnn | module:function")
     hidden: list[int] = Field(default_factory=lambda: [6, 6], min_length=1,
                               description="hidden widths of the built-in MLP host; layers are hidden1..N")
-    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="activation of the MLP host")
+    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="activation of the built-in hosts")
+    channels: list[int] = Field(default_factory=lambda: [6, 6, 6], min_length=1, max_length=64,
+                                description="cnn host: output channels per conv block; blocks are conv1..N")
+    kernels: list[int] = Field(default_factory=lambda: [5, 3, 3], min_length=1, max_length=64,
+                               description="cnn host: kernel size per conv block (one per entry of channels)")
+    stride: int = Field(2, ge=1, le=64, description="cnn host: stride of every conv block")
+    padding: int = Field(1, ge=0, le=64, description="cnn host: zero padding of every conv block")
 
     @field_validator("factory")
     @classmethod
     def _factory(cls, v: str) -> str:
-        if v == "mlp" or is_factory_ref(v):
+        if v in HOSTS or is_factory_ref(v):
             return v
-        raise ValueError(f"must be 'mlp' or 'module:function', got {v!r}")
+        raise ValueError(f"must be 'mlp', 'cnn' or 'module:function', got {v!r}")
 
-    @field_validator("hidden")
+    @field_validator("hidden", "channels")
     @classmethod
     def _widths(cls, v: list[int]) -> list[int]:
         if any(w < 1 for w in v):
             raise ValueError(f"every width must be >= 1, got {v}")
+        if any(w > 65536 for w in v):
+            raise ValueError(f"every width must be <= 65536, got {v}")
         return v
+
+    @field_validator("kernels")
+    @classmethod
+    def _kernels(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= k <= 64 for k in v):
+            raise ValueError(f"every kernel size must lie in [1, 64], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _blocks(self) -> HostConfig:
+        if len(self.kernels) != len(self.channels):
+            raise ValueError(f"kernels has {len(self.kernels)} entries but channels has {len(self.channels)}: "
+                             "one kernel size per conv block")
+        return self
 
 
 class SlotConfig(_Section):
     name: str = Field(min_length=1, description="slot name")
     layer: str = Field(min_length=1, description="host layer whose output the slot augments")
+    kind: SlotKind = Field(
+        "auto", description="activation kind: auto infers it from the rank ([N, C, L] is channels1d)")
 
 
 class BlendConfig(_Section):

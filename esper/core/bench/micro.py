@@ -60,13 +60,12 @@ def run_p5(cfg: EsperConfig, plan: BenchPlan) -> list[Absolute]:
     names = [s.name for s in cfg.seeds.slots] or ["s1"]
     blueprints = cfg.seeds.blueprints
     issued = frozenset(command_id(e, i) for e, i in zip(range(100), range(100), strict=True))
-    ctx = ValidationContext.build(cfg.seeds, "bench", 7, issued)
+    ctx = ValidationContext(frozenset(names), frozenset(blueprints), frozenset(blueprints), "bench", 7, issued,
+                            {n: tuple(blueprints) for n in names}, {n: "features [N, 6]" for n in names})
     cmd = Command(command_id=command_id(7, 500), run_id="bench", epoch=7, kind="germinate", slot=names[0],
                   blueprint=blueprints[0], reason="bench", reason_code="plateau",
                   issued_at="2024-01-01T00:00:00+00:00")
     stages = {n: "DORMANT" for n in names}
-    if not cfg.seeds.slots:
-        ctx = ValidationContext(frozenset(names), frozenset(blueprints), frozenset(blueprints), "bench", 7, issued)
 
     def check(n: int) -> None:
         ok = sum(1 for _ in range(n) if validate(cmd, stages, ctx).ok)
@@ -86,11 +85,11 @@ def run_p5(cfg: EsperConfig, plan: BenchPlan) -> list[Absolute]:
 # ------------------------------------------------------------------------------------------------- P-6
 
 
-def observations(cfg: EsperConfig, run_id: str, candidates: Mapping[str, dict[str, int]],
+def observations(cfg: EsperConfig, run_id: str, candidates: Mapping[str, dict[str, Any]],
                  start_epoch: int, n: int) -> Iterator[dict[str, Any]]:
     """Realistic end-of-epoch observations cycling through the situations the policy meets: a plateau with
     free slots (germinate), seeds training and blending (nothing), a seed on probation (fossilize), a stalled
-    seed (cull)."""
+    seed (cull). ``candidates`` holds each slot's layout as Kasmina reports it (``Kasmina.slot_view``)."""
     names = [s.name for s in cfg.seeds.slots]
     bp = cfg.seeds.blueprints
     scenarios: list[list[tuple[str, str | None, int, float, float | None]]] = [
@@ -108,7 +107,7 @@ def observations(cfg: EsperConfig, run_id: str, candidates: Mapping[str, dict[st
             stage, blueprint, eis, alpha, gain = scenario[j] if j < len(scenario) else ("DORMANT", None, 0, 0.0, None)
             slots.append({"name": name, "stage": stage, "blueprint": blueprint, "epochs_in_stage": eis,
                           "alpha": alpha, "seed_loss_improvement": 0.1 if stage == "TRAINING" else None,
-                          "counterfactual_gain": gain, "candidate_params": dict(candidates[name])})
+                          "counterfactual_gain": gain, **candidates[name]})
         yield {"run_id": run_id, "epoch": epoch, "train_loss": 0.5 + 0.001 * (i % 3),
                "val_loss": 0.6 - 0.0005 * (i % 2), "val_metrics": {"val_accuracy": 0.8},
                "primary_metric": "val_accuracy", "direction": "max", "step_latency_ms": 1.0,
@@ -116,7 +115,7 @@ def observations(cfg: EsperConfig, run_id: str, candidates: Mapping[str, dict[st
                "slots": slots}
 
 
-def run_p6(cfg: EsperConfig, candidates: Mapping[str, dict[str, int]], plan: BenchPlan, mediator: Mediator,
+def run_p6(cfg: EsperConfig, candidates: Mapping[str, dict[str, Any]], plan: BenchPlan, mediator: Mediator,
            run_id: str) -> list[Absolute]:
     """Decision latency in-process, and through the trainer's mediator (the worker process by default)."""
     if not cfg.seeds.slots:

@@ -51,7 +51,7 @@ def run_bench(cfg: EsperConfig, plan: BenchPlan, *, progress: Progress | None = 
             results.extend(run_p3_p4(tensors, payload, "default", p.kasmina.total_params(),
                                      scratch / "ckpt-default", plan, cfg.checkpoint.keep_last,
                                      cfg.rollback.full_sla_ms))
-            candidates = {name: p.kasmina.candidate_params(name) for name in p.kasmina.slots}
+            candidates = {name: p.kasmina.slot_view(name) for name in p.kasmina.slots}
             say("P-6 controller decision latency")
             assert p.mediator is not None  # run_p1_controller checked
             results.extend(run_p6(cfg, candidates, plan, p.mediator, "bench"))

@@ -5,15 +5,16 @@ Facade convention (kasmina, tamiyo, tolaria alike): the package's ``__init__`` r
 code outside the package imports from here, modules inside import each other by module path.
 """
 
-from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
+from esper.core.kasmina.blueprints import Blueprint, BlueprintRegistry, param_count
 from esper.core.kasmina.gates import GateResult
 from esper.core.kasmina.kasmina import Build, Kasmina, LossFn
+from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.loader import BlueprintLoadError, BlueprintLoadManager, LoaderStats
 from esper.core.kasmina.ownership import OwnershipIssue, ParameterOwnership
 from esper.core.kasmina.slot import LIVE, Mode, SeedForwardError, SeedSlot
 
 __all__ = [
-    "LIVE", "BlueprintLoadError", "BlueprintLoadManager", "BlueprintRegistry", "Build", "GateResult", "Kasmina",
-    "LoaderStats", "LossFn", "Mode", "OwnershipIssue", "ParameterOwnership", "SeedForwardError", "SeedSlot",
-    "param_count",
+    "LIVE", "Blueprint", "BlueprintLoadError", "BlueprintLoadManager", "BlueprintRegistry", "Build", "GateResult",
+    "Kasmina", "LoaderStats", "LossFn", "Mode", "OwnershipIssue", "ParameterOwnership", "SeedForwardError",
+    "SeedSlot", "SlotShape", "param_count",
 ]

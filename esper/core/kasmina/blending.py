@@ -52,8 +52,16 @@ def blend(
     alpha: float | torch.Tensor,
     spec: BlendSpec,
     logits: torch.Tensor | None = None,
+    *,
+    channel_axis: int = -1,
+    seed_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Combine the host activation with the seed output. Never mutates ``alpha`` or its inputs."""
+    """Combine the host activation with the seed output. Never mutates ``alpha`` or its inputs.
+
+    ``channel_axis`` is where the activation's channels are (1 for ``[N, C, ...]``, -1 for ``[N, ..., D]``);
+    ``seed_input`` is the tensor the seed was given (``residual`` adds only the seed's change to it): the
+    detached host activation until the seed is FOSSILIZED, the host activation itself after.
+    """
     if seed.shape != host.shape:
         raise BlendError(f"seed output shape {tuple(seed.shape)} != host activation {tuple(host.shape)}")
     if isinstance(alpha, torch.Tensor):
@@ -63,14 +71,20 @@ def blend(
     if spec.mode == "convex":
         return (1 - a) * host + a * seed
     if spec.mode == "residual":
-        # seed output is x + delta(x) on the detached host activation; add delta only, keep host gradient whole
-        return host + a * (seed - host.detach())
+        # the seed returns x + delta(x) for its input x: add delta only, so the host's own path keeps its gradient
+        # whole (subtracting the detached host from a seed fed the live one would count that path twice)
+        base = host.detach() if seed_input is None else seed_input
+        return host + a * (seed - base)
     if spec.mode == "channel":
         if not spec.channel_alpha:
             raise BlendError("blend mode 'channel' requires a per-channel alpha vector")
-        vec = torch.tensor(spec.channel_alpha, dtype=host.dtype, device=host.device)
-        if vec.numel() != host.shape[1]:
-            raise BlendError(f"channel_alpha has {vec.numel()} entries, activation has {host.shape[1]} channels")
+        n_channels = host.shape[channel_axis]
+        if len(spec.channel_alpha) != n_channels:
+            raise BlendError(f"channel_alpha has {len(spec.channel_alpha)} entries, activation "
+                             f"{list(host.shape)} has {n_channels} channels on axis {channel_axis}")
+        view = [1] * host.dim()
+        view[channel_axis] = n_channels
+        vec = torch.tensor(spec.channel_alpha, dtype=host.dtype, device=host.device).view(view)
         w = a * vec
         return (1 - w) * host + w * seed
     if spec.mode == "confidence":
@@ -80,8 +94,8 @@ def blend(
             raise BlendError(f"confidence logits must be [N, C>=2] with N={host.shape[0]}, got {tuple(logits.shape)}")
         top2 = logits.detach().topk(2, dim=1).values
         margin = top2[:, 0] - top2[:, 1]
-        # trust the seed where the host is unsure (small margin)
-        gate = (1 - (margin / spec.confidence_margin).clamp(0.0, 1.0)).unsqueeze(1)
+        # trust the seed where the host is unsure (small margin); one gate per sample, over its whole activation
+        gate = (1 - (margin / spec.confidence_margin).clamp(0.0, 1.0)).view(-1, *[1] * (host.dim() - 1))
         w = a * gate
         return (1 - w) * host + w * seed
     raise BlendError(f"unknown blend mode {spec.mode!r}")

@@ -25,21 +25,28 @@ def _result(gate: str, problems: list[str], ok: str, **attrs: Any) -> GateResult
 
 
 def g0_sanity(*, blueprint: str, known: bool, n_params: int, bounds: tuple[int, int], budget: int,
-              finite: bool, out_shape: tuple[int, ...] | None, expected_shape: tuple[int, ...]) -> GateResult:
-    """Blueprint known, parameters within bounds and budget and finite, output shape fits the slot."""
+              finite: bool, out_shape: tuple[int, ...] | None, expected_shape: tuple[int, ...],
+              incompatible: str = "", slot_shape: str = "") -> GateResult:
+    """Blueprint known and accepting the slot's kind (``incompatible`` says why not), parameters within bounds
+    and budget and finite, output shape (the full batched shape) equal to the slot's."""
     problems = []
     if not known:
         problems.append(f"unknown blueprint {blueprint!r}")
-    lo, hi = bounds
-    if not lo <= n_params <= hi:
-        problems.append(f"{n_params} parameters outside declared bounds [{lo}, {hi}]")
-    if n_params > budget:
-        problems.append(f"{n_params} parameters exceed the budget {budget}")
-    if not finite:
-        problems.append("non-finite parameters")
-    if out_shape != expected_shape:
-        problems.append(f"output shape {out_shape} != slot shape {expected_shape}")
-    return _result("G0", problems, "sane", blueprint=blueprint, params=n_params, budget=budget)
+    elif incompatible:
+        problems.append(incompatible)
+    else:
+        lo, hi = bounds
+        if not lo <= n_params <= hi:
+            problems.append(f"{n_params} parameters outside declared bounds [{lo}, {hi}]")
+        if n_params > budget:
+            problems.append(f"{n_params} parameters exceed the budget {budget}")
+        if not finite:
+            problems.append("non-finite parameters")
+        if out_shape != expected_shape:
+            got = list(out_shape) if out_shape is not None else "no tensor"
+            problems.append(f"output shape {got} != slot shape {list(expected_shape)}")
+    return _result("G0", problems, "sane", blueprint=blueprint, params=n_params, budget=budget,
+                   slot_shape=slot_shape)
 
 
 def g1_gradient_health(*, seed_grad_norm: float, seed_grads_finite: bool, isolation_cosine: float,

@@ -15,16 +15,19 @@ from torch import nn
 
 import esper.core.kasmina.gates as gates
 from esper.core.config import EsperConfig
-from esper.core.errors import CheckpointError, ConfigError
-from esper.core.kasmina.blending import BlendSpec, blend, parse_blend
+from esper.core.errors import CheckpointError
+from esper.core.host import HostProbe, resumes_from
+from esper.core.kasmina.blending import BlendSpec, parse_blend
 from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
+from esper.core.kasmina.checks import check_slots, slot_shapes
 from esper.core.kasmina.isolation import IsolationMonitor
+from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.slot import LIVE, Mode, SeedSlot, SeedStats
 from esper.core.optim import ParamGroupSpec
 from esper.statemachines import SEED, StrictMachine, TransitionRecord
 
 Emit = Callable[..., Any]
-Build = Callable[[str, int], nn.Module]  # (blueprint, width) -> a fresh module: the blueprint load manager's get
+Build = Callable[[str, SlotShape], nn.Module]  # (blueprint, slot shape) -> a fresh module: the load manager's get
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # bypassed slot names -> the task's validation metrics: val_loss and every val_<metric>
 Evaluator = Callable[[frozenset[str]], dict[str, float]]
@@ -33,15 +36,16 @@ Evaluator = Callable[[frozenset[str]], dict[str, float]]
 class Kasmina:
     """Owns the slots of one host. Every stage change goes through the slot's strict machine.
 
-    ``registry`` names the blueprints; ``build`` makes a module from one (the run passes its blueprint load
-    manager's ``get``: cache + prefetch). Without them, blueprints are built straight from the registry.
+    ``probe`` is what one forward of a real example batch showed (each slot layer's output shape); ``registry``
+    names the blueprints; ``build`` makes a module from one (the run passes its blueprint load manager's
+    ``get``: cache + prefetch). Without them, blueprints are built straight from the registry.
     """
 
     def __init__(
         self,
         cfg: EsperConfig,
         host: nn.Module,
-        widths: dict[str, int],
+        probe: HostProbe,
         emit: Emit,
         *,
         registry: BlueprintRegistry | None = None,
@@ -54,28 +58,18 @@ class Kasmina:
         self.registry = registry if registry is not None else BlueprintRegistry(cfg.seeds)
         self.spec: BlendSpec = parse_blend(cfg.seeds.blend)
         reg = self.registry
-        self.build = build if build is not None else (lambda name, width: reg.build(name, width, cfg.run.seed))
+        self.build = build if build is not None else (lambda name, shape: reg.build(name, shape, cfg.run.seed))
+        # problems a slot would only meet mid-run are config errors now (exit 3, before any training)
+        shapes = slot_shapes(cfg.seeds.slots, probe)
+        check_slots(cfg, self.registry, self.spec, shapes, probe)
+        resumable = {layer: resumes_from(host, layer, probe.example) for layer in {sc.layer for sc in cfg.seeds.slots}}
         self.slots: dict[str, SeedSlot] = {}
         modules = dict(host.named_modules())
         for sc in cfg.seeds.slots:
-            slot = SeedSlot(sc.name, sc.layer, widths[sc.layer], self.spec, self._observer)
+            slot = SeedSlot(sc.name, sc.layer, shapes[sc.name], self.spec, self._observer, resumable[sc.layer])
             self.slots[sc.name] = slot
             modules[sc.layer].register_forward_hook(slot.hook)  # for the host's lifetime
         self._upstream: dict[str, list[nn.Parameter]] = {}
-        self._check_config()
-
-    def _check_config(self) -> None:
-        """Problems a slot would only meet mid-run are config errors now (exit 3, before any training)."""
-        widths = sorted({s.width for s in self.slots.values()})
-        if self.spec.mode == "channel":
-            n = len(self.spec.channel_alpha)
-            bad = {s.name: s.width for s in self.slots.values() if s.width != n}
-            if bad:
-                raise ConfigError(f"seeds.blend.channel_alpha has {n} entries but slot widths are {bad}: "
-                                  "it needs one entry per channel of every slot")
-        for name in self.scfg.user_blueprints:
-            for width in widths:
-                self.registry.build(name, width, self.cfg.run.seed)  # ConfigError naming seeds.user_blueprints.NAME
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,12 +109,11 @@ class Kasmina:
                   h: torch.Tensor | None = None) -> float:
         """TRAINING seed's own step: task loss with the seed substituted; gradients go to the seed only."""
         t0 = time.perf_counter()
-        forward_from = getattr(self.host, "forward_from", None)
-        if forward_from is not None and h is not None:
+        if slot.resumable and h is not None:
             # the host activation at the slot is known from this step's forward: run only the layers after it
             h = h.detach()
             s = slot.seed_output(h)
-            loss = loss_fn(forward_from(slot.layer, blend(h, s, 1.0, self.spec, slot.logits)), y)
+            loss = loss_fn(self.host.forward_from(slot.layer, slot.blend(h, s, 1.0, seed_input=h)), y)
         else:
             with self.modes(Mode.SUBSTITUTE, [slot.name]):
                 loss = loss_fn(self.forward(x), y)
@@ -156,10 +149,28 @@ class Kasmina:
                     out[head + k] = v
         return out
 
+    def compatible(self, slot_name: str) -> list[str]:
+        """The blueprints of ``seeds.blueprints`` that accept this slot's kind (what the controller may propose)."""
+        return self.registry.compatible(self.slots[slot_name].shape)
+
     def candidate_params(self, slot_name: str) -> dict[str, int]:
-        """Parameter count each allowed blueprint would have in this slot (risk stage's budget check)."""
-        width = self.slots[slot_name].width
-        return {b: self.registry[b].bounds(width)[1] for b in self.scfg.blueprints}
+        """Parameter count each compatible blueprint would have in this slot (risk stage's budget check)."""
+        shape = self.slots[slot_name].shape
+        return {b: self.registry[b].bounds(shape)[1] for b in self.registry.compatible(shape)}
+
+    def slot_view(self, slot_name: str) -> dict[str, Any]:
+        """What the controller is told about a slot's layout: kind, shape (one sample's), the compatible
+        blueprints and the parameter count each would have there (plain data: Tamiyo is torch-free)."""
+        s = self.slots[slot_name]
+        return {"kind": s.shape.kind, "shape": list(s.shape.shape), "compatible": self.compatible(slot_name),
+                "candidate_params": self.candidate_params(slot_name)}
+
+    def prefetch_keys(self) -> list[tuple[str, SlotShape]]:
+        """Every (blueprint, slot shape) the controller may germinate: what to prefetch at the start."""
+        keys: list[tuple[str, SlotShape]] = []
+        for s in self.slots.values():
+            keys.extend((b, s.shape) for b in self.compatible(s.name) if (b, s.shape) not in keys)
+        return keys
 
     def total_params(self) -> int:
         return param_count(self.host) + sum(param_count(s.module) for s in self.slots.values() if s.module)
@@ -170,21 +181,24 @@ class Kasmina:
         slot = self.slots[slot_name]
         slot.machine.require("germinate")
         known = blueprint in self.registry and blueprint in self.scfg.blueprints
+        refusal = self.registry[blueprint].refusal(slot.shape) if known else ""
         module: nn.Module | None = None
         out_shape: tuple[int, ...] | None = None
         finite = False
         n = 0
         bounds = (0, 0)
-        if known:
-            module = self.build(blueprint, slot.width)
+        if known and not refusal:  # an incompatible blueprint is never built for the slot
+            module = self.build(blueprint, slot.shape)
             n = param_count(module)
-            bounds = self.registry[blueprint].bounds(slot.width)
+            bounds = self.registry[blueprint].bounds(slot.shape)
             finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
             with torch.no_grad():
-                out_shape = tuple(module(torch.zeros(2, slot.width)).shape)
+                out = module(slot.shape.zeros(2))
+            out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         result = gates.g0_sanity(blueprint=blueprint, known=known, n_params=n, bounds=bounds,
                                  budget=self.scfg.param_budget, finite=finite, out_shape=out_shape,
-                                 expected_shape=(2, slot.width))
+                                 expected_shape=slot.shape.batched(2), incompatible=refusal,
+                                 slot_shape=str(slot.shape))
         self._gate_event(slot, "germinate", result)
 
         def attach() -> None:
@@ -231,7 +245,7 @@ class Kasmina:
 
         def substitute(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
             x_in = out.detach() if slot.detach_input else out
-            return blend(x_in if slot.detach_input else out, module(x_in), 1.0, self.spec, slot.logits)
+            return slot.blend(x_in, module(x_in), 1.0, seed_input=x_in)
 
         handle = dict(self.host.named_modules())[slot.layer].register_forward_hook(substitute)
         try:
@@ -403,7 +417,7 @@ class Kasmina:
                 raise CheckpointError(f"checkpoint has seed tensors for slot {name} but no blueprint")
             else:
                 same = slot.module is not None and (slot.seed_id, slot.blueprint) == (rec["seed_id"], rec["blueprint"])
-                module = slot.module if same and slot.module is not None else self.build(rec["blueprint"], slot.width)
+                module = slot.module if same and slot.module is not None else self.build(rec["blueprint"], slot.shape)
                 try:
                     module.load_state_dict(seed_sd, strict=True)
                 except RuntimeError as exc:

@@ -1,6 +1,7 @@
 """Blueprint load manager (Kasmina arch 9): the one place a blueprint becomes a ready-to-attach module.
 
-A load instantiates the blueprint, warms it up with a forward pass on a ``(2, width)`` zero tensor, optionally
+A load instantiates the blueprint for a slot shape, warms it up with a forward pass on a ``[2, *shape]`` zero
+tensor (checking the output keeps that shape), optionally
 ``torch.compile``-s it and warms the compiled module up too (compilation is lazy: the warm-up is where it
 fails). The warmed template is kept in an LRU cache bounded in bytes; :meth:`BlueprintLoadManager.get` hands out
 deep copies, so callers never share parameters with the template or with each other.
@@ -31,20 +32,21 @@ import torch
 from torch import nn
 
 from esper.core.errors import EsperError
+from esper.core.kasmina.kinds import SlotShape
 
 Emit = Callable[..., Any]
-Build = Callable[[str, int], nn.Module]
+Build = Callable[[str, SlotShape], nn.Module]
 SOURCE = "kasmina"
-_Key = tuple[str, int]
+_Key = tuple[str, SlotShape]
 
 
 class BlueprintLoadError(EsperError):
     """A blueprint could not be made ready (build, warm-up, compile, timeout or shutdown); carries the reason."""
 
-    def __init__(self, name: str, width: int, reason: str) -> None:
-        super().__init__(f"blueprint {name!r} (width {width}) failed to load: {reason}")
+    def __init__(self, name: str, shape: SlotShape, reason: str) -> None:
+        super().__init__(f"blueprint {name!r} ({shape}) failed to load: {reason}")
         self.blueprint = name
-        self.width = width
+        self.shape = shape
         self.reason = reason
 
 
@@ -53,7 +55,7 @@ class LoadInfo:
     """What a completed load produced (the value of a prefetch future)."""
 
     name: str
-    width: int
+    shape: SlotShape
     nbytes: int
     load_ms: float
     compiled: bool
@@ -128,9 +130,9 @@ def module_nbytes(module: nn.Module) -> int:
 
 
 class BlueprintLoadManager:
-    """Turns ``(blueprint, width)`` into a warmed-up module; caches templates in a byte-bounded LRU.
+    """Turns ``(blueprint, slot shape)`` into a warmed-up module; caches templates in a byte-bounded LRU.
 
-    ``build(name, width)`` instantiates a blueprint. ``cache_bytes`` bounds the cached templates (0 disables
+    ``build(name, shape)`` instantiates a blueprint. ``cache_bytes`` bounds the cached templates (0 disables
     caching), ``workers`` bounds concurrent loads, ``timeout_ms`` bounds how long :meth:`get` waits for one,
     ``compile`` applies ``torch.compile``. ``emit(source, event, level, **attributes)`` gets load failures,
     compile failures, evictions and shutdown reports (source ``kasmina``).
@@ -159,12 +161,12 @@ class BlueprintLoadManager:
 
     # -- public API --------------------------------------------------------------------------------------
 
-    def get(self, name: str, width: int) -> nn.Module:
+    def get(self, name: str, shape: SlotShape) -> nn.Module:
         """A fresh deep copy of the warmed template; loads it (or waits on its prefetch) if not cached.
 
         Raises BlueprintLoadError when the load fails or takes longer than ``timeout_ms``.
         """
-        key = (name, width)
+        key = (name, shape)
         with self._lock:
             self._check_open(key)
             self._count("gets")
@@ -179,12 +181,12 @@ class BlueprintLoadManager:
             entry = self._wait(key, future)
         return copy.deepcopy(entry.module)
 
-    def prefetch(self, name: str, width: int) -> Future[LoadInfo]:
+    def prefetch(self, name: str, shape: SlotShape) -> Future[LoadInfo]:
         """Start loading in the background (de-duplicated); the future resolves to the load's LoadInfo.
 
         Safe to call with or without a running asyncio loop: it touches none.
         """
-        key = (name, width)
+        key = (name, shape)
         outer: Future[LoadInfo] = Future()
         with self._lock:
             self._check_open(key)
@@ -198,7 +200,7 @@ class BlueprintLoadManager:
 
         def relay(done: Future[_Entry]) -> None:
             if done.cancelled():
-                outer.set_exception(BlueprintLoadError(name, width, "cancelled by shutdown"))
+                outer.set_exception(BlueprintLoadError(name, shape, "cancelled by shutdown"))
             elif (exc := done.exception()) is not None:
                 outer.set_exception(exc)
             else:
@@ -207,10 +209,10 @@ class BlueprintLoadManager:
         inner.add_done_callback(relay)
         return outer
 
-    def is_ready(self, name: str, width: int) -> bool:
+    def is_ready(self, name: str, shape: SlotShape) -> bool:
         """True when ``get`` would be served from the cache without waiting."""
         with self._lock:
-            return (name, width) in self._cache
+            return (name, shape) in self._cache
 
     def stats(self) -> LoaderStats:
         """The current window's counters, lifetime totals and cache occupancy (O-4)."""
@@ -285,27 +287,27 @@ class BlueprintLoadManager:
             with self._lock:
                 self._count("timeouts")
             reason = f"not ready within {self.timeout_ms} ms (load.timeout_ms)"
-            self._send("blueprint_load_timeout", "WARNING", blueprint=key[0], width=key[1], reason=reason)
+            self._send("blueprint_load_timeout", "WARNING", blueprint=key[0], slot_shape=str(key[1]), reason=reason)
             raise BlueprintLoadError(key[0], key[1], reason) from None
         except CancelledError:
             raise BlueprintLoadError(key[0], key[1], "cancelled by shutdown") from None
 
     def _load(self, key: _Key) -> _Entry:
         """Runs on the pool: build, warm up, compile, warm up; cache the template. Never returns a fallback."""
-        name, width = key
+        name, shape = key
         t0 = time.perf_counter()
         try:
             with self._lock:
                 self._count("builds")
-            module = self._stage(key, "build", lambda: self._build(name, width))
+            module = self._stage(key, "build", lambda: self._build(name, shape))
             if not isinstance(module, nn.Module):
                 raise self._fail(key, "load_failures", f"build returned {type(module).__name__}, not a Module")
-            self._stage(key, "warm-up", lambda: _warm_up(module, width))
+            self._stage(key, "warm-up", lambda: _warm_up(module, shape))
             if self.compile:
                 compiled = self._stage(key, "compile", lambda: torch.compile(module), "compile_failures")
-                self._stage(key, "compiled warm-up", lambda: _warm_up(compiled, width), "compile_failures")
+                self._stage(key, "compiled warm-up", lambda: _warm_up(compiled, shape), "compile_failures")
                 module = compiled
-            info = LoadInfo(name=name, width=width, nbytes=module_nbytes(module),
+            info = LoadInfo(name=name, shape=shape, nbytes=module_nbytes(module),
                             load_ms=(time.perf_counter() - t0) * 1000.0, compiled=self.compile)
             entry = _Entry(module, info)
             self._put(key, entry)
@@ -327,7 +329,7 @@ class BlueprintLoadManager:
         with self._lock:
             self._count(counter)
         event = "blueprint_compile_failed" if counter == "compile_failures" else "blueprint_load_failed"
-        self._send(event, "ERROR", blueprint=key[0], width=key[1], reason=reason)
+        self._send(event, "ERROR", blueprint=key[0], slot_shape=str(key[1]), reason=reason)
         return BlueprintLoadError(key[0], key[1], reason)
 
     def _put(self, key: _Key, entry: _Entry) -> None:
@@ -345,8 +347,8 @@ class BlueprintLoadManager:
                 self._cached_bytes -= victim.info.nbytes
                 self._count("evictions")
                 evicted.append((victim_key, victim.info.nbytes))
-        for (vname, vwidth), nbytes in evicted:  # outside the lock: emit may call back into us
-            self._send("blueprint_cache_evicted", "INFO", blueprint=vname, width=vwidth, nbytes=nbytes,
+        for (vname, vshape), nbytes in evicted:  # outside the lock: emit may call back into us
+            self._send("blueprint_cache_evicted", "INFO", blueprint=vname, slot_shape=str(vshape), nbytes=nbytes,
                        reason="capacity", cache_bytes=self.cache_bytes)
 
     def _send(self, event: str, level: str, **attributes: Any) -> None:
@@ -354,13 +356,13 @@ class BlueprintLoadManager:
             self._emit(SOURCE, event, level, **attributes)
 
 
-def _warm_up(module: nn.Module, width: int) -> None:
+def _warm_up(module: nn.Module, shape: SlotShape) -> None:
     """One training-mode forward on zeros; checks the shape contract and leaves buffers as they were."""
     saved = [b.detach().clone() for b in module.buffers()]
-    out = module(torch.zeros(2, width))
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, width):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"warm-up output {shape}, expected (2, {width})")
+    out = module(shape.zeros(2))
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape.batched(2):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"warm-up output {got}, expected {list(shape.batched(2))}")
     if not bool(torch.isfinite(out).all()):
         raise ValueError("warm-up output is not finite")
     with torch.no_grad():  # e.g. BatchNorm running stats must not learn from the zero batch

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from esper.core.kasmina.blending import BlendSpec, alpha_at, blend
+from esper.core.kasmina.kinds import SlotShape
 from esper.statemachines import SEED, SEED_LIVE, StrictMachine
 from esper.statemachines.machine import Observer
 
@@ -63,12 +64,15 @@ class SeedStats:
 
 
 class SeedSlot:
-    """Forward-hook behaviour of one slot, per stage of its seed."""
+    """Forward-hook behaviour of one slot, per stage of its seed. ``shape`` is the slot's activation (kind and
+    one sample's shape); ``resumable`` says whether the host's ``forward_from`` covers the slot's layer."""
 
-    def __init__(self, name: str, layer: str, width: int, spec: BlendSpec, observer: Observer | None) -> None:
+    def __init__(self, name: str, layer: str, shape: SlotShape, spec: BlendSpec, observer: Observer | None,
+                 resumable: bool = False) -> None:
         self.name = name
         self.layer = layer
-        self.width = width
+        self.shape = shape
+        self.resumable = resumable
         self.spec = spec
         self.machine = StrictMachine(SEED, name, observer=observer)
         self.module: nn.Module | None = None
@@ -98,6 +102,12 @@ class SeedSlot:
     def params(self) -> list[nn.Parameter]:
         return list(self.module.parameters()) if self.module is not None else []
 
+    def blend(self, host: torch.Tensor, seed: torch.Tensor, alpha: float,
+              seed_input: torch.Tensor | None = None) -> torch.Tensor:
+        """The configured blend on this slot's channel axis (``seed_input``: what the seed was given)."""
+        return blend(host, seed, alpha, self.spec, self.logits, channel_axis=self.shape.channel_axis,
+                     seed_input=seed_input)
+
     def seed_output(self, x: torch.Tensor) -> torch.Tensor:
         """The seed's output on ``x`` (recorded for G3, faults applied)."""
         out = self._seed(x)
@@ -122,14 +132,16 @@ class SeedSlot:
             x = out.detach()
             s = self._seed(x)
             self.last_output = s
-            return blend(x, s, 1.0, self.spec, self.logits)
+            return self.blend(x, s, 1.0, seed_input=x)
         if stage in BLENDED:
-            s = self._seed(out.detach() if self.detach_input else out)
+            x = out.detach() if self.detach_input else out
+            s = self._seed(x)
             self.last_output = s
-            return blend(out, s, self.alpha, self.spec, self.logits)
+            return self.blend(out, s, self.alpha, seed_input=x)
         if stage == "FOSSILIZED":
+            # part of the host now: its input is the live activation, and the blend counts that path once
             s = self._seed(out)
-            return blend(out, s, 1.0, self.spec, self.logits)
+            return self.blend(out, s, 1.0, seed_input=out)
         return out
 
     def record(self) -> dict[str, Any]:

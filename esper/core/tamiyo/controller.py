@@ -142,7 +142,7 @@ class Tamiyo:
         self._record(obs, state)
         proposals = self.policy.decide(obs, state)
         commands = [self._stamp(p, obs.epoch, state) for p in proposals]
-        ctx = ValidationContext.build(self._s, self.run_id, obs.epoch, frozenset(state.issued_ids))
+        ctx = ValidationContext.build(self._s, self.run_id, obs.epoch, frozenset(state.issued_ids), obs.slots)
         history = RiskHistory(tuple(state.history), state.rollbacks_before_history)
         stages = dict(obs.stages)
         accepted: list[Command] = []

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from esper.core.config import KIND_RANK, KINDS
 from esper.core.tamiyo._util import describe
 from esper.core.tamiyo.errors import ObservationError
 from esper.statemachines import SEED, SEED_LIVE
@@ -21,7 +22,9 @@ _STRICT = ConfigDict(frozen=True, strict=True, extra="forbid", allow_inf_nan=Fal
 class SlotView(BaseModel):
     """One slot as Kasmina reports it.
 
-    ``candidate_params`` maps each blueprint to the parameter count it would have in this slot (the risk
+    ``kind`` and ``shape`` (one sample's activation, no batch axis) describe the slot; ``compatible`` lists
+    the blueprints of ``seeds.blueprints`` that accept it (the only ones a policy may propose there);
+    ``candidate_params`` maps each of them to the parameter count it would have in this slot (the risk
     stage's parameter budget needs it for a germination); ``counterfactual_gain`` is the validation loss
     without the seed minus with it, measured while PROBATIONARY.
     """
@@ -29,6 +32,9 @@ class SlotView(BaseModel):
     model_config = _STRICT
 
     name: str = Field(min_length=1)
+    kind: str
+    shape: tuple[int, ...] = Field(strict=False)
+    compatible: tuple[str, ...] = Field(strict=False)
     stage: str
     blueprint: str | None
     epochs_in_stage: int = Field(ge=0)
@@ -44,6 +50,13 @@ class SlotView(BaseModel):
             raise ValueError(f"unknown seed stage {v!r} (known: {', '.join(SEED.state_names)})")
         return v
 
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in KINDS:
+            raise ValueError(f"unknown activation kind {v!r} (known: {', '.join(KINDS)})")
+        return v
+
     @field_validator("candidate_params")
     @classmethod
     def _params(cls, v: dict[str, int]) -> dict[str, int]:
@@ -56,6 +69,9 @@ class SlotView(BaseModel):
     def _blueprint(self) -> SlotView:
         if self.stage in _HOLDS_SEED and not self.blueprint:
             raise ValueError(f"slot {self.name!r} in stage {self.stage} has no blueprint id")
+        if len(self.shape) != KIND_RANK[self.kind] or any(d < 1 for d in self.shape):
+            raise ValueError(f"slot {self.name!r}: shape {list(self.shape)} is not a {self.kind} activation "
+                             f"(one sample's shape has {KIND_RANK[self.kind]} positive axes)")
         return self
 
     @property

@@ -100,19 +100,20 @@ class HeuristicPolicy:
         alive = sum(1 for s in obs.slots if s.alive)
         if alive >= self._s.max_active:
             return None
-        free = [n for n in self._slot_order if obs.slot(n).stage == "DORMANT"]
+        usable = [b for b in self._s.blueprints if b not in state.regressed_blueprints]
+        # a free slot counts only with a usable blueprint that accepts its kind: never propose a misfit
+        options = {n: [b for b in usable if b in obs.slot(n).compatible] for n in self._slot_order
+                   if obs.slot(n).stage == "DORMANT"}
+        free = [n for n, bps in options.items() if bps]
         if not free:
             return None
         plateau, detail = self.plateaued(state)
         if not plateau:
             return None
-        usable = [b for b in self._s.blueprints if b not in state.regressed_blueprints]
-        if not usable:
-            return None
         # Round-robin by past germinations; ties go to config order, so the choice is deterministic.
         slot = min(free, key=lambda n: (state.germinations_by_slot.get(n, 0), self._slot_order.index(n)))
-        blueprint = min(usable, key=lambda b: (state.germinations_by_blueprint.get(b, 0),
-                                               self._s.blueprints.index(b)))
+        blueprint = min(options[slot], key=lambda b: (state.germinations_by_blueprint.get(b, 0),
+                                                      self._s.blueprints.index(b)))
         return Proposal("germinate", slot, blueprint, f"plateau: {detail}", "plateau")
 
 

@@ -136,8 +136,8 @@ class RiskStage:
     def _budget(self, cmd: Command, obs: Observation, accepted: Sequence[Command]) -> RiskVerdict | None:
         assert cmd.blueprint is not None  # Command guarantees it for germinate
         views = {s.name: s for s in obs.slots}
-        if cmd.slot not in views:
-            return None  # an unknown slot is the validator's rejection, not a risk
+        if cmd.slot not in views or cmd.blueprint not in views[cmd.slot].compatible:
+            return None  # an unknown slot or a blueprint that does not fit it is the validator's rejection
         params = views[cmd.slot].candidate_params.get(cmd.blueprint)
         if params is None:
             return RiskVerdict.reject(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from esper.core.config import SeedsConfig
 from esper.core.tamiyo.commands import Command
+from esper.core.tamiyo.observation import SlotView
 from esper.statemachines import SEED
 
 
@@ -18,7 +19,8 @@ class ValidationResult:
 
 @dataclass(frozen=True)
 class ValidationContext:
-    """What a command is validated against: config-derived sets plus the run, epoch and ids issued so far."""
+    """What a command is validated against: config-derived sets, the run, epoch and ids issued so far, and each
+    observed slot's layout (``"channels1d [N, 6, 19]"``) with the blueprints compatible with it."""
 
     slots: frozenset[str]
     blueprints: frozenset[str]
@@ -26,13 +28,17 @@ class ValidationContext:
     run_id: str
     epoch: int
     issued_ids: Collection[str]
+    compatible: Mapping[str, tuple[str, ...]]
+    layouts: Mapping[str, str]
 
     @classmethod
-    def build(cls, seeds: SeedsConfig, run_id: str, epoch: int,
-              issued_ids: Collection[str]) -> ValidationContext:
+    def build(cls, seeds: SeedsConfig, run_id: str, epoch: int, issued_ids: Collection[str],
+              views: Sequence[SlotView]) -> ValidationContext:
         germinable = frozenset(seeds.blueprints)
         return cls(frozenset(s.name for s in seeds.slots), germinable,
-                   germinable | frozenset(seeds.user_blueprints), run_id, epoch, issued_ids)
+                   germinable | frozenset(seeds.user_blueprints), run_id, epoch, issued_ids,
+                   {v.name: v.compatible for v in views},
+                   {v.name: f"{v.kind} [{', '.join(['N', *map(str, v.shape)])}]" for v in views})
 
 
 def validate(cmd: Command, stages: Mapping[str, str], ctx: ValidationContext) -> ValidationResult:
@@ -52,6 +58,12 @@ def validate(cmd: Command, stages: Mapping[str, str], ctx: ValidationContext) ->
         if cmd.blueprint not in ctx.blueprints:
             allowed = ", ".join(sorted(ctx.blueprints))
             return ValidationResult(False, f"blueprint {cmd.blueprint!r} is not in seeds.blueprints ({allowed})")
+        fits = ctx.compatible.get(cmd.slot, ())
+        if cmd.blueprint not in fits:
+            return ValidationResult(
+                False, f"blueprint {cmd.blueprint!r} does not accept slot {cmd.slot!r} "
+                       f"({ctx.layouts.get(cmd.slot, 'layout unknown')}); compatible there: "
+                       f"{', '.join(fits) or 'none'}")
     elif cmd.blueprint is not None and cmd.blueprint not in ctx.known_blueprints:
         return ValidationResult(False, f"unknown blueprint {cmd.blueprint!r}")
     stage = stages[cmd.slot]

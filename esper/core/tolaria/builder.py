@@ -17,7 +17,7 @@ from torch import nn
 
 from esper.core.config import EsperConfig
 from esper.core.data import BatchSkips, Task, build_task, fetch, steps_per_epoch
-from esper.core.host import build_host, layer_widths
+from esper.core.host import build_host, check_output, probe_host
 from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina
 from esper.core.optim import LRSchedule
 from esper.core.rng import RngState
@@ -93,23 +93,23 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
     task = task if task is not None else build_task(cfg)
     host = build_host(cfg, task.input_shape, task.n_outputs).to(device)
     seeds_cfg = cfg.seeds if cfg.seeds.enabled else cfg.seeds.model_copy(update={"slots": []})
-    widths = layer_widths(host, [s.layer for s in seeds_cfg.slots], task.example_x().to(device))
+    host_probe = probe_host(host, [s.layer for s in seeds_cfg.slots], task.example_x().to(device))
+    check_output(host_probe, task.n_outputs)
     kcfg = cfg if cfg.seeds.enabled else cfg.model_copy(update={"seeds": seeds_cfg})
     registry = BlueprintRegistry(kcfg.seeds)
     loader = None
     if seeds_cfg.slots:
         loader = BlueprintLoadManager(
-            lambda name, width: registry.build(name, width, cfg.run.seed), cache_bytes=cfg.seeds.cache_bytes,
+            lambda name, shape: registry.build(name, shape, cfg.run.seed), cache_bytes=cfg.seeds.cache_bytes,
             workers=cfg.seeds.prefetch_workers, timeout_ms=cfg.seeds.load_timeout_ms, compile=cfg.seeds.compile,
             emit=emit)
     mediator: Mediator | None = None
     try:
-        kasmina = Kasmina(kcfg, host, widths, emit, registry=registry, build=loader.get if loader else None)
+        kasmina = Kasmina(kcfg, host, host_probe, emit, registry=registry, build=loader.get if loader else None)
         if loader is not None:
-            # the controller may germinate any allowed blueprint in any slot: prefetch them all now
-            for name in cfg.seeds.blueprints:
-                for width in sorted(set(widths.values())):
-                    loader.prefetch(name, width)
+            # the controller may germinate any compatible blueprint in any slot: prefetch them all now
+            for name, shape in kasmina.prefetch_keys():
+                loader.prefetch(name, shape)
         optimizer = OptimizerPart(cfg.trainer, kasmina, emit)
         n_steps = steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last)  # type: ignore[arg-type]
         schedule = LRSchedule(cfg.trainer, cfg.trainer.epochs * n_steps)

@@ -86,7 +86,7 @@ class Decisions:
                 "seed_loss_improvement": ((losses[0] - losses[-1]) / max(abs(losses[0]), 1e-12)
                                           if len(losses) >= 2 else None),
                 "counterfactual_gain": s.stats.counterfactual.get("gain"),
-                "candidate_params": self.kasmina.candidate_params(s.name),
+                **self.kasmina.slot_view(s.name),
             })
         return {
             "run_id": self.run_id, "epoch": epoch,

@@ -6,11 +6,13 @@ from __future__ import annotations
 import platform
 import traceback
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import torch
 
 import esper
+from esper.core.config import EsperConfig
 from esper.core.errors import EsperError, ExitCode
 from esper.core.kasmina import Kasmina
 from esper.core.tolaria.builder import Parts
@@ -36,6 +38,26 @@ class Silent:
 
     def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None:
         pass
+
+
+def task_info(cfg: EsperConfig) -> dict[str, Any]:
+    """What the run optimises (contract C1): the task, its primary metric and direction, its metrics.
+
+    FOR THE LEAD (merge with i13a): today's trainer only classifies, so these are the classification values,
+    stated here once; i13a's task protocol supplies the real ones (``summary.json`` and ``run.started`` carry them).
+    """
+    return {"name": cfg.data.task, "primary_metric": "val_accuracy", "direction": "max",
+            "metrics": ["val_loss", "val_accuracy"]}
+
+
+def slot_views(slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each slot as an operator's view shows it (the ``slots`` of ``epoch.completed``: watch, TensorBoard)."""
+    keys = ("slot", "layer", "seed_id", "blueprint", "stage", "alpha", "epochs_in_stage")
+    return [{k: s.get(k) for k in keys} for s in slots]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def metrics_row(epoch: int, global_step: int, stats: EpochStats, val_loss: float, val_acc: float,
@@ -68,8 +90,9 @@ def failure_record(exc: BaseException, parts: Parts | None, exit_code: int | Non
 
 
 def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failure: dict[str, Any] | None,
-            run_dir: str) -> dict[str, Any]:
-    """``summary.json`` (also when the run failed before its parts were built)."""
+            run_dir: str, *, task: dict[str, Any], started: str | None) -> dict[str, Any]:
+    """``summary.json`` (also when the run failed before its parts were built). ``started``: the UTC of this
+    session's start record, so a reader can tell this summary from an earlier session's (a resume)."""
     history = parts.state.history if parts else []
     last = history[-1] if history else {}
     checkpoint = parts.checkpointer.last if parts else None
@@ -91,5 +114,8 @@ def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failu
         "checkpoint": str(checkpoint) if checkpoint else None,
         "failure": failure,
         "run_dir": run_dir,
+        "task": task,
+        "started": started,
+        "finished": utc_now(),
         "versions": {"esper": esper.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }

@@ -51,6 +51,8 @@ class Trainer:
         self._controller_factory = controller_factory
         self._faults = tuple(faults)  # injected besides the config's (a drill's forced level)
         self.parts: Parts | None = None
+        self._resuming = False
+        self.started: str | None = None  # UTC of this session's run.started/run.resuming record
 
     def build(self) -> Parts:
         self.parts = build_parts(self.cfg, self.run_dir, self.machine, self.emit, controller=self._controller_factory,
@@ -65,11 +67,11 @@ class Trainer:
     # -------------------------------------------------------------------- run
     def run(self, resume: LoadedCheckpoint | None = None) -> dict[str, Any]:
         """Train to completion (or stop/halt/failure); always returns the summary and writes summary.json."""
-        self.emit("tolaria", "run.started" if resume is None else "run.resuming", "INFO",
-                  config_hash=self.cfg.config_hash(), esper=esper.__version__, torch=torch.__version__)
+        self._resuming = resume is not None
         try:
             try:
                 p = self.build()
+                self._announce(p.steps_per_epoch)
                 if resume is not None:
                     self._resume(p, resume)
                 self.machine.fire("ready", reason="built" if resume is None else f"restored {resume.path}")
@@ -89,6 +91,17 @@ class Trainer:
         finally:
             self.close()
         return self.finish()
+
+    def _announce(self, steps_per_epoch: int | None) -> None:
+        """The session's first record: what it plans (C1: task, epochs, steps per epoch), once. Emitted after the
+        build, which knows the steps per epoch; a failed build announces before its failure record."""
+        if self.started is not None:
+            return
+        record = self.emit("tolaria", "run.resuming" if self._resuming else "run.started", "INFO",
+                           config_hash=self.cfg.config_hash(), esper=esper.__version__, torch=torch.__version__,
+                           task=records.task_info(self.cfg), epochs=self.cfg.trainer.epochs,
+                           steps_per_epoch=steps_per_epoch)
+        self.started = record["utc"] if record is not None else records.utc_now()
 
     def _resume(self, p: Parts, resume: LoadedCheckpoint) -> None:
         p.components.load_state_dict(p.components.from_checkpoint(resume.tensors, resume.payload))
@@ -142,7 +155,9 @@ class Trainer:
                                   p.optimizer.optimizer, p.emergency.level, decisions)
         p.state.end_epoch(row)
         self.run_dir.append_metrics(row)
-        self.emit("tolaria", "epoch.completed", "INFO", **{k: v for k, v in row.items() if k != "epoch"})
+        slots = p.kasmina.records()
+        self.emit("tolaria", "epoch.completed", "INFO", **{k: v for k, v in row.items() if k != "epoch"},
+                  slots=records.slot_views(slots))
         self.emit("telemetry", "telemetry.window", "INFO", **self.emitter.reset_window())  # this epoch's (O-4)
         if p.loader is not None:
             p.loader.report_window()  # the blueprint cache's counters of this epoch (O-4)
@@ -152,7 +167,8 @@ class Trainer:
             p.safety.handle(p.checkpointer.save("periodic"))
         if p.emergency.last_epoch_healthy:
             p.rollback.take()  # a healthy boundary: the new last-known-good
-        self.reporter.epoch_end(row, p.kasmina.records())
+        self.emitter.flush()  # readers following the run (`esper watch`) see every epoch's events as it ends
+        self.reporter.epoch_end(row, slots)
         return True
 
     # ----------------------------------------------------------------- epochs
@@ -231,7 +247,7 @@ class Trainer:
         ms = (time.perf_counter() - t0) * 1000.0
         correct = int((logits.detach().argmax(dim=1) == y).sum())
         stats.add(value, correct, len(y), ms)
-        self.reporter.step(value)
+        self.reporter.step(stats.loss_sum / stats.seen)  # the epoch's running mean, not this batch's loss
         if ms > self.cfg.emergency.slow_step_ms:
             p.safety.handle(Signal("NOTICE", "slow_step", f"step took {ms:.0f} ms > "
                                    f"{self.cfg.emergency.slow_step_ms:.0f} ms", {"step_ms": ms}))
@@ -273,6 +289,7 @@ class Trainer:
     # ---------------------------------------------------------------- records
     def _fail(self, exc: BaseException, exit_code: int | None = None) -> None:
         self.failure = records.failure_record(exc, self.parts, exit_code)
+        self._announce(self.parts.steps_per_epoch if self.parts else None)
         self.emit("tolaria", "run.failed", "CRITICAL", **self.failure)
         if self.machine.may("fail"):
             self.machine.fire("fail", reason=f"{type(exc).__name__}: {exc}")
@@ -297,7 +314,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         summary = records.summary(self.run_id, self.machine.state, self.exit_code(), self.parts, self.failure,
-                                  str(self.run_dir.path))
+                                  str(self.run_dir.path), task=records.task_info(self.cfg), started=self.started)
         self.run_dir.write_summary(summary)
         if self.machine.observer is not None:
             self.emit("tolaria", "run.finished", "INFO" if summary["exit_code"] == 0 else "CRITICAL",

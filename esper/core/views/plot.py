@@ -23,9 +23,10 @@ from esper.core.views.history import RunHistory
 from esper.core.views.status import Run
 from esper.statemachines import EMERGENCY, SEED
 
-_STAGES = colormaps["tab20"].resampled(len(SEED.state_names))
+_STAGES = colormaps["Paired"].resampled(len(SEED.state_names))  # qualitative, no grey
 _LEVELS = colormaps["YlOrRd"]
 _RUNS = colormaps["tab10"]
+MOMENTS = ("germinate", "fossilize", "cull")  # triggers marked on the bands (a diamond in the stage entered)
 DPI = 100
 WIDTH_IN = 11.0
 
@@ -81,12 +82,18 @@ def render(runs: list[Run], labels: list[str], out: Path) -> dict[str, object]:
             bands.broken_barh([(start, stop - start)], (y - 0.4, 0.8), facecolors=stage_colour(stage))
             if stage not in seen_stages:
                 seen_stages.append(stage)
+        for t in (t for t in h.transitions if t.slot == slot and t.trigger in MOMENTS):
+            # the decisive moments, visible even when the stage they enter lasts less than an epoch
+            bands.scatter([t.epoch], [y], s=70, marker="D", color=stage_colour(t.dest), edgecolors="black",
+                          linewidths=0.8, zorder=3)
+            if t.dest not in seen_stages:
+                seen_stages.append(t.dest)
         _markers(bands, h, ticks=False)
     bands.set_yticks(range(len(band_rows)), [slot if len(runs) == 1 else f"{labels[i]}:{slot}"
                                              for i, slot in band_rows])
     bands.set_ylim(max(len(band_rows), 1) - 0.4, -0.6)  # the first run's slots on top
     bands.set_xlabel("epoch")
-    bands.set_title("seed stage per slot", loc="left", fontsize=10)
+    bands.set_title("seed stage per slot (diamonds: germinate, fossilize, cull)", loc="left", fontsize=10)
     order = [s for s in SEED.state_names if s in seen_stages]
     if order:
         bands.legend(handles=[Patch(color=stage_colour(s), label=s) for s in order], loc="upper left",

@@ -107,11 +107,11 @@ class RunView:
         if self.epoch_bar is not None:
             self.epoch_bar.update(self.epoch_task, last=last)
         self.console.print(line, highlight=False, markup=False)
+        self.show_slots(slots)
+
+    def show_slots(self, slots: list[dict[str, Any]]) -> None:
         self.slots = slot_table(slots)
         self.live.update(self._group())
-
-    def note(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
 
 
 def render_summary(console: Console, summary: dict[str, Any]) -> None:

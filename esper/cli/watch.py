@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from esper.cli.common import QuietOpt, global_options, handle_errors, stderr, stdout
-from esper.cli.view import RunView, last_text, plain_line, render_summary, slot_table
+from esper.cli.view import RunView, last_text, plain_line, render_summary
 from esper.core.errors import ExitCode
 from esper.core.views import read
 from esper.core.views.errors import RunIncomplete, ViewUsageError
@@ -54,8 +54,7 @@ class _Live:
         where = f"epoch {h.epochs_done}/{planned if planned is not None else '?'}  level {h.level}"
         self.view.run_progress(h.epochs_done, planned, where, h.eta_s())
         if h.slots:
-            self.view.slots = slot_table(h.slots)
-            self.view.live.update(self.view._group())
+            self.view.show_slots(h.slots)
 
 
 @handle_errors

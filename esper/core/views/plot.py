@@ -66,13 +66,14 @@ def render(runs: list[Run], labels: list[str], out: Path) -> dict[str, object]:
     primaries = sorted({r.history.primary for r in runs})
     for i, (r, label) in enumerate(zip(runs, labels, strict=True)):
         h, colour = r.history, _RUNS(i % 10)
-        loss.plot(*h.series("train_loss"), color=colour, linestyle="--", marker=".", label=f"{label} train")
-        loss.plot(*h.series("val_loss"), color=colour, linestyle="-", marker=".", label=f"{label} val")
-        metric.plot(*h.series(h.primary), color=colour, marker=".", label=f"{label} {h.primary}")
+        who = f"{label} " if len(runs) > 1 else ""  # one run: its name is the title
+        loss.plot(*h.series("train_loss"), color=colour, linestyle="--", marker=".", label=f"{who}train")
+        loss.plot(*h.series("val_loss"), color=colour, linestyle="-", marker=".", label=f"{who}val")
+        metric.plot(*h.series(h.primary), color=colour, marker=".", label=f"{who}{h.primary}")
         train_key = "train_" + h.primary.removeprefix("val_")
         if h.primary.startswith("val_") and h.series(train_key)[0]:
-            metric.plot(*h.series(train_key), color=colour, linestyle=":", label=f"{label} {train_key}")
-        params.step(*h.series("params"), where="post", color=colour, label=label)
+            metric.plot(*h.series(train_key), color=colour, linestyle=":", label=f"{who}{train_key}")
+        params.step(*h.series("params"), where="post", color=colour, label=label if len(runs) > 1 else "parameters")
         for ax in (loss, metric, params):
             _markers(ax, h, ticks=True)
     seen_stages: list[str] = []

@@ -11,9 +11,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import GROWING, esper, hold_lock, out, release, spawn, spawn_esper, wait_for
+from conftest import (
+    GROWING,
+    SHIPPED_TOML,
+    esper,
+    hold_lock,
+    out,
+    release,
+    sets,
+    spawn,
+    spawn_esper,
+    train,
+    wait_for,
+    wait_until,
+)
 
 from esper.core.errors import ExitCode
+from esper.core.runlock import writer_alive
 
 
 def _epoch_lines(text: str) -> list[str]:
@@ -110,3 +124,21 @@ def test_watch_refuses_what_is_not_a_run_and_gives_up_on_one_that_never_starts(t
     (tmp_path / "config.toml").write_text("")
     never = esper("watch", str(tmp_path), "--start-timeout", "0")
     assert never.exit_code == ExitCode.INCOMPLETE and "no esper process has started writing it" in never.output
+
+
+@pytest.mark.slow
+def test_watch_of_a_resumed_run_follows_the_new_session_not_the_old_summary(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    items = [*GROWING, "trainer.epochs=6"]
+    stopped = train(run, *items, extra=["--fault", "sigterm@3:1"])
+    assert stopped.exit_code == ExitCode.SIGTERM, out(stopped)
+    assert json.loads((run / "summary.json").read_text())["status"] == "STOPPED"
+    proc = spawn_esper("--config", str(SHIPPED_TOML), "train", "--quiet", "--resume", str(run), *sets(*items))
+    wait_until(lambda: writer_alive(run) or proc.poll() is not None, "the resumed run to take the writer lock",
+               timeout=120)
+    watcher = _watch(run)
+    w_out, w_err = watcher.communicate(timeout=240)
+    p_out, p_err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, p_out + p_err
+    assert watcher.returncode == 0, w_out + w_err  # not the stopped session's 143
+    assert "COMPLETED run " in w_out and "epoch 6/6 " in w_out

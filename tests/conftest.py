@@ -343,3 +343,38 @@ def session_pids(sid: int) -> list[int]:
         if session == sid and state != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+# ------------------------------------------------------------------------------------------ run-dir readers
+
+# A real second process that takes a run directory's writer lock, says so on stdout, and holds it until its stdin
+# closes: a live writer as `watch`/`runs` see one, without training.
+_HOLDER = """
+import sys
+from pathlib import Path
+from esper.core.runlock import RunLock
+with RunLock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def release(holder: subprocess.Popen[str]) -> None:
+    """Let a :func:`hold_lock` holder go and wait until it has (the lock dies with it)."""
+    assert holder.stdin is not None
+    holder.stdin.close()
+    holder.wait(60)
+
+
+def spawn_esper(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    """The real console script with text pipes for stdout and stderr (a non-terminal, as in a log)."""
+    return subprocess.Popen([str(ESPER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "250", **(env or {})})

@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import hold_lock as _holder
 
 from esper.core.errors import ExitCode
 from esper.core.runlock import LOCK_NAME, RunDirBusy, RunLock, writer_alive
-
-# A real second process that takes the lock, says so on stdout, and holds it until its stdin closes.
-_HOLDER = """
-import sys
-from pathlib import Path
-from esper.core.runlock import RunLock
-with RunLock(Path(sys.argv[1])):
-    print("locked", flush=True)
-    sys.stdin.read()
-"""
-
-
-def _holder(run_dir: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
 
 
 def test_a_second_writer_is_refused_with_the_busy_exit_code_and_the_holder_keeps_it(tmp_path: Path) -> None:

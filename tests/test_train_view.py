@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
+import pytest
+from conftest import ESPER, GROWING, SHIPPED_TOML, sets
 from rich.console import Console
 from typer.testing import CliRunner
 
 from esper.cli.main import app
 from esper.cli.train import RichReporter
+from esper.core import config as config_mod
+from esper.core.session import TrainSession
 
 SYNTH = ["--set", "data.task=synthetic", "--set", "data.synthetic_samples=128", "--set", "trainer.epochs=2",
          "--set", "controller.isolation=inline"]
@@ -37,3 +44,64 @@ def test_default_view_run_completes(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "COMPLETED" in result.stdout
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_the_bar_shows_the_whole_run_position_and_an_eta() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160)
+    with RichReporter(console, epochs=2, title="run r") as reporter:
+        reporter.epoch_start(1, steps=3)
+        for _ in range(3):
+            reporter.step(0.5)
+        reporter.view.live.refresh()
+        text = out.getvalue()
+    assert "run r" in text and "step 3/6" in text and "ETA 0:00:00" in text and "loss 0.5000" in text
+
+
+class _Steps:
+    """Records what the trainer reports per step and per epoch."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.last_of_epoch: list[float] = []
+        self.rows: list[dict[str, Any]] = []
+
+    def epoch_start(self, epoch: int, steps: int) -> None:
+        self.steps = []
+
+    def step(self, loss: float) -> None:
+        self.steps.append(loss)
+
+    def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None:
+        self.last_of_epoch.append(self.steps[-1])
+        self.rows.append(row)
+
+
+def test_the_loss_shown_per_step_is_the_epochs_running_mean(tmp_path: Path) -> None:
+    cfg = config_mod.load(SHIPPED_TOML, [*GROWING, "trainer.epochs=3", "controller.isolation=inline",
+                                         "data.batch_size=48"]).config
+    seen = _Steps()
+    TrainSession.prepare(cfg, run_dir=tmp_path / "run").run(seen)
+    # the last value shown in an epoch is the epoch's mean (the row's train_loss), not its last (short) batch's
+    assert seen.last_of_epoch == [r["train_loss"] for r in seen.rows]
+
+
+@pytest.mark.slow
+def test_the_live_view_on_a_log_ends_its_line_before_the_summary(tmp_path: Path) -> None:
+    args = [str(ESPER), "--config", str(SHIPPED_TOML), "train", *sets(*GROWING, "trainer.epochs=2",
+                                                                        "controller.isolation=inline")]
+    split = subprocess.run([*args, "--run-dir", str(tmp_path / "a")], capture_output=True, text=True)
+    assert split.returncode == 0, split.stderr
+    assert split.stderr.endswith("\n") and split.stdout.startswith("COMPLETED run ")
+    merged = subprocess.run([*args, "--run-dir", str(tmp_path / "b")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert merged.returncode == 0
+    assert any(line.startswith("COMPLETED run ") for line in merged.stdout.splitlines()), merged.stdout
+
+
+def test_shell_completion_is_offered_and_completes_commands() -> None:
+    shown = subprocess.run([str(ESPER), "--show-completion", "bash"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "_ESPER_COMPLETE=complete_bash" in shown.stdout, shown.stderr
+    env = {**os.environ, "_ESPER_COMPLETE": "complete_bash", "COMP_WORDS": "esper pl", "COMP_CWORD": "1"}
+    done = subprocess.run([str(ESPER)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.split() == ["plot"]

@@ -11,14 +11,17 @@ from esper.cli.common import ConfigOpt, GlobalOptions, QuietOpt, SetOpt
 from esper.cli.drill import simulate_emergency
 from esper.cli.inspect import inspect_checkpoint
 from esper.cli.lifecycle import lifecycle
+from esper.cli.plot import plot
 from esper.cli.reports import reports
+from esper.cli.runs import runs
 from esper.cli.train import train
+from esper.cli.watch import watch
 
 app = typer.Typer(
     name="esper",
     help="Esper: grow seed modules into a host network, safely, from one TOML file.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (README: shell completion)
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -51,6 +54,9 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(faults.app, name="faults")
 app.add_typer(runbook.app, name="runbook")
 app.command("bench")(bench)
+app.command("plot")(plot)
+app.command("watch")(watch)
+app.command("runs")(runs)
 
 
 def run() -> None:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
+from rich.console import Console
 
 from esper.cli.common import (
     ConfigOpt,
@@ -25,6 +22,7 @@ from esper.cli.common import (
     stderr,
     stdout,
 )
+from esper.cli.view import RunView, last_text, plain_line, render_summary
 from esper.core.config import ENV_VAR
 from esper.core.session import Resume, TrainSession
 
@@ -35,53 +33,52 @@ AllowOpt = Annotated[list[str] | None, typer.Option(
     "--allow-config-change", help="On resume, accept these changed config keys (repeatable dotted keys).")]
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def slot_table(slots: list[dict[str, Any]]) -> Table:
-    table = Table(title="slots", title_justify="left", expand=False)
-    for col in ("slot", "layer", "seed", "blueprint", "stage", "alpha", "epochs in stage"):
-        table.add_column(col)
-    for s in slots:
-        table.add_row(s["slot"], s["layer"], s["seed_id"] or "-", s["blueprint"] or "-", s["stage"],
-                      f"{s['alpha']:.2f}", str(s["epochs_in_stage"]))
-    return table
-
-
 class RichReporter:
-    """Progress bar per epoch with loss/accuracy, and a live table of slots (on stderr)."""
+    """The live view while training (on stderr): the whole run's bar with its ETA (at this session's mean pace
+    per step), the epoch's bar with its running mean loss, the last validation figures and the slot table."""
 
-    def __init__(self, console: Console, epochs: int) -> None:
+    def __init__(self, console: Console, epochs: int, title: str = "run") -> None:
         self.console = console
         self.epochs = epochs
-        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                                 TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console)
-        self.task = self.progress.add_task("train", total=1, epoch=0, epochs=epochs, loss="-", last="")
-        self.slots = Table()
-        self.live = Live(Group(self.progress, self.slots), console=console, refresh_per_second=8, transient=False)
+        self.view = RunView(console, title, epoch_bar=True)
         self.last = ""
+        self._t0: float | None = None
+        self._steps_seen = 0
+        self._position = 0
+        self._steps = 0
 
     def __enter__(self) -> RichReporter:
-        self.live.__enter__()
+        self.view.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.__exit__(None, None, None)
+        self.view.__exit__(*exc)
 
     def epoch_start(self, epoch: int, steps: int) -> None:
-        # reset replaces the task's fields: pass every field the columns render
-        self.progress.reset(self.task, total=steps, epoch=epoch, epochs=self.epochs, loss="-", last=self.last)
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        self._steps = steps
+        self._position = (epoch - 1) * steps  # a replay after a rollback starts its epoch again
+        self.view.epoch_start(epoch, self.epochs, steps, self.last)
+        self._progress(epoch)
 
     def step(self, loss: float) -> None:
-        self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
+        self._steps_seen += 1
+        self._position += 1
+        self.view.step(loss)
+        self._progress(None)
+
+    def _progress(self, epoch: int | None) -> None:
+        total = self.epochs * self._steps
+        eta = None
+        if self._t0 is not None and self._steps_seen:
+            eta = (time.monotonic() - self._t0) / self._steps_seen * max(total - self._position, 0)
+        where = f"step {self._position}/{total}"
+        self.view.run_progress(self._position, total, where, eta)
 
     def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None:
-        self.last = (f"{_metrics(row, 'val_')} params {row['params']} level {row['emergency_level']}")
-        self.progress.update(self.task, last=self.last)
-        self.console.print(plain_line(row, self.epochs), highlight=False)
-        self.live.update(Group(self.progress, slot_table(slots)))
+        self.last = last_text(row)
+        self.view.epoch_end(plain_line(row, self.epochs), self.last, slots)
 
 
 class PlainReporter:
@@ -105,36 +102,6 @@ class PlainReporter:
 
     def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None:
         self.console.print(plain_line(row, self.epochs), highlight=False, markup=False)
-
-
-def plain_line(row: dict[str, Any], epochs: int) -> str:
-    stages = ",".join(f"{k}:{v}" for k, v in row["seeds_by_stage"].items()) or "-"
-    return (f"epoch {row['epoch']}/{epochs} {_metrics(row, 'train_')} {_metrics(row, 'val_')} "
-            f"params={row['params']} seeds={stages} level={row['emergency_level']}")
-
-
-def _metrics(row: dict[str, Any], prefix: str) -> str:
-    """The loss and every task metric of a row (or of summary.json's ``final``) with ``prefix``, loss first."""
-    names = [k for k in row if k.startswith(prefix) and k != f"{prefix}loss"]
-    return " ".join(f"{k}={_fmt(row[k])}" for k in [f"{prefix}loss", *names] if k in row)
-
-
-def render_summary(console: Console, summary: dict[str, Any]) -> None:
-    final = summary["final"]
-    status = summary["status"]
-    colour = "green" if status == "COMPLETED" else "yellow" if status == "STOPPED" else "red"
-    console.print(f"[bold {colour}]{status}[/] run {summary['run_id']} after {summary['epochs_completed']} epoch(s): "
-                  f"{_metrics(final, 'val_')} params={final['params']}", highlight=False)
-    for s in summary["seeds"]:
-        path = " -> ".join([s["history"][0]["source"], *(h["dest"] for h in s["history"])]) if s["history"] else "-"
-        console.print(f"  slot {s['slot']}: {s['stage']} ({s['blueprint'] or '-'})  {path}", highlight=False)
-    if summary.get("failure"):
-        # the message is data, not markup: shapes like [N, C, L] must survive (contracts C4)
-        console.print(Text.assemble(("failure:", "red"), f" {summary['failure']['type']}: "
-                                                          f"{summary['failure']['message']}"), highlight=False)
-    console.print(f"run directory: {summary['run_dir']}", highlight=False)
-    if summary.get("checkpoint"):
-        console.print(f"last verified checkpoint: {summary['checkpoint']}", highlight=False)
 
 
 @handle_errors
@@ -174,7 +141,7 @@ def train(
             summary = session.run(reporter=reporter)
         render_summary(stdout(), summary)
     else:
-        with RichReporter(stderr(), epochs) as reporter:
+        with RichReporter(stderr(), epochs, title=f"run {session.run_dir.run_id}") as reporter:
             summary = session.run(reporter=reporter)
         render_summary(stdout(), summary)
     raise typer.Exit(summary["exit_code"])

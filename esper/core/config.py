@@ -268,6 +268,8 @@ class TelemetryConfig(_Section):
     batch_size: int = Field(64, ge=1, description="events buffered before a write (CRITICAL bypasses)")
     rate_limit_per_s: int = Field(2000, ge=1, description="INFO/WARNING events per second before dropping")
     critical_retries: int = Field(3, ge=0, description="write retries for a CRITICAL event before escalation")
+    tensorboard: bool = Field(False, description="also write scalars + lifecycle events to RUN/tensorboard/ "
+                              "(needs the tensorboard extra)")
 
 
 class FaultConfig(_Section):

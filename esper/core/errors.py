@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     HALTED = 6
     EXPECTATION = 7
     BUSY = 8
+    INCOMPLETE = 9  # a run ended without a summary: its writer was killed or crashed (`esper watch`)
     SIGINT = 130
     SIGTERM = 143
 

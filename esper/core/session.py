@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from esper.core import tensorboard
 from esper.core.checkpoint import LoadedCheckpoint, load_checkpoint
 from esper.core.config import EsperConfig, FaultConfig, from_dict, from_toml_text
 from esper.core.errors import CheckpointError, ConfigError
 from esper.core.rundir import RunDir
+from esper.core.runlock import RunLock
 from esper.core.telemetry import Emitter
 from esper.core.tolaria import Reporter, train
 
@@ -74,6 +76,7 @@ class TrainSession:
     def prepare(cls, cfg: EsperConfig, *, run_dir: Path | None, resume: Resume | None = None,
                 faults: list[str] | None = None, allow_config_change: list[str] | None = None) -> TrainSession:
         """Validate everything that can be checked before training: fault flags, checkpoint, config drift."""
+        tensorboard.require(cfg.telemetry)
         if faults:
             extra = [parse_fault_flag(f) for f in faults]
             cfg = from_dict({**cfg.to_dict(), "faults": [*cfg.to_dict()["faults"], *(f.model_dump() for f in extra)]})
@@ -100,7 +103,15 @@ class TrainSession:
         return cls(cfg, rd, loaded, changes)
 
     def run(self, reporter: Reporter | None) -> dict[str, Any]:
-        emitter = Emitter(self.run_dir.events, self.run_dir.run_id, self.cfg.telemetry)
-        if self.config_changes:
-            emitter.emit("cli", "config.changed_on_resume", "WARNING", keys=self.config_changes)
-        return train(self.cfg, self.run_dir, reporter=reporter, emitter=emitter, resume=self.resume)
+        # FOR THE LEAD (merge with i12, who owns the lock's wiring): the writer lock held for the whole session,
+        # so readers (`esper watch`, `esper runs`) can tell a live run from a dead one.
+        with RunLock(self.run_dir.path):
+            emitter = Emitter(self.run_dir.events, self.run_dir.run_id, self.cfg.telemetry)
+            board = tensorboard.attach(self.cfg.telemetry, self.run_dir.path, emitter)
+            try:
+                if self.config_changes:
+                    emitter.emit("cli", "config.changed_on_resume", "WARNING", keys=self.config_changes)
+                return train(self.cfg, self.run_dir, reporter=reporter, emitter=emitter, resume=self.resume)
+            finally:
+                if board is not None:
+                    board.close()

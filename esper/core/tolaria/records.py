@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import traceback
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +40,16 @@ class Silent:
         pass
 
 
+def slot_views(slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each slot as an operator's view shows it (the ``slots`` of ``epoch.completed``: watch, TensorBoard)."""
+    keys = ("slot", "layer", "seed_id", "blueprint", "stage", "alpha", "epochs_in_stage")
+    return [{k: s.get(k) for k in keys} for s in slots]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
 def metrics_row(epoch: int, global_step: int, stats: EpochStats, task: Task, val: dict[str, float],
                 kasmina: Kasmina, optimizer: torch.optim.Optimizer, level: str,
                 decisions: dict[str, int]) -> dict[str, Any]:
@@ -68,8 +79,9 @@ def failure_record(exc: BaseException, parts: Parts | None, exit_code: int | Non
 
 
 def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failure: dict[str, Any] | None,
-            run_dir: str, task: Task | None = None) -> dict[str, Any]:
-    """``summary.json`` (also when the run failed before its parts were built)."""
+            run_dir: str, task: Task | None = None, *, started: str | None = None) -> dict[str, Any]:
+    """``summary.json`` (also when the run failed before its parts were built). ``started``: the UTC of this
+    session's start record, so a reader can tell this summary from an earlier session's (a resume)."""
     history = parts.state.history if parts else []
     last = history[-1] if history else {}
     checkpoint = parts.checkpointer.last if parts else None
@@ -94,5 +106,7 @@ def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failu
         "checkpoint": str(checkpoint) if checkpoint else None,
         "failure": failure,
         "run_dir": run_dir,
+        "started": started,
+        "finished": utc_now(),
         "versions": {"esper": esper.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }

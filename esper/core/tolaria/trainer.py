@@ -52,8 +52,8 @@ class Trainer:
         self._faults = tuple(faults)  # injected besides the config's (a drill's forced level)
         self.parts: Parts | None = None
         self.task: Task | None = None
-        self._started = False  # run.started / run.resuming emitted
         self._resuming = False
+        self.started: str | None = None  # UTC of this session's run.started/run.resuming record
 
     def build(self) -> Parts:
         if self.task is None:
@@ -97,18 +97,19 @@ class Trainer:
         return self.finish()
 
     def _announce(self) -> None:
-        """``run.started`` / ``run.resuming``: the first event of a run, with its task once that is built (C1)."""
-        if self._started:
+        """The session's first record, once: what it plans (C1: task, epochs, steps per epoch) once the task is
+        built; a run that failed to build its task still starts its events with it, without the task."""
+        if self.started is not None:
             return
-        self._started = True
         task: dict[str, Any] = {}
         if self.task is not None:
             d = self.cfg.data
             task = {"task": self.task.describe(), "steps_per_epoch": steps_per_epoch(
                 len(self.task.train), d.batch_size, d.drop_last)}  # type: ignore[arg-type]
-        self.emit("tolaria", "run.resuming" if self._resuming else "run.started", "INFO",
-                  config_hash=self.cfg.config_hash(), esper=esper.__version__, torch=torch.__version__,
-                  epochs=self.cfg.trainer.epochs, **task)
+        record = self.emit("tolaria", "run.resuming" if self._resuming else "run.started", "INFO",
+                           config_hash=self.cfg.config_hash(), esper=esper.__version__, torch=torch.__version__,
+                           epochs=self.cfg.trainer.epochs, **task)
+        self.started = record["utc"] if record is not None else records.utc_now()
 
     def _resume(self, p: Parts, resume: LoadedCheckpoint) -> None:
         p.components.load_state_dict(p.components.from_checkpoint(resume.tensors, resume.payload))
@@ -163,7 +164,9 @@ class Trainer:
                                   p.optimizer.optimizer, p.emergency.level, decisions)
         p.state.end_epoch(row)
         self.run_dir.append_metrics(row)
-        self.emit("tolaria", "epoch.completed", "INFO", **{k: v for k, v in row.items() if k != "epoch"})
+        slots = p.kasmina.records()
+        self.emit("tolaria", "epoch.completed", "INFO", **{k: v for k, v in row.items() if k != "epoch"},
+                  slots=records.slot_views(slots))
         self.emit("telemetry", "telemetry.window", "INFO", **self.emitter.reset_window())  # this epoch's (O-4)
         if p.loader is not None:
             p.loader.report_window()  # the blueprint cache's counters of this epoch (O-4)
@@ -173,7 +176,8 @@ class Trainer:
             p.safety.handle(p.checkpointer.save("periodic"))
         if p.emergency.last_epoch_healthy:
             p.rollback.take()  # a healthy boundary: the new last-known-good
-        self.reporter.epoch_end(row, p.kasmina.records())
+        self.emitter.flush()  # readers following the run (`esper watch`) see every epoch's events as it ends
+        self.reporter.epoch_end(row, slots)
         return True
 
     # ----------------------------------------------------------------- epochs
@@ -268,7 +272,7 @@ class Trainer:
             metrics = {name: float(fn(out, y)) for name, fn in task.metrics.items()}
         ms = (time.perf_counter() - t0) * 1000.0
         stats.add(value, metrics, len(y), ms)
-        self.reporter.step(value)
+        self.reporter.step(stats.loss_sum / stats.seen)  # the epoch's running mean, not this batch's loss
         if ms > self.cfg.emergency.slow_step_ms:
             p.safety.handle(Signal("NOTICE", "slow_step", f"step took {ms:.0f} ms > "
                                    f"{self.cfg.emergency.slow_step_ms:.0f} ms", {"step_ms": ms}))
@@ -347,7 +351,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         summary = records.summary(self.run_id, self.machine.state, self.exit_code(), self.parts, self.failure,
-                                  str(self.run_dir.path), self.task)
+                                  str(self.run_dir.path), self.task, started=self.started)
         self.run_dir.write_summary(summary)
         if self.machine.observer is not None:
             self.emit("tolaria", "run.finished", "INFO" if summary["exit_code"] == 0 else "CRITICAL",

@@ -7,7 +7,7 @@ import typer
 from esper import __version__
 from esper.cli import config_cmd, faults, runbook
 from esper.cli.bench import bench
-from esper.cli.common import ConfigOpt, GlobalOptions, QuietOpt, SetOpt
+from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt
 from esper.cli.drill import simulate_emergency
 from esper.cli.inspect import inspect_checkpoint
 from esper.cli.lifecycle import lifecycle
@@ -16,6 +16,7 @@ from esper.cli.train import train
 
 app = typer.Typer(
     name="esper",
+    cls=EsperGroup,
     help="Esper: grow seed modules into a host network, safely, from one TOML file.",
     no_args_is_help=True,
     add_completion=False,

@@ -11,6 +11,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from esper.cli.common import (
     ConfigOpt,
@@ -24,8 +25,8 @@ from esper.cli.common import (
     stderr,
     stdout,
 )
-from esper.core.config import ENV_VAR
-from esper.core.session import Resume, TrainSession
+from esper.core.config import ENV_VAR, operator_config
+from esper.core.session import TrainSession
 
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: run.output_dir/RUN_ID).")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint dir, run dir or manifest to resume.")]
@@ -119,18 +120,23 @@ def render_summary(console: Console, summary: dict[str, Any]) -> None:
     final = summary["final"]
     status = summary["status"]
     colour = "green" if status == "COMPLETED" else "yellow" if status == "STOPPED" else "red"
-    console.print(f"[bold {colour}]{status}[/] run {summary['run_id']} after {summary['epochs_completed']} epoch(s): "
-                  f"val_loss={_fmt(final['val_loss'])} val_accuracy={_fmt(final['val_accuracy'])} "
-                  f"params={final['params']}", highlight=False)
+    console.print(Text.assemble((status, f"bold {colour}"), f" run {summary['run_id']} after "
+                                f"{summary['epochs_completed']} epoch(s): val_loss={_fmt(final['val_loss'])} "
+                                f"val_accuracy={_fmt(final['val_accuracy'])} params={final['params']}"),
+                  highlight=False)
     for s in summary["seeds"]:
         path = " -> ".join([s["history"][0]["source"], *(h["dest"] for h in s["history"])]) if s["history"] else "-"
-        console.print(f"  slot {s['slot']}: {s['stage']} ({s['blueprint'] or '-'})  {path}", highlight=False)
+        console.print(f"  slot {s['slot']}: {s['stage']} ({s['blueprint'] or '-'})  {path}", highlight=False,
+                      markup=False)
+    growth = summary.get("growth") or {}
+    if growth.get("warning"):
+        console.print(Text.assemble(("warning:", "yellow"), f" {growth['warning']}"), highlight=False)
     if summary.get("failure"):
-        console.print(f"[red]failure:[/] {summary['failure']['type']}: {summary['failure']['message']}",
-                      highlight=False)
-    console.print(f"run directory: {summary['run_dir']}", highlight=False)
+        console.print(Text.assemble(("failure:", "red"), f" {summary['failure']['type']}: "
+                                    f"{summary['failure']['message']}"), highlight=False)
+    console.print(f"run directory: {summary['run_dir']}", highlight=False, markup=False)
     if summary.get("checkpoint"):
-        console.print(f"last verified checkpoint: {summary['checkpoint']}", highlight=False)
+        console.print(f"last verified checkpoint: {summary['checkpoint']}", highlight=False, markup=False)
 
 
 @handle_errors
@@ -145,23 +151,23 @@ def train(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the host and grow seeds as configured; writes the run directory.
+    """Train the host and grow seeds as configured; writes the run directory (one writer at a time: exit 8).
 
-    With --resume and no --config, the checkpoint's own config is the base (--set still overrides it); a
-    config that differs from the checkpoint's is refused unless --allow-config-change names every changed key.
+    --run-dir must be new or empty; continue a run with --resume. With --resume and no --config (nor
+    $ESPER_CONFIG), the checkpoint's own config is the base (--set still overrides it), but any code reference
+    or path in it must also be in your own config (./esper.toml if there is one, else the defaults, plus --set):
+    a checkpoint never names code to run (exit 4). A config that differs from the checkpoint's is refused
+    unless --allow-config-change names every changed key (exit 3).
     """
     g = global_options(ctx)
     quiet = quiet or g.quiet
-    checkpoint: Resume | None = None
-    if resume is not None and config is None and g.config is None and not os.environ.get(ENV_VAR):
-        checkpoint = Resume.load(resume)
-        cfg = checkpoint.config_with([*g.sets, *(sets or [])])
-    else:
-        cfg = load_config(ctx, config, sets).config
-        checkpoint = Resume.load(resume) if resume is not None else None
-    session = TrainSession.prepare(cfg, run_dir=run_dir, resume=checkpoint, faults=list(fault or []),
+    overrides = [*g.sets, *(sets or [])]
+    plain = resume is not None and config is None and g.config is None and not os.environ.get(ENV_VAR)
+    own = operator_config(overrides) if plain else load_config(ctx, config, sets).config
+    session = TrainSession.prepare(own, run_dir=run_dir, resume=resume, base="checkpoint" if plain else "config",
+                                   overrides=overrides, faults=list(fault or []),
                                    allow_config_change=list(allow_config_change or []))
-    epochs = cfg.trainer.epochs
+    epochs = session.cfg.trainer.epochs
     if as_json:
         summary = session.run(reporter=None)
         print_json(summary)
@@ -173,4 +179,6 @@ def train(
         with RichReporter(stderr(), epochs) as reporter:
             summary = session.run(reporter=reporter)
         render_summary(stdout(), summary)
+    for lost in summary.get("record_errors") or []:
+        stderr().print(f"error: {lost}", highlight=False, markup=False)
     raise typer.Exit(summary["exit_code"])

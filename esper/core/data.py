@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from sklearn.datasets import load_digits
 
+from esper.core import rng
 from esper.core.config import EsperConfig
-from esper.core.plugins import check_type, load_factory
+from esper.core.plugins import call_factory, check_type, load_factory
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def build_dataset(cfg: EsperConfig) -> Dataset:
     if task == "synthetic":
         return _synthetic(cfg)
     factory = load_factory(task, "data.task")
-    ds = check_type(factory(cfg), Dataset, task, "data.task")
+    ds = check_type(call_factory(factory, task, "data.task", cfg), Dataset, task, "data.task")
     return ds
 
 
@@ -55,7 +56,7 @@ def _split(name: str, x: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: Esp
 def _synthetic(cfg: EsperConfig) -> Dataset:
     """Labels from a random non-linear teacher, so extra capacity helps."""
     d = cfg.data
-    gen = torch.Generator().manual_seed(cfg.run.seed + 7919)
+    gen = torch.Generator().manual_seed(rng.derive(cfg.run.seed, 7919))
     x = torch.randn(d.synthetic_samples, d.synthetic_features, generator=gen)
     w1 = torch.randn(d.synthetic_features, 32, generator=gen)
     w2 = torch.randn(32, d.synthetic_classes, generator=gen)
@@ -65,7 +66,7 @@ def _synthetic(cfg: EsperConfig) -> Dataset:
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of one epoch: a pure function of (seed, epoch), so resume replays it exactly."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = torch.Generator().manual_seed(rng.derive(seed * 1_000_003, epoch))
     return torch.randperm(n, generator=gen)
 
 

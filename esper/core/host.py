@@ -8,7 +8,7 @@ from torch import nn
 from esper.core import rng
 from esper.core.config import EsperConfig
 from esper.core.errors import ConfigError
-from esper.core.plugins import check_type, load_factory
+from esper.core.plugins import call_factory, check_type, load_factory
 
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -46,7 +46,8 @@ def build_host(cfg: EsperConfig, n_features: int, n_classes: int) -> nn.Module:
     if cfg.host.factory == "mlp":
         return MLPHost(n_features, n_classes, cfg.host.hidden, cfg.host.activation)
     factory = load_factory(cfg.host.factory, "host.factory")
-    return check_type(factory(cfg, n_features, n_classes), nn.Module, cfg.host.factory, "host.factory")
+    host = call_factory(factory, cfg.host.factory, "host.factory", cfg, n_features, n_classes)
+    return check_type(host, nn.Module, cfg.host.factory, "host.factory")
 
 
 def layer_widths(host: nn.Module, layers: list[str], n_features: int) -> dict[str, int]:
@@ -54,13 +55,15 @@ def layer_widths(host: nn.Module, layers: list[str], n_features: int) -> dict[st
     names = dict(host.named_modules())
     missing = [name for name in layers if name not in names]
     if missing:
-        raise ConfigError(f"seeds.slots: host has no layer {missing}; layers: {[n for n in names if n][:20]}")
+        raise ConfigError(f"seeds.slots: host has no layer {missing}; layers: {[n for n in names if n][:20]}",
+                          key="seeds.slots")
     widths: dict[str, int] = {}
     handles = []
     for name in layers:
         def hook(_m: nn.Module, _i: object, out: torch.Tensor, name: str = name) -> None:
             if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                raise ConfigError(f"seeds.slots: layer {name!r} must output a [batch, features] tensor")
+                raise ConfigError(f"seeds.slots: layer {name!r} must output a [batch, features] tensor",
+                                  key="seeds.slots")
             widths[name] = int(out.shape[1])
         handles.append(names[name].register_forward_hook(hook))
     try:

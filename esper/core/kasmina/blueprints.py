@@ -15,7 +15,7 @@ from torch import nn
 from esper.core import rng
 from esper.core.config import SeedsConfig
 from esper.core.errors import ConfigError
-from esper.core.plugins import check_type, load_factory
+from esper.core.plugins import call_factory, check_type, load_factory
 
 
 @dataclass(frozen=True)
@@ -93,13 +93,15 @@ class BlueprintRegistry:
         self._items: dict[str, Blueprint] = dict(BUILTIN)
         for name, ref in cfg.user_blueprints.items():
             if name in self._items:
-                raise ConfigError(f"seeds.user_blueprints.{name}: clashes with a built-in blueprint")
+                raise ConfigError(f"seeds.user_blueprints.{name}: clashes with a built-in blueprint",
+                                  key=f"seeds.user_blueprints.{name}")
             factory = load_factory(ref, f"seeds.user_blueprints.{name}")
             self._items[name] = Blueprint(name, f"user blueprint {ref}", _checked(factory, ref, name),
                                           lambda w, b=cfg.param_budget: (1, b))
         unknown = [b for b in cfg.blueprints if b not in self._items]
         if unknown:
-            raise ConfigError(f"seeds.blueprints: unknown blueprint(s) {unknown}; known: {sorted(self._items)}")
+            raise ConfigError(f"seeds.blueprints: unknown blueprint(s) {unknown}; known: {sorted(self._items)}",
+                              key="seeds.blueprints")
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
@@ -112,13 +114,14 @@ class BlueprintRegistry:
 
         Builds run on prefetch threads; ``rng.seeded`` serialises every use of the global RNG.
         """
-        with rng.seeded(generator_seed + sum(name.encode()) * 131 + width):
+        with rng.seeded(rng.derive(generator_seed, sum(name.encode()) * 131, width)):
             return self._items[name].build(width)
 
 
 def _checked(factory: Callable[..., object], ref: str, name: str) -> Callable[[int], nn.Module]:
     def build(width: int) -> nn.Module:
-        return check_type(factory(width), nn.Module, ref, f"seeds.user_blueprints.{name}")
+        key = f"seeds.user_blueprints.{name}"
+        return check_type(call_factory(factory, ref, key, width), nn.Module, ref, key)
     return build
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from esper.core.config import EsperConfig
 from esper.core.data import Dataset, build_dataset, steps_per_epoch
+from esper.core.device import resolve_device
 from esper.core.host import build_host, layer_widths
 from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina
 from esper.core.optim import LRSchedule
@@ -92,7 +93,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.use_deterministic_algorithms(True)
-    device = torch.device(cfg.run.device)
+    device = resolve_device(cfg.run.device)
     data = build_dataset(cfg)
     host = build_host(cfg, data.n_features, data.n_classes).to(device)
     seeds_cfg = cfg.seeds if cfg.seeds.enabled else cfg.seeds.model_copy(update={"slots": []})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from esper import __version__
-from esper.cli import config_cmd, faults, runbook
+from esper.cli import config_cmd, emergency, faults, runbook
 from esper.cli.bench import bench
 from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt
 from esper.cli.drill import simulate_emergency
@@ -51,6 +51,7 @@ app.command("lifecycle")(lifecycle)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(faults.app, name="faults")
 app.add_typer(runbook.app, name="runbook")
+app.add_typer(emergency.app, name="emergency")
 app.command("bench")(bench)
 
 

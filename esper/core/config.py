@@ -134,6 +134,8 @@ class SeedsConfig(_Section):
     prefetch_workers: int = Field(2, ge=1, le=32, description="concurrent blueprint prefetches")
     load_timeout_ms: int = Field(5000, ge=1, le=MAX_TIMEOUT_MS,
                                  description="budget of one blueprint load (torch.compile time not counted)")
+    compile_timeout_ms: int = Field(600_000, ge=1, le=MAX_TIMEOUT_MS,
+                                    description="budget of torch.compile for one blueprint (seeds.compile)")
 
     @model_validator(mode="after")
     def _check(self) -> SeedsConfig:

@@ -105,6 +105,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         loader = BlueprintLoadManager(
             lambda name, width: registry.build(name, width, cfg.run.seed), cache_bytes=cfg.seeds.cache_bytes,
             workers=cfg.seeds.prefetch_workers, timeout_ms=cfg.seeds.load_timeout_ms, compile=cfg.seeds.compile,
+            compile_timeout_ms=cfg.seeds.compile_timeout_ms,
             emit=emit)
     mediator: Mediator | None = None
     try:

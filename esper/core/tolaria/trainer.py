@@ -17,6 +17,7 @@ import torch
 
 import esper
 import esper.core.tolaria.records as records
+from esper.core import requests
 from esper.core.bounded import clip
 from esper.core.checkpoint import LoadedCheckpoint
 from esper.core.config import EsperConfig
@@ -88,6 +89,7 @@ class Trainer:
                 if resume is not None:
                     self._resumed(p, resume)
                 self.machine.fire("ready", reason="built" if resume is None else f"restored {resume.path}")
+                self._serve_requests(p, stale=True)  # written for an earlier process: never applied
                 p.rollback.take()
                 with p.profiler:
                     self._loop(p)
@@ -123,6 +125,31 @@ class Trainer:
             raise CheckpointError(f"checkpoint {resume.path}: its state cannot be restored into this run: "
                                   f"{type(exc).__name__}: {clip(str(exc), 300)}") from exc
         p.checkpointer.last = resume.path
+
+    def _serve_requests(self, p: Parts, *, stale: bool = False) -> None:
+        """Operator requests waiting in the run directory (``esper emergency clear``), at a step boundary: each is
+        applied through the emergency table's own transition, or refused, and answered with an event."""
+        if not requests.pending(self.run_dir.path):
+            return
+        for name, req, why in requests.take(self.run_dir.path):
+            before = p.emergency.level
+            answer: dict[str, Any] = {"request_id": req.request_id if req else None, "file": name,
+                                      "kind": req.kind if req else None, "level_before": before, "level_after": before}
+            if req is None:
+                outcome, detail = "invalid", why
+            elif stale:
+                outcome, detail = "stale", "written before this process started; never applied"
+            elif req.run_id != self.run_id:
+                outcome, detail = "rejected", f"the request is for run {req.run_id!r}, not this one"
+            elif not p.emergency.machine.may("clear"):
+                outcome, detail = "rejected", f"the emergency level is {before}: there is nothing to clear"
+            else:
+                p.emergency.operator_clear(f"operator: {req.reason}")
+                outcome, detail = "applied", f"cleared by the operator: {req.reason}"
+                answer["level_after"] = p.emergency.level
+            self.emit("cli", requests.EVENT, "CRITICAL" if outcome == "applied" else "WARNING", outcome=outcome,
+                      detail=detail, reason=req.reason if req else None, **answer)
+        self.emitter.flush()  # the requester is waiting for the answer
 
     def _finish_reports(self, p: Parts) -> None:
         """A completed run files the field reports its last commands' windows never reached (T-12), marked as
@@ -219,6 +246,7 @@ class Trainer:
             if self.stop.requested:
                 self._graceful_stop(p)
                 return None
+            self._serve_requests(p)
             try:
                 index, x, y = next(data)
             except StopIteration:

@@ -108,7 +108,9 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
 def test_unsupported_config_is_a_config_error_and_leaves_no_scratch(tmp_path: Path) -> None:
     result = _invoke(tmp_path, "--set", "seeds.enabled=false", "--quick", "--json")
     assert result.exit_code == int(ExitCode.CONFIG), result.output
-    assert result.stdout == ""
+    # --json: the failure is one JSON error document on stdout, the message on stderr too
+    assert json.loads(result.stdout) == {"error": "P-1 needs seeds.enabled = true and at least two seeds.slots",
+                                         "exit_code": 3, "key": "seeds.enabled"}
     assert "seeds.enabled" in result.stderr
     assert not list(tmp_path.glob(".bench-*"))
 

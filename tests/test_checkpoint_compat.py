@@ -41,7 +41,7 @@ def test_the_old_checkpoint_verifies_and_loads_through_the_manifest_model(tmp_pa
     loaded = load_checkpoint(run)
     m = loaded.manifest
     assert (m.run_id, m.epoch, m.global_step, m.reason) == ("compat-fdf50af", 3, 9, "periodic")
-    assert [(s["slot"], s["stage"]) for s in m.seeds or []] == [("s1", "BLENDING"), ("s2", "TRAINING")]
+    assert [(s.slot, s.stage) for s in m.seeds or []] == [("s1", "BLENDING"), ("s2", "TRAINING")]
     assert set(loaded.tensors) == {"model", "optimizer", "rng"}
     assert any(k.startswith("seed.s1.") for k in loaded.tensors["model"])
 

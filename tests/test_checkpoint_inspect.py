@@ -32,30 +32,49 @@ def run(*args: str) -> Result:
     return CliRunner().invoke(app, ["inspect-checkpoint", *args], env={"COLUMNS": "250"})
 
 
+def _seed(slot: str, stage: str, value: int, history: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    stats = {"epochs_in_stage": kw.get("epochs_in_stage", 0), "alpha_step": 0, "epoch_losses": [], "loss_sum": 0.0,
+             "loss_count": 0, "latency_ms_sum": 0.0, "counterfactual": {}, "embargo_left": 0}
+    return {"slot": slot, "layer": "hidden1", "seed_id": kw.get("seed_id"), "blueprint": kw.get("blueprint"),
+            "stage": stage, "stage_value": value, "alpha": kw.get("alpha", 0.0),
+            "epochs_in_stage": kw.get("epochs_in_stage", 0), "germinations": 1 if history else 0, "stats": stats,
+            "history": history}
+
+
+def _move(machine: str, subject: str, source: str, dest: str, trigger: str, reason: str, utc: str) -> dict[str, Any]:
+    return {"machine": machine, "subject": subject, "source": source, "dest": dest, "trigger": trigger,
+            "reason": reason, "utc": utc, "monotonic_ms": 1.5, "gate": None}
+
+
+# A training checkpoint's payload in format v1 (the manifest schema checks every field's type)
 FULL_PAYLOAD: dict[str, Any] = {
     "run_id": "run-abc",
+    "reason": "periodic",
     "epoch": 3,
+    "step_in_epoch": 0,
     "global_step": 300,
     "saved_at": "2025-05-01T12:00:00Z",
-    "reason": "periodic",
-    "trainer_state": "training",
-    "emergency": {"level": "elevated", "history": [
-        {"level": "elevated", "reason": "loss-spike-detected", "epoch": 2}]},
+    "trainer_state": "TRAINING",
+    "emergency": {"level": "ELEVATED", "ewma": 0.5, "healthy_epochs": 0, "consecutive_rollbacks": 1, "history": [
+        _move("emergency", "run", "NOMINAL", "ELEVATED", "raise_elevated", "loss-spike-detected", "t0")]},
     "seeds": [
-        {"slot": "block1", "seed_id": "seed-7", "blueprint": "conv_adapter", "stage": "BLENDING", "alpha": 0.25,
-         "epochs_in_stage": 2, "history": [
-             {"source": "DORMANT", "dest": "GERMINATED", "trigger": "germinate", "reason": "plateau", "utc": "t1"},
-             {"source": "TRAINING", "dest": "BLENDING", "trigger": "blend", "reason": "g1-passed-cosine",
-              "utc": "t2"}]},
-        {"slot": "block2", "seed_id": None, "blueprint": None, "stage": "DORMANT", "alpha": 0.0,
-         "epochs_in_stage": 0, "history": []},
+        _seed("block1", "BLENDING", 4, [
+            _move("seed", "block1", "DORMANT", "GERMINATED", "germinate", "plateau", "t1"),
+            _move("seed", "block1", "TRAINING", "BLENDING", "start_blending", "g1-passed-cosine", "t2")],
+            seed_id="seed-7", blueprint="conv_adapter", alpha=0.25, epochs_in_stage=2),
+        _seed("block2", "DORMANT", 1, []),
     ],
-    "controller": {"decisions": 5},
+    "controller": {"schema_version": "tamiyo-state/1", "run_id": "run-abc", "observed_epochs": 5},
     "metrics": {"val_loss": 0.4321, "val_accuracy": 0.875},
-    "optimizer": {"groups": [{"name": "host", "lr": 0.01, "weight_decay": 0.0001},
-                             {"name": "seed-7", "lr": 0.005, "weight_decay": 0.0}]},
+    "history": [{"epoch": 3, "global_step": 300, "val_loss": 0.4321, "val_accuracy": 0.875}],
+    "epoch_stats": None,
+    "rollbacks": [],
+    "commands": {"accepted": 1},
+    "optimizer": {"groups": [{"name": "host", "lr": 0.01, "weight_decay": 0.0001, "params": [0, 1]},
+                             {"name": "seed-7", "lr": 0.005, "weight_decay": 0.0, "params": [2]}],
+                  "scalars": {}, "kind": "sgd"},
     "config_toml": "[run]\nseed = 1\n",
-    "config_hash": "cafe1234",
+    "config_hash": "cafe1234" * 8,
     "versions": {"esper": "0.1.0", "torch": "2.x", "python": "3.11"},
 }
 
@@ -77,8 +96,8 @@ def test_tables_show_every_section(ckpt: Path) -> None:
     assert res.exit_code == 0, res.output
     out = res.stdout
     for text in ("run-abc", "300", "2025-05-01T12:00:00Z", "version.torch", "2.x",  # identity
-                 "training", "elevated", "loss-spike-detected",  # trainer + emergency
-                 "block1", "seed-7", "conv_adapter", "BLENDING", "0.250", "TRAINING → BLENDING (blend)",
+                 "TRAINING", "ELEVATED", "loss-spike-detected",  # trainer + emergency
+                 "block1", "seed-7", "conv_adapter", "BLENDING", "0.250", "TRAINING → BLENDING (start_blending)",
                  "g1-passed-cosine", "block2",  # slots: last transition and its reason
                  "val_loss", "0.4321",  # metrics
                  "bfloat16×1", "uint8×1",  # tensor summary
@@ -94,7 +113,7 @@ def test_json_is_one_document_with_the_same_content(ckpt: Path) -> None:
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["identity"]["run_id"] == "run-abc" and doc["identity"]["global_step"] == 300
-    assert doc["trainer"]["state"] == "training" and doc["emergency"]["level"] == "elevated"
+    assert doc["trainer"]["state"] == "TRAINING" and doc["emergency"]["level"] == "ELEVATED"
     seed = doc["seeds"][0]
     assert seed["last_transition"]["reason"] == "g1-passed-cosine" and seed["transitions"] == 2
     assert doc["seeds"][1]["last_transition"] is None

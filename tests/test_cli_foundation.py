@@ -155,10 +155,13 @@ def test_config_validate_names_trainer_epochs() -> None:
     assert "trainer.epochs" in result.stderr and "'ten'" in result.stderr
 
 
-def test_config_validate_json_failure_keeps_stdout_empty() -> None:
+def test_config_validate_json_failure_is_one_json_error_document() -> None:
     result = invoke("config", "validate", "--json", "--set", "trainer.epochs=0")
-    assert_clean_failure(result, 3)
-    assert "trainer.epochs" in result.stderr
+    assert result.exit_code == 3 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    doc = one_json(result)
+    assert doc == {"error": doc["error"], "exit_code": 3, "key": "trainer.epochs"}  # type: ignore[index]
+    assert "trainer.epochs" in doc["error"] and "trainer.epochs" in result.stderr  # type: ignore[index]
 
 
 @pytest.mark.parametrize(

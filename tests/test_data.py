@@ -198,9 +198,9 @@ def test_a_factory_returning_the_wrong_types_is_a_config_error_naming_the_key(fa
 def test_a_bad_task_factory_exits_3_at_build_with_its_message_intact(tmp_path: Path) -> None:
     result = train(tmp_path / "run", *FAST, "data.task=plugins_fixture:wrong_input_shape", extra=["--json"])
     assert result.exit_code == ExitCode.CONFIG, out(result)
-    s = json.loads(result.stdout)
-    assert s["epochs_completed"] == 0 and "[5]" in s["failure"]["message"] and "[7]" in s["failure"]["message"]
-    assert [e["event"] for e in events(tmp_path / "run")][0] == "run.started"
+    doc = json.loads(result.stdout)  # the --json error document: refused before the run has a directory
+    assert doc["key"] == "data.task" and "[5]" in doc["error"] and "[7]" in doc["error"]
+    assert not (tmp_path / "run").exists()
     human = train(tmp_path / "run2", *FAST, "data.task=plugins_fixture:wrong_input_shape")
     assert human.exit_code == ExitCode.CONFIG
     assert "inputs have shape [5], Task.input_shape says [7]" in human.output  # Rich ate no bracketed text

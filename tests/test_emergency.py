@@ -620,11 +620,14 @@ def test_forced_conservative_suspends_every_lifecycle_mutation_until_the_policy_
 
 
 def test_simulate_emergency_rejects_an_unknown_level_or_fault_before_running(tmp_path: Path) -> None:
+    # bad option values and options that exclude each other are usage errors (exit 2), found before anything runs
     for args in (["--level", "bogus"], ["--level", "nominal"], ["--fault", "no_such_fault"],
-                 ["--fault", "nan_loss", "--level", "halt"], []):
+                 ["--fault", "nan_loss", "--level", "halt"], [], ["--fault", "nan_loss", "--at", "abc"],
+                 ["--fault", "nan_loss", "--at", "0:1"]):
         run = tmp_path / "-".join(args or ["none"])
         r = esper("simulate-emergency", *args, "--run-dir", str(run), "--json")
-        assert r.exit_code == int(ExitCode.CONFIG), (args, out(r))
+        assert r.exit_code == int(ExitCode.USAGE), (args, out(r))
+        assert json.loads(r.stdout)["exit_code"] == 2 and "Traceback" not in r.output
         assert not run.exists(), f"{args}: a refused drill must not create its run directory"
     r = esper("simulate-emergency", "--level", "bogus")
     assert "bogus" in out(r) and "conservative" in out(r)

@@ -293,7 +293,8 @@ def test_cli_table_output_and_timeout(tmp_path: Path) -> None:
 def test_cli_malformed_runbook_exits_3(tmp_path: Path) -> None:
     result = invoke("run", str(write(tmp_path, '[[step]]\nname = "a"\n')), "--json")
     assert result.exit_code == ExitCode.CONFIG
-    assert result.stdout == ""
+    doc = json.loads(result.stdout)  # --json: the failure is the one JSON error document
+    assert doc["exit_code"] == 3 and "step.0.run: required key is missing" in doc["error"]
     assert "step.0.run: required key is missing" in result.stderr
 
 

@@ -339,7 +339,23 @@ def test_reports_cli_human(run_dir: Path) -> None:
 
 
 def test_reports_cli_missing_run_is_usage_error(tmp_path: Path) -> None:
+    # a path that is not a run directory (missing, or a directory holding no run) is a usage error; --json
+    # prints it as the one JSON error document
     for target in (tmp_path / "nope", tmp_path):
         result = CliRunner().invoke(cli(), [str(target), "--json"])
         assert result.exit_code == int(ExitCode.USAGE), result.output
-        assert result.stdout == ""
+        doc = json.loads(result.stdout)
+        assert doc["exit_code"] == 2 and str(target) in doc["error"] and "run directory" in doc["error"]
+
+
+def test_reports_cli_on_a_run_without_reports_says_zero(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("")  # a run directory whose controller never filed a report
+    result = CliRunner().invoke(cli(), [str(run)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("0 field reports")
+    result = CliRunner().invoke(cli(), [str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["reports"] == 0 and doc["records"] == [] and doc["skipped"] == []

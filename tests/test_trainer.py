@@ -366,8 +366,8 @@ def test_broken_plug_in_is_exit_3_naming_the_key(tmp_path: Path, setting: str, k
     result = train_cli(tmp_path, setting, "seeds.blueprints=['bad']" if "bad=" in setting else "run.seed=42",
                        "trainer.epochs=3", "controller.plateau_min_delta=0.9")
     assert result.exit_code == ExitCode.CONFIG, result.output
-    summary = json.loads(result.stdout)
-    assert summary["exit_code"] == ExitCode.CONFIG and summary["status"] == "FAILED"
-    message = summary["failure"]["message"]
-    assert key in message and needle in message
-    assert summary["epochs_completed"] == 0  # refused before any training
+    # refused before the run starts: the --json error document names the key, and no run directory is left
+    doc = json.loads(result.stdout)
+    assert doc["exit_code"] == ExitCode.CONFIG and doc["key"] == key
+    assert key in doc["error"] and needle in doc["error"]
+    assert not (tmp_path / "run").exists()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
 
 from esper.core import config as config_mod
 from esper.core.errors import EsperError, ExitCode
@@ -19,6 +21,9 @@ from esper.statemachines import GateRejected, IllegalTransition
 
 P = ParamSpec("P")
 R = TypeVar("R")
+# Click's exception classes, found through Typer's public BadParameter (Typer vendors Click in newer releases and
+# depends on it in older ones; either way these are the classes its parser raises).
+_ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -59,31 +64,91 @@ def stderr() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 
+class _Output:
+    """Whether this invocation already printed its one JSON document (an error after it must not add a second)."""
+
+    json_printed = False
+
+
 def print_json(doc: Any) -> None:
     """Write one JSON document to stdout (and nothing else)."""
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()
+    _Output.json_printed = True
 
 
-def fail(message: str, code: ExitCode) -> typer.Exit:
-    stderr().print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+def report_error(message: str, code: int, key: str | None, *, as_json: bool) -> None:
+    """The one way a failure is shown (contracts C4): one line (or paragraph) on stderr with markup off, so text
+    in brackets (``[N, C, L]``) is printed as it is; with ``--json`` also one JSON error document on stdout,
+    ``{"error", "exit_code", "key"}``, unless the command already printed its document."""
+    if as_json and not _Output.json_printed:
+        print_json({"error": message, "exit_code": int(code), "key": key})
+    stderr().print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+
+
+def fail(message: str, code: ExitCode, key: str | None = None, *, as_json: bool = False) -> typer.Exit:
+    report_error(message, code, key, as_json=as_json)
     return typer.Exit(int(code))
 
 
 def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn typed errors into their exit code and a one-paragraph message on stderr (no traceback)."""
+    """Turn typed errors into their exit code and a message on stderr (no traceback); with ``--json``, one JSON
+    error document on stdout too. Every command goes through here."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        as_json = bool(kwargs.get("as_json"))
+        _Output.json_printed = False
         try:
             return fn(*args, **kwargs)
         except EsperError as exc:
-            raise fail(_escape(str(exc)), exc.exit_code) from None
+            raise fail(str(exc), exc.exit_code, exc.key, as_json=as_json) from None
         except (IllegalTransition, GateRejected) as exc:
-            raise fail(_escape(str(exc)), ExitCode.ILLEGAL) from None
+            raise fail(str(exc), ExitCode.ILLEGAL, as_json=as_json) from None
 
     return wrapper
 
 
-def _escape(text: str) -> str:
-    return text.replace("[", "\\[")
+class EsperGroup(TyperGroup):
+    """The root command group: usage errors Click finds before a command runs (a bad option value, a missing
+    argument) and bugs go through the same error path, so ``--json`` gets its error document there too."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+        _Output.json_printed = False
+        try:
+            rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except _ClickException as exc:
+            code = int(getattr(exc, "exit_code", ExitCode.USAGE))
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `esper` alone (or a group alone): its help
+                exc.show()  # type: ignore[attr-defined]
+            else:
+                report_error(_usage_text(exc), code, _usage_key(exc), as_json=as_json)
+            sys.exit(code)
+        except typer.Abort:
+            report_error("aborted", ExitCode.SIGINT, None, as_json=as_json)
+            sys.exit(int(ExitCode.SIGINT))
+        except Exception as exc:  # a bug: the document says so, then the traceback is shown as it is
+            if as_json and not _Output.json_printed:
+                print_json({"error": f"internal error (a bug): {type(exc).__name__}: {exc}",
+                            "exit_code": int(ExitCode.INTERNAL), "key": None})
+            raise
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _usage_text(exc: Exception) -> str:
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return str(exc.format_message()) + hint  # type: ignore[attr-defined]
+
+
+def _usage_key(exc: Exception) -> str | None:
+    param = getattr(exc, "param", None)
+    if param is not None and getattr(param, "opts", None):
+        return str(param.opts[0])
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, handle_errors, load_config, print_json, stderr
+from esper.core.preflight import preflight
 
 app = typer.Typer(help="Show or validate the resolved configuration.", no_args_is_help=True)
 
@@ -27,10 +28,12 @@ def show(ctx: typer.Context, config: ConfigOpt = None, sets: SetOpt = None, as_j
 def validate(
     ctx: typer.Context, config: ConfigOpt = None, sets: SetOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """Validate the config; exit 0 when valid, 3 with the reasons when not."""
+    """Validate the config as `train` would: the schema, then the device, every plug-in reference (imported) and
+    every blueprint name; exit 0 when valid, 3 naming the key when not."""
     resolved = load_config(ctx, config, sets)
+    preflight(resolved.config)
     doc = {"valid": True, "path": str(resolved.path), "hash": resolved.config.config_hash()}
     if as_json:
         print_json(doc)
     else:
-        stderr().print(f"[green]ok[/]: {resolved.path} is valid (hash {doc['hash'][:12]})", highlight=False)
+        stderr().print(f"ok: {resolved.path} is valid (hash {doc['hash'][:12]})", highlight=False, markup=False)

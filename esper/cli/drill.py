@@ -7,10 +7,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, global_options, handle_errors, print_json, stdout
 from esper.core import config as config_mod
-from esper.core.drill import drill_config, run_drill
+from esper.core.drill import check_drill, drill_config, run_drill
 from esper.core.errors import ExitCode
 
 
@@ -31,6 +32,7 @@ def simulate_emergency(
     The drill takes the config file, puts a small fast run on top (synthetic task, 6 epochs, a seed that
     germinates early), then applies --set. Exits 0 when the outcome matched the catalogue, 7 when not.
     """
+    check_drill(fault=fault, level=level, at=at)  # a bad option is a usage error before anything is read
     g = global_options(ctx)
     base = config_mod.load(config or g.config).config  # the file alone: --set goes on top of the drill defaults
     cfg = drill_config(base, [*g.sets, *(sets or [])])
@@ -59,8 +61,9 @@ def render(doc: dict[str, Any]) -> None:
         ("final state", f"{doc['final_state']} (expected {doc['expected']['final_state']}), exit {doc['exit_code']}"),
         ("last checkpoint", f"{doc['checkpoint']['path']} ({'verifies' if doc['checkpoint']['verified'] else 'BAD'})"),
         ("run directory", doc["run_dir"]),
-        ("matched", "[green]yes[/]" if doc["matched"] else "[red]no[/]: " + "; ".join(doc["mismatches"])),
+        ("matched", Text("yes", style="green") if doc["matched"] else
+         Text.assemble(("no", "red"), ": " + "; ".join(doc["mismatches"]))),
     ]
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, v if isinstance(v, Text) else Text(v))
     console.print(table)

@@ -4,6 +4,10 @@ integrity per file.
 Inspect reads the manifest only and never loads a tensor (the tensor summary comes from the manifest), so it
 works on a damaged checkpoint for triage. Every file is hashed and its header checked each time.
 
+A checkpoint's config may name code (``module:function`` plug-ins) and paths: they are listed, and the ones a
+resume would refuse unless the operator's own config names them (code; absolute or climbing paths) are flagged
+with a warning on stderr. They are not damage: they never change the exit code.
+
 Exit codes:
 - 0: shown; integrity problems (mismatch, missing, truncated, extra file, bad manifest) are shown and warned
   about on stderr but do not fail the command without ``--verify``.
@@ -23,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from esper.cli.common import JsonOpt, handle_errors, print_json, stderr, stdout
-from esper.core.checkpoint import VerifyReport, verify_checkpoint
+from esper.core.checkpoint import STRUCTURAL_KEYS, VerifyReport, verify_checkpoint
 from esper.core.errors import CheckpointError
 
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Exit 4 on any integrity problem.")]
@@ -45,6 +49,11 @@ def inspect_checkpoint(
         print_json(doc)
     else:
         render(doc, stdout())
+    flagged = doc["flagged"]
+    if flagged:  # not damage, so never a failure by itself; what a resume refuses unless the operator names it
+        listed = "; ".join(f"{r['key']} = {r['value']!r}" for r in flagged)
+        stderr().print(f"warning: checkpoint {report.path} names code or paths outside it: {listed}. A resume "
+                       "uses them only if your own config names the same values.", highlight=False, markup=False)
     if report.ok:
         return
     problems = "; ".join(report.problems)
@@ -62,27 +71,41 @@ _SHOWN = {*_IDENTITY, "config_toml", "trainer_state", "emergency", "seeds", "con
 
 
 def inspection(report: VerifyReport) -> dict[str, Any]:
-    """The one JSON document --json prints; the tables render the same content. Everything comes from the
-    manifest model; a manifest that does not fit its schema shows as missing values plus its problems."""
-    m = report.manifest
-    emergency = (m.emergency if m else None) or {}
-    optimizer = (m.optimizer if m else None) or {}
+    """The one JSON document --json prints; the tables render the same content. Values come from the manifest as
+    read (also when it fails its schema: triage needs to see what is there), next to every problem found."""
+    raw = report.document or {}
+    emergency = _dict(raw.get("emergency"))
+    optimizer = _dict(raw.get("optimizer"))
+    seeds = raw.get("seeds")
+    tensors = raw.get("tensors")
     return {
         "path": str(report.path),
-        "identity": {k: getattr(m, k) if m else None for k in _IDENTITY},
-        "trainer": {"state": m.trainer_state if m else None},
+        "identity": {k: raw.get(k) for k in _IDENTITY},
+        "trainer": {"state": raw.get("trainer_state")},
         "emergency": {"level": emergency.get("level"), "history": emergency.get("history")},
-        "seeds": [_seed_row(s) for s in m.seeds] if m and m.seeds is not None else None,
-        "controller": m.controller if m else None,
-        "metrics": m.metrics if m else None,
-        "tensors": _tensor_summary(m.tensors) if m else None,
+        "seeds": [_seed_row(s) for s in seeds] if isinstance(seeds, list) else None,
+        "controller": raw.get("controller"),
+        "metrics": raw.get("metrics"),
+        "tensors": _tensor_summary(tensors) if isinstance(tensors, dict) else None,
         "optimizer": {"groups": optimizer.get("groups")},
-        "other_keys": sorted(k for k in m.payload() if k not in _SHOWN) if m else [],
+        "references": [r.to_dict() for r in report.references],
+        "flagged": [r.to_dict() for r in report.references if _flag(r.kind, r.value)],
+        "other_keys": sorted(k for k in raw if k not in _SHOWN and k not in STRUCTURAL_KEYS),
         "integrity": report.to_dict(),
     }
 
 
-def _seed_row(seed: dict[str, Any]) -> dict[str, Any]:
+def _flag(kind: str, value: str) -> bool:
+    """Code always; a path when it is absolute or climbs (``..``): it would write outside the run directory."""
+    return kind == "code" or Path(value).is_absolute() or ".." in Path(value).parts
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _seed_row(seed: Any) -> dict[str, Any]:
+    seed = _dict(seed)
     history = seed.get("history")
     last = history[-1] if isinstance(history, list) and history else None
     row = {k: seed.get(k) for k in ("slot", "seed_id", "blueprint", "stage", "alpha", "epochs_in_stage")}
@@ -91,10 +114,12 @@ def _seed_row(seed: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _tensor_summary(tensors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _tensor_summary(tensors: dict[str, Any]) -> dict[str, Any]:
     total = {"count": 0, "parameters": 0, "bytes": 0}
     dtypes: dict[str, int] = {}
     for entry in tensors.values():
+        if not isinstance(entry, dict):
+            continue
         for k in total:
             if type(entry.get(k)) is int:
                 total[k] += entry[k]
@@ -156,6 +181,16 @@ def render(doc: dict[str, Any], console: Console) -> None:
         table = _kv_table("optimizer param groups")
         table.add_row(_MISSING, _cell(groups))
         console.print(table)
+
+    if doc["references"]:
+        refs = Table(title="code references and paths in the checkpoint's config", title_justify="left")
+        for col in ("key", "kind", "value", "flag"):
+            refs.add_column(col)
+        flagged = {r["key"] for r in doc["flagged"]}
+        for r in doc["references"]:
+            refs.add_row(_esc(r["key"]), r["kind"], _esc(r["value"]), "[yellow]named by the checkpoint[/]"
+                         if r["key"] in flagged else "")
+        console.print(refs)
 
     console.print(_integrity_table(doc["integrity"]))
 

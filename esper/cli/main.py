@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from esper import __version__
-from esper.cli import config_cmd, faults, runbook
+from esper.cli import config_cmd, emergency, faults, runbook
 from esper.cli.bench import bench
-from esper.cli.common import ConfigOpt, GlobalOptions, QuietOpt, SetOpt
+from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt
 from esper.cli.drill import simulate_emergency
 from esper.cli.inspect import inspect_checkpoint
 from esper.cli.lifecycle import lifecycle
@@ -19,6 +19,7 @@ from esper.cli.watch import watch
 
 app = typer.Typer(
     name="esper",
+    cls=EsperGroup,
     help="Esper: grow seed modules into a host network, safely, from one TOML file.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion (README: shell completion)
@@ -53,6 +54,7 @@ app.command("lifecycle")(lifecycle)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(faults.app, name="faults")
 app.add_typer(runbook.app, name="runbook")
+app.add_typer(emergency.app, name="emergency")
 app.command("bench")(bench)
 app.command("plot")(plot)
 app.command("watch")(watch)

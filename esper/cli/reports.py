@@ -13,6 +13,7 @@ from esper.cli.common import JsonOpt, handle_errors, print_json, stdout
 from esper.core.tamiyo import FILENAME, FieldReport, FieldReportLogMissing, Outcome, ReadProblem, read_reports
 
 _OUTCOMES = [o.value for o in Outcome]
+RUN_MARKERS = ("config.toml", "events.jsonl", "checkpoints", FILENAME)
 
 
 def summarise(run: Path, reports: list[FieldReport], problems: list[ReadProblem]) -> dict[str, Any]:
@@ -60,9 +61,10 @@ def reports(
     as_json: JsonOpt = False,
 ) -> None:
     """Summarise a run's field reports: outcomes per blueprint and slot, regressions, skipped records."""
-    if not run.is_dir():
-        raise FieldReportLogMissing(f"{run} is not a run directory")
-    found, problems = read_reports(run / FILENAME)
+    if not run.is_dir() or not any((run / name).exists() for name in RUN_MARKERS):
+        raise FieldReportLogMissing(f"{run} is not a run directory (it holds none of {', '.join(RUN_MARKERS)})")
+    # a run whose controller never filed a report (no commands applied yet, or seeds disabled) has none: 0 reports
+    found, problems = read_reports(run / FILENAME) if (run / FILENAME).exists() else ([], [])
     doc = summarise(run, found, problems)
     if as_json:
         print_json(doc)

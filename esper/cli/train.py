@@ -23,8 +23,8 @@ from esper.cli.common import (
     stdout,
 )
 from esper.cli.view import RunView, last_text, plain_line, render_summary
-from esper.core.config import ENV_VAR
-from esper.core.session import Resume, TrainSession
+from esper.core.config import ENV_VAR, operator_config
+from esper.core.session import TrainSession
 
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: run.output_dir/RUN_ID).")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint dir, run dir or manifest to resume.")]
@@ -116,23 +116,23 @@ def train(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the host and grow seeds as configured; writes the run directory.
+    """Train the host and grow seeds as configured; writes the run directory (one writer at a time: exit 8).
 
-    With --resume and no --config, the checkpoint's own config is the base (--set still overrides it); a
-    config that differs from the checkpoint's is refused unless --allow-config-change names every changed key.
+    --run-dir must be new or empty; continue a run with --resume. With --resume and no --config (nor
+    $ESPER_CONFIG), the checkpoint's own config is the base (--set still overrides it), but any code reference
+    or path in it must also be in your own config (./esper.toml if there is one, else the defaults, plus --set):
+    a checkpoint never names code to run (exit 4). A config that differs from the checkpoint's is refused
+    unless --allow-config-change names every changed key (exit 3).
     """
     g = global_options(ctx)
     quiet = quiet or g.quiet
-    checkpoint: Resume | None = None
-    if resume is not None and config is None and g.config is None and not os.environ.get(ENV_VAR):
-        checkpoint = Resume.load(resume)
-        cfg = checkpoint.config_with([*g.sets, *(sets or [])])
-    else:
-        cfg = load_config(ctx, config, sets).config
-        checkpoint = Resume.load(resume) if resume is not None else None
-    session = TrainSession.prepare(cfg, run_dir=run_dir, resume=checkpoint, faults=list(fault or []),
+    overrides = [*g.sets, *(sets or [])]
+    plain = resume is not None and config is None and g.config is None and not os.environ.get(ENV_VAR)
+    own = operator_config(overrides) if plain else load_config(ctx, config, sets).config
+    session = TrainSession.prepare(own, run_dir=run_dir, resume=resume, base="checkpoint" if plain else "config",
+                                   overrides=overrides, faults=list(fault or []),
                                    allow_config_change=list(allow_config_change or []))
-    epochs = cfg.trainer.epochs
+    epochs = session.cfg.trainer.epochs
     if as_json:
         summary = session.run(reporter=None)
         print_json(summary)
@@ -144,4 +144,6 @@ def train(
         with RichReporter(stderr(), epochs, title=f"run {session.run_dir.run_id}") as reporter:
             summary = session.run(reporter=reporter)
         render_summary(stdout(), summary)
+    for lost in summary.get("record_errors") or []:
+        stderr().print(f"error: {lost}", highlight=False, markup=False)
     raise typer.Exit(summary["exit_code"])

@@ -133,6 +133,9 @@ def render_summary(console: Console, summary: dict[str, Any]) -> None:
             else "-"
         console.print(Text(f"  slot {s.get('slot')}: {s.get('stage')} ({s.get('blueprint') or '-'})  {path}"),
                       highlight=False)
+    growth = summary.get("growth") if isinstance(summary.get("growth"), dict) else {}
+    if growth.get("warning"):
+        console.print(Text.assemble(("warning:", "yellow"), f" {growth['warning']}"), highlight=False)
     failure = summary.get("failure")
     if isinstance(failure, dict):
         console.print(Text.assemble(("failure:", "red"), f" {failure.get('type')}: {failure.get('message')}"),

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,21 @@ from typing import Any, Literal, get_args, get_origin
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from esper.core import bounded
 from esper.core.errors import ConfigError
-from esper.core.faults import CATALOGUE, parse_at
-from esper.core.tomlfile import read_toml
+from esper.core.faults import CATALOGUE, parse_at, unknown_fault
+from esper.core.tomlfile import parse_toml, read_toml
 
 ENV_VAR = "ESPER_CONFIG"
 DEFAULT_PATH = Path("esper.toml")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# What a key's value means to the code that uses it (S-1): a ``module:function`` Esper imports and calls, or a
+# file-system path it writes. ``esper.core.trust`` finds every such key from these marks, so a key added later
+# is covered by marking it; a checkpoint's config may never supply one the operator's config does not name.
+CODE = {"trust": "code"}
+PATH = {"trust": "path"}
+_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"  # slot and blueprint names: also tensor-key and event-name parts
+MAX_TIMEOUT_MS = 3_600_000  # an hour: every budget is finite, and well inside what a thread wait accepts
 
 
 def is_factory_ref(text: str) -> bool:
@@ -39,18 +46,23 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    seed: int = Field(42, ge=0, description="global RNG seed; a CPU run is bit-reproducible for a given seed")
-    output_dir: str = Field("runs", min_length=1, description="parent directory of run directories")
-    run_id: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", description="run id; empty generates one")
+    # TOML integers are signed 64-bit; seeds derived from it are wrapped into torch's range (rng.derive)
+    seed: int = Field(42, ge=0, le=2**63 - 1,
+                      description="global RNG seed; a CPU run is bit-reproducible for a given seed")
+    output_dir: str = Field("runs", min_length=1, max_length=4096, description="parent directory of run directories",
+                            json_schema_extra=PATH)
+    run_id: str = Field("", pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$",
+                        description="run id; empty generates one")
     device: Literal["cpu", "cuda"] = Field("cpu", description="device to train on; never falls back")
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    threads: int = Field(0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default")
 
 
 BUILTIN_TASKS = ("mnist1d", "digits", "digits_images", "synthetic")
 
 
 class DataConfig(_Section):
-    task: str = Field("digits", description="mnist1d | digits | digits_images | synthetic | module:function")
+    task: str = Field("digits", description="mnist1d | digits | digits_images | synthetic | module:function",
+                      json_schema_extra=CODE)
     batch_size: int = Field(64, ge=1, le=65536, description="training mini-batch size")
     eval_batch_size: int = Field(512, ge=1, le=65536,
                                  description="validation batch size (no gradients kept: larger than batch_size)")
@@ -60,9 +72,9 @@ class DataConfig(_Section):
                                                 "on cpu)")
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out fraction for validation (digits, "
                                                                   "digits_images, synthetic)")
-    synthetic_samples: int = Field(512, ge=16, description="synthetic task: number of samples")
-    synthetic_features: int = Field(16, ge=2, description="synthetic task: input features")
-    synthetic_classes: int = Field(4, ge=2, description="synthetic task: classes")
+    synthetic_samples: int = Field(512, ge=16, le=10_000_000, description="synthetic task: number of samples")
+    synthetic_features: int = Field(16, ge=2, le=100_000, description="synthetic task: input features")
+    synthetic_classes: int = Field(4, ge=2, le=100_000, description="synthetic task: classes")
 
     @field_validator("task")
     @classmethod
@@ -83,8 +95,8 @@ assert tuple(KIND_RANK) == KINDS
 
 
 class HostConfig(_Section):
-    factory: str = Field("mlp", description="mlp | cnn | module:function")
-    hidden: list[int] = Field(default_factory=lambda: [6, 6], min_length=1,
+    factory: str = Field("mlp", description="mlp | cnn | module:function", json_schema_extra=CODE)
+    hidden: list[int] = Field(default_factory=lambda: [6, 6], min_length=1, max_length=64,
                               description="hidden widths of the built-in MLP host; layers are hidden1..N")
     activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="activation of the built-in hosts")
     channels: list[int] = Field(default_factory=lambda: [6, 6, 6], min_length=1, max_length=64,
@@ -126,16 +138,17 @@ class HostConfig(_Section):
 
 
 class SlotConfig(_Section):
-    name: str = Field(min_length=1, description="slot name")
-    layer: str = Field(min_length=1, description="host layer whose output the slot augments")
+    name: str = Field(pattern=_NAME, description="slot name")
+    layer: str = Field(min_length=1, max_length=256, description="host layer whose output the slot augments")
     kind: SlotKind = Field(
         "auto", description="activation kind: auto infers it from the rank ([N, C, L] is channels1d)")
 
 
 class BlendConfig(_Section):
     mode: Literal["convex", "residual", "channel", "confidence"] = Field("convex", description="blend mode")
-    steps: int = Field(40, ge=1, description="optimizer steps for alpha to ramp 0 -> 1")
-    channel_alpha: list[float] = Field(default_factory=list, description="per-channel weights (channel mode)")
+    steps: int = Field(40, ge=1, le=10_000_000, description="optimizer steps for alpha to ramp 0 -> 1")
+    channel_alpha: list[float] = Field(default_factory=list, max_length=1_000_000,
+                                       description="per-channel weights (channel mode)")
     confidence_margin: float = Field(0.5, gt=0.0, description="confidence mode: logit margin for full gate")
 
 
@@ -143,11 +156,12 @@ class SeedsConfig(_Section):
     enabled: bool = Field(True, description="grow seeds at all; false trains the host alone")
     slots: list[SlotConfig] = Field(
         default_factory=lambda: [SlotConfig(name="s1", layer="hidden1"), SlotConfig(name="s2", layer="hidden2")],
-        description="slots at named host layers",
+        max_length=64, description="slots at named host layers",
     )
     blueprints: list[str] = Field(default_factory=lambda: ["residual_mlp", "lowrank", "gated"],
-                                  min_length=1, description="blueprints the controller may germinate")
-    user_blueprints: dict[str, str] = Field(default_factory=dict, description="name -> module:function")
+                                  min_length=1, max_length=256, description="blueprints the controller may germinate")
+    user_blueprints: dict[str, str] = Field(default_factory=dict, max_length=256, description="name -> module:function",
+                                            json_schema_extra=CODE)
     max_active: int = Field(2, ge=1, description="seeds alive (not DORMANT/FOSSILIZED/retired) at once")
     param_budget: int = Field(20000, ge=1, description="max parameters of one seed (G0)")
     min_training_epochs: int = Field(2, ge=1, description="epochs in TRAINING before G2 may pass")
@@ -156,13 +170,17 @@ class SeedsConfig(_Section):
     shadowing_epochs: int = Field(1, ge=1, description="epochs in SHADOWING")
     probation_epochs: int = Field(1, ge=1, description="epochs in PROBATIONARY before G4 is asked")
     embargo_epochs: int = Field(2, ge=0, description="epochs a slot cools down after a cull")
-    isolation_sample: int = Field(4096, ge=16, description="gradient entries sampled by the isolation monitor")
+    isolation_sample: int = Field(4096, ge=16, le=10_000_000,
+                                  description="gradient entries sampled by the isolation monitor")
     isolation_max_cosine: float = Field(1e-6, ge=0.0, description="largest host/seed gradient cosine (G1)")
     blend: BlendConfig = Field(default_factory=BlendConfig)
     compile: bool = Field(False, description="torch.compile blueprints on load; a failure rejects the germination")
     cache_bytes: int = Field(64 * 2**20, ge=0, description="blueprint load cache bound in bytes")
     prefetch_workers: int = Field(2, ge=1, le=32, description="concurrent blueprint prefetches")
-    load_timeout_ms: int = Field(5000, ge=1, description="budget of one blueprint load")
+    load_timeout_ms: int = Field(5000, ge=1, le=MAX_TIMEOUT_MS,
+                                 description="budget of one blueprint load (torch.compile time not counted)")
+    compile_timeout_ms: int = Field(600_000, ge=1, le=MAX_TIMEOUT_MS,
+                                    description="budget of torch.compile for one blueprint (seeds.compile)")
 
     @model_validator(mode="after")
     def _check(self) -> SeedsConfig:
@@ -170,6 +188,8 @@ class SeedsConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"slot names must be unique, got {names}")
         for name, ref in self.user_blueprints.items():
+            if not re.match(_NAME, name):
+                raise ValueError(f"user_blueprints: name {bounded.clip(name, 40)!r} must match {_NAME}")
             if not is_factory_ref(ref):
                 raise ValueError(f"user_blueprints.{name} must be 'module:function', got {ref!r}")
         if self.blend.mode == "channel" and not self.blend.channel_alpha:
@@ -186,8 +206,9 @@ class RiskConfig(_Section):
 
 
 class ControllerConfig(_Section):
-    policy: str = Field("heuristic", description="heuristic | module:function")
-    timeout_ms: int = Field(2000, ge=1, description="budget of one controller decision")
+    policy: str = Field("heuristic", description="heuristic | module:function", json_schema_extra=CODE)
+    timeout_ms: int = Field(2000, ge=1, le=MAX_TIMEOUT_MS,
+                            description="budget of one controller decision (worker start-up not counted)")
     isolation: Literal["process", "inline"] = Field(
         "process", description="process: decisions run in a worker the mediator can kill; inline: in-process")
     plateau_window: int = Field(2, ge=1, description="epochs compared to detect a validation-loss plateau")
@@ -208,7 +229,8 @@ class ControllerConfig(_Section):
 
 class ProfilerConfig(_Section):
     enabled: bool = Field(False, description="record a torch.profiler window")
-    dir: str = Field("", description="trace directory (relative paths live in the run directory)")
+    dir: str = Field("", max_length=4096, description="trace directory (relative paths live in the run directory)",
+                     json_schema_extra=PATH)
     wait: int = Field(1, ge=0, description="steps skipped before the window")
     warmup: int = Field(1, ge=0, description="warm-up steps of the window")
     active: int = Field(3, ge=1, le=1000, description="recorded steps (bounded)")
@@ -247,12 +269,12 @@ class TrainerConfig(_Section):
 class CheckpointConfig(_Section):
     every_epochs: int = Field(1, ge=1, description="write a checkpoint every N epochs")
     keep_last: int = Field(3, ge=1, description="verified checkpoints kept on disk")
-    commit_delay_ms: int = Field(0, ge=0, description="drills only: pause before committing a checkpoint")
+    commit_delay_ms: int = Field(0, ge=0, le=60_000, description="drills only: pause before committing a checkpoint")
 
 
 class RollbackConfig(_Section):
-    fast_sla_ms: float = Field(500.0, gt=0.0, description="fast (in-memory) rollback SLA")
-    full_sla_ms: float = Field(12000.0, gt=0.0, description="full (checkpoint) rollback SLA")
+    fast_sla_ms: float = Field(500.0, gt=0.0, le=MAX_TIMEOUT_MS, description="fast (in-memory) rollback SLA")
+    full_sla_ms: float = Field(12000.0, gt=0.0, le=MAX_TIMEOUT_MS, description="full (checkpoint) rollback SLA")
 
 
 class EmergencyConfig(_Section):
@@ -267,7 +289,7 @@ class EmergencyConfig(_Section):
 class TelemetryConfig(_Section):
     batch_size: int = Field(64, ge=1, description="events buffered before a write (CRITICAL bypasses)")
     rate_limit_per_s: int = Field(2000, ge=1, description="INFO/WARNING events per second before dropping")
-    critical_retries: int = Field(3, ge=0, description="write retries for a CRITICAL event before escalation")
+    critical_retries: int = Field(3, ge=0, le=100, description="write retries for a CRITICAL event before escalation")
     tensorboard: bool = Field(False, description="also write scalars + lifecycle events to RUN/tensorboard/ "
                               "(needs the tensorboard extra)")
 
@@ -280,9 +302,7 @@ class FaultConfig(_Section):
     @classmethod
     def _name(cls, v: str) -> str:
         if v not in CATALOGUE:
-            close = difflib.get_close_matches(v, list(CATALOGUE), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown fault {v!r}{hint}")
+            raise ValueError(unknown_fault(v))
         return v
 
     @field_validator("at")
@@ -295,8 +315,15 @@ class FaultConfig(_Section):
 class BenchConfig(_Section):
     warmup: int = Field(3, ge=0, description="untimed rounds before measuring")
     repeats: int = Field(7, ge=1, description="timed ABAB pairs per measurement")
-    rollback_sizes: list[int] = Field(default_factory=lambda: [0, 10_000_000, 100_000_000],
+    rollback_sizes: list[int] = Field(default_factory=lambda: [0, 10_000_000, 100_000_000], max_length=16,
                                       description="parameter counts for P-2 (0 = the default model)")
+
+    @field_validator("rollback_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= n <= 1_000_000_000 for n in v):
+            raise ValueError(f"every size must be in [0, 1000000000], got {v}")
+        return v
 
 
 class EsperConfig(_Section):
@@ -312,7 +339,7 @@ class EsperConfig(_Section):
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     emergency: EmergencyConfig = Field(default_factory=EmergencyConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
-    faults: list[FaultConfig] = Field(default_factory=list)
+    faults: list[FaultConfig] = Field(default_factory=list, max_length=1000)
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -362,6 +389,15 @@ def load(
     return ResolvedConfig(validate(raw, source=str(path)), path, tuple(overrides))
 
 
+def operator_config(overrides: Sequence[str] = (), env: Mapping[str, str] | None = None) -> EsperConfig:
+    """The operator's own config where none was named (a plain ``--resume``): what the normal resolution finds
+    (``$ESPER_CONFIG``, else ``./esper.toml``), or the schema's defaults when there is no file; then ``--set``."""
+    path = resolve_path(None, env)
+    if path == DEFAULT_PATH and not os.path.lexists(path):
+        return from_dict({}, overrides)
+    return load(path, overrides, env).config
+
+
 def from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> EsperConfig:
     """Validate a config given as a dict (tests, resumed checkpoints)."""
     data = json.loads(json.dumps(raw))
@@ -371,19 +407,19 @@ def from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> EsperCon
 
 
 def from_toml_text(text: str, source: str = "<text>") -> EsperConfig:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: TOML syntax error: {exc}") from exc
-    return validate(raw, source=source)
+    return validate(parse_toml(text, ConfigError, source), source=source)
 
 
 def validate(raw: Mapping[str, Any], source: str) -> EsperConfig:
     try:
         return EsperConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
-        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from exc
+        errors = exc.errors()
+        lines = [_describe(err) for err in errors[:20]]
+        if len(errors) > 20:
+            lines.append(f"... and {len(errors) - 20} more")
+        key = (".".join(str(p) for p in errors[0].get("loc", ())) or None) if errors else None
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines), key=key) from exc
 
 
 _BARE = re.compile(r"^[A-Za-z_][\w.:/+-]*$")
@@ -395,13 +431,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     parts = key.split(".")
     if not sep or not key or any(not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
-        raise ConfigError(f"malformed --set {item!r}: expected dotted.key=TOML_VALUE, e.g. trainer.epochs=3")
+        raise ConfigError(f"malformed --set {bounded.clip(item)!r}: expected dotted.key=TOML_VALUE, "
+                          "e.g. trainer.epochs=3")
     text = text.strip()
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError as exc:
+        value = bounded.loads_toml(f"v = {text}")["v"]
+    except bounded.ParseError as exc:
         if not _BARE.match(text) or text in ("true", "false"):
-            raise ConfigError(f"malformed --set {item!r}: value of {key} is not TOML ({exc})") from exc
+            raise ConfigError(f"malformed --set {bounded.clip(item)!r}: value of {key} is not TOML ({exc})",
+                              key=key) from None
         value = text
     return parts, value
 
@@ -433,7 +471,7 @@ def _describe(err: Mapping[str, Any]) -> str:
         return f"{path}: required key is missing"
     if isinstance(got, Mapping):  # a section-level check: echoing the whole section buries the message
         return f"{path}: {msg}"
-    return f"{path}: {msg} (got {got!r})"
+    return f"{path}: {bounded.clip(msg, 200)} (got {bounded.clip(repr(got))})"
 
 
 def _fields_at(loc: Sequence[Any]) -> list[str]:

@@ -9,11 +9,12 @@ from typing import Any
 
 from esper.core.checkpoint import latest_checkpoint, verify_checkpoint
 from esper.core.config import EsperConfig, from_dict
-from esper.core.errors import ConfigError
-from esper.core.faults import CATALOGUE, FaultSpec, parse_at
+from esper.core.errors import ConfigError, UsageError
+from esper.core.faults import CATALOGUE, FaultSpec, parse_at, unknown_fault
 from esper.core.rundir import RunDir
+from esper.core.session import TrainSession
 from esper.core.telemetry import read_events
-from esper.core.tolaria import LEVELS, force_level, train
+from esper.core.tolaria import LEVELS, force_level
 
 # A small, fast run in which every fault has something to act on: a seed germinates at the first epoch end
 # (so seed faults find a live seed), checkpoints every epoch, steps are short.
@@ -52,26 +53,36 @@ def drill_config(base: EsperConfig, overrides: list[str]) -> EsperConfig:
 def run_drill(cfg: EsperConfig, *, fault: str | None, level: str | None, at: str | None,
               run_dir: Path | None) -> dict[str, Any]:
     """Run the drill and build its report (see ``esper simulate-emergency --json``)."""
-    if (fault is None) == (level is None):
-        raise ConfigError("give exactly one of --fault NAME or --level LEVEL")
-    if fault is not None and fault not in CATALOGUE:
-        raise ConfigError(f"unknown fault {fault!r}; see `esper faults list`")
-    if level is not None and level.upper() not in FORCED:
-        raise ConfigError(f"unknown level {level!r}; levels: {', '.join(x.lower() for x in LEVELS[1:])}")
+    point = check_drill(fault=fault, level=level, at=at)
     if fault == "controller_timeout" and cfg.controller.isolation != "process":
         raise ConfigError("controller_timeout needs controller.isolation = 'process' (an inline decision cannot "
-                          "be abandoned)")
-    point = at or DEFAULT_AT.get(fault or "", "2:1")
-    parse_at(point)
+                          "be abandoned)", key="controller.isolation")
     expected = CATALOGUE[fault] if fault else FORCED[level.upper()]  # type: ignore[union-attr]
     faults = [{"name": fault, "at": point}] if fault else []
     cfg = from_dict({**cfg.to_dict(), "faults": [*cfg.to_dict()["faults"], *faults]})
     path = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="esper-drill-"))
-    rd = RunDir.create(cfg, path)
-    rd.write_config(cfg)
     # a forced level is one more fault entry (not a config key: a resume from the drill's checkpoint is clean)
-    summary = train(cfg, rd, faults=[force_level(level, point)] if level else [])
-    return report(summary, rd, expected, fault=fault, level=level, at=point)
+    session = TrainSession.prepare(cfg, run_dir=path, injected=[force_level(level, point)] if level else [])
+    summary = session.run(reporter=None)
+    return report(summary, session.run_dir, expected, fault=fault, level=level, at=point)
+
+
+def check_drill(*, fault: str | None, level: str | None, at: str | None) -> str:
+    """The drill's options as the command line gave them; a bad one is a usage error (exit 2). Returns where the
+    fault fires."""
+    if (fault is None) == (level is None):
+        raise UsageError("give exactly one of --fault NAME or --level LEVEL", key="--fault")
+    if fault is not None and fault not in CATALOGUE:
+        raise UsageError(f"--fault: {unknown_fault(fault)}", key="--fault")
+    if level is not None and level.upper() not in FORCED:
+        raise UsageError(f"--level: unknown level {level[:40]!r}; levels: "
+                         f"{', '.join(x.lower() for x in LEVELS[1:])}", key="--level")
+    point = at or DEFAULT_AT.get(fault or "", "2:1")
+    try:
+        parse_at(point)
+    except ValueError as exc:
+        raise UsageError(f"--at {point[:40]!r}: {exc}", key="--at") from None
+    return point
 
 
 def report(summary: dict[str, Any], rd: RunDir, expected: FaultSpec, *, fault: str | None, level: str | None,

@@ -21,9 +21,20 @@ class ExitCode(IntEnum):
 
 
 class EsperError(Exception):
-    """Base of Esper's typed errors; ``exit_code`` is what the CLI exits with."""
+    """Base of Esper's typed errors; ``exit_code`` is what the CLI exits with, ``key`` the dotted config key (or
+    option) the error is about, when there is one (the ``key`` of the ``--json`` error document)."""
 
     exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, *args: object, key: str | None = None) -> None:
+        super().__init__(*args)
+        self.key = key
+
+
+class UsageError(EsperError):
+    """The command line itself is wrong (a bad option value, options that exclude each other)."""
+
+    exit_code = ExitCode.USAGE
 
 
 class ConfigError(EsperError):
@@ -36,6 +47,13 @@ class CheckpointError(EsperError):
     """A checkpoint failed verification or is unsafe to load."""
 
     exit_code = ExitCode.CHECKPOINT
+
+
+class DiskFault(EsperError):
+    """The disk refused a write the run needs (ENOSPC, EROFS, EIO, ...): the run halts (exit 6) with the last
+    verified checkpoint untouched (S-6)."""
+
+    exit_code = ExitCode.HALTED
 
 
 class ExpectationFailed(EsperError):

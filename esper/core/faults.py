@@ -5,6 +5,7 @@ How each fault is injected (the hook it acts through) is ``esper.core.tolaria.in
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import asdict, dataclass
 
@@ -54,14 +55,21 @@ CATALOGUE: dict[str, FaultSpec] = {
     )
 }
 
-_AT = re.compile(r"^(\d+)(?::(\d+))?$")
+def unknown_fault(name: str) -> str:
+    """One line for a name the catalogue does not have, with the closest name when there is one."""
+    close = difflib.get_close_matches(name, list(CATALOGUE), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown fault {name[:60]!r}{hint} (see `esper faults list`)"
+
+
+_AT = re.compile(r"^(\d{1,9})(?::(\d{1,9}))?$")
 
 
 def parse_at(text: str) -> tuple[int, int]:
     """Parse ``EPOCH[:STEP]`` (1-based epoch, 0-based step within the epoch); raise ValueError."""
     m = _AT.match(text.strip())
     if not m:
-        raise ValueError(f"expected EPOCH[:STEP] like '2:5', got {text!r}")
+        raise ValueError(f"expected EPOCH[:STEP] like '2:5', got {text[:40]!r}")
     epoch, step = int(m.group(1)), int(m.group(2) or 0)
     if epoch < 1:
         raise ValueError(f"epochs count from 1, got {epoch}")

@@ -108,7 +108,8 @@ def build_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -
     if factory == "cnn":
         if len(input_shape) not in (2, 3):
             raise ConfigError(f"host.factory = 'cnn' takes inputs [N, C, L] (Conv1d) or [N, C, H, W] (Conv2d); "
-                              f"the task's inputs are {shape_text(input_shape)} (data.task = {cfg.data.task!r})")
+                              f"the task's inputs are {shape_text(input_shape)} (data.task = {cfg.data.task!r})",
+                              key="host.factory")
         return CNNHost(input_shape, n_outputs, cfg.host)
     make = load_factory(factory, "host.factory")
     try:
@@ -117,7 +118,7 @@ def build_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -
         raise
     except Exception as exc:  # noqa: BLE001 -- a user factory that cannot build for this input is a config problem
         raise ConfigError(f"host.factory = {factory!r}: the factory fails for inputs {shape_text(input_shape)} with "
-                          f"{n_outputs} outputs ({type(exc).__name__}: {exc})") from exc
+                          f"{n_outputs} outputs ({type(exc).__name__}: {exc})", key="host.factory") from exc
     return check_type(host, nn.Module, factory, "host.factory")
 
 
@@ -162,7 +163,8 @@ def probe_host(host: nn.Module, layers: list[str], example_x: torch.Tensor) -> H
     names = dict(host.named_modules())
     missing = [name for name in layers if name not in names]
     if missing:
-        raise ConfigError(f"seeds.slots: host has no layer {missing}; layers: {[n for n in names if n][:20]}")
+        raise ConfigError(f"seeds.slots: host has no layer {missing}; layers: {[n for n in names if n][:20]}",
+                          key="seeds.slots")
     n = int(example_x.shape[0])
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
@@ -170,10 +172,11 @@ def probe_host(host: nn.Module, layers: list[str], example_x: torch.Tensor) -> H
         def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
             if not isinstance(out, torch.Tensor):
                 raise ConfigError(f"seeds.slots: layer {name!r} outputs a {type(out).__name__}, not a tensor; "
-                                  "a slot needs a layer whose output is one tensor [N, ...]")
+                                  "a slot needs a layer whose output is one tensor [N, ...]", key="seeds.slots")
             if out.dim() < 2 or out.shape[0] != n:
                 raise ConfigError(f"seeds.slots: layer {name!r} outputs {list(out.shape)} for a batch of {n} "
-                                  f"inputs {list(example_x.shape)}; a slot needs [N, ...] with the batch first")
+                                  f"inputs {list(example_x.shape)}; a slot needs [N, ...] with the batch first",
+                                  key="seeds.slots")
             shapes[name] = tuple(int(d) for d in out.shape[1:])
         handles.append(names[name].register_forward_hook(hook))
     try:

@@ -15,6 +15,14 @@ from contextlib import contextmanager
 import torch
 
 RNG_LOCK = threading.RLock()
+# torch generators take seeds in [0, 2**64); a seed derived from the run seed (the run seed times a constant plus
+# the epoch, ...) is reduced into that range, so run.seed's whole schema range is usable by every consumer.
+_SEED_SPACE = 2**64
+
+
+def derive(*terms: int) -> int:
+    """A generator seed from integer terms: their sum, wrapped into torch's seed range (unchanged when it fits)."""
+    return sum(terms) % _SEED_SPACE
 
 
 def get_state() -> torch.Tensor:

@@ -23,6 +23,16 @@ LOCK_NAME = "run.lock"
 _ACQUIRE_S = 1.0
 
 
+# Run directories this process holds the lock of (resolved paths): a checkpoint writer prunes another writer's
+# temp files only where it holds the lock, so it can know that writer is dead.
+_HELD: set[Path] = set()
+
+
+def held_here(run_dir: Path) -> bool:
+    """Whether this process holds ``run_dir``'s writer lock (so no other process can be writing it)."""
+    return Path(run_dir).resolve() in _HELD
+
+
 class RunDirBusy(EsperError):
     """Another process is writing this run directory."""
 
@@ -58,9 +68,11 @@ class RunLock:
             raise RunDirBusy(f"run directory {self.path.parent} is in use by another esper process "
                              f"(it holds {self.path}); wait for it to end or pick another directory") from exc
         self._lock = lock
+        _HELD.add(self.path.parent.resolve())
 
     def release(self) -> None:
         if self._lock is not None:
+            _HELD.discard(self.path.parent.resolve())
             self._lock.release()
             self._lock = None
 

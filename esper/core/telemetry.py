@@ -134,7 +134,9 @@ class Emitter:
 
     ``path`` None keeps records in memory only (``records``), for tests and benches. ``opener`` opens the
     file for append (default: UTF-8 text); it is called again to re-open after a failed write. ``clock``
-    (seconds, monotonic) drives ``monotonic_ms`` and the rate-limit window.
+    (seconds, monotonic) drives ``monotonic_ms`` and the rate-limit window. ``hold``: keep every record in
+    memory, the file unopened, until :meth:`release` (a resume builds and restores before it writes anything)
+    or :meth:`discard`. ``first_seq``: the ``seq`` of the first record (a resumed run continues its file's).
     """
 
     def __init__(
@@ -145,6 +147,8 @@ class Emitter:
         *,
         opener: Callable[[Path], Sink] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        hold: bool = False,
+        first_seq: int = 1,
     ) -> None:
         if not run_id:
             raise TelemetryError("run_id must be a non-empty string")
@@ -158,7 +162,8 @@ class Emitter:
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._epoch: int | None = None
         self._step: int | None = None
-        self._seq = 0
+        self._seq = first_seq - 1
+        self._held = hold and path is not None
         self._pending: list[_Line] = []
         self._deferred: list[_Line] = []
         self._fh: Sink | None = None
@@ -170,11 +175,34 @@ class Emitter:
         self._rate_count = 0
         self._drops: Counter[str] = Counter()
         self.records: list[dict[str, Any]] = []  # filled only when path is None
-        if path is not None:
+        if path is not None and not self._held:
+            self._open()
+
+    def _open(self) -> None:
+        assert self.path is not None
+        try:
+            self._fh = self._opener(self.path)
+        except OSError as e:
+            raise TelemetryError(f"cannot open telemetry file {self.path}: {e.strerror or e}") from e
+
+    def release(self) -> None:
+        """Open the file and write every held record, durably (TelemetryDeliveryError when it cannot be)."""
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
             try:
-                self._fh = self._opener(path)
-            except OSError as e:
-                raise TelemetryError(f"cannot open telemetry file {path}: {e}") from e
+                self._open()
+            except TelemetryError as exc:
+                raise TelemetryDeliveryError(str(exc)) from exc.__cause__
+            self._write(durable=True)
+
+    def discard(self) -> None:
+        """Drop the held records and close without writing (the run never started: nothing may be left)."""
+        with self._lock:
+            self._pending.clear()
+            self._deferred.clear()
+            self._closed = True
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -348,6 +376,10 @@ class Emitter:
     def _write(self, *, durable: bool) -> None:
         """Write deferred + pending lines in order; retry (re-open); keep them queued on failure."""
         if self.path is None:
+            return
+        if self._held:
+            if durable:  # a CRITICAL must be on disk before its action, and the file is not open yet: a bug
+                raise TelemetryError("a CRITICAL event was emitted before the run directory was opened")
             return
         lines = self._deferred + self._pending
         if not lines:

@@ -1,21 +1,38 @@
-"""Reading a TOML file with errors that name the file, line and column."""
+"""Reading a TOML file (a config, a runbook) with errors that name the file, line and column (S-4)."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from esper.core import bounded, confine
 from esper.core.errors import EsperError
+
+# A config or runbook is a page or two of text; a file past this is not one (and is never read whole).
+MAX_TOML_BYTES = 1 << 20
 
 
 def read_toml(path: Path, error: type[EsperError], missing: str) -> dict[str, Any]:
-    """Parse ``path``; a missing file, bad UTF-8 or a TOML syntax error is ``error`` with a readable message."""
-    if not path.is_file():
-        raise error(missing)
+    """Parse ``path``; a missing or unreadable file, anything but a regular file, bad UTF-8, a TOML syntax error
+    or a bound exceeded (size, nesting, number) is ``error`` with a message that never quotes the file."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{path}: TOML syntax error: {exc}") from exc
+        data = confine.read_bytes(path, MAX_TOML_BYTES, follow=True)  # a file the operator named
+    except FileNotFoundError:
+        raise error(missing) from None
+    except confine.UnsafePath as exc:
+        raise error(str(exc)) from None
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{path}: not UTF-8 text: {exc}") from exc
+        raise error(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return parse_toml(text, error, str(path))
+
+
+def parse_toml(text: str, error: type[EsperError], source: str) -> dict[str, Any]:
+    """Parse TOML text from ``source`` (a file, a checkpoint's config) within the bounds."""
+    try:
+        return bounded.loads_toml(text)
+    except bounded.ParseError as exc:
+        raise error(f"{source}: {exc}") from None

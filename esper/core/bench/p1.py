@@ -73,7 +73,7 @@ def _train_epoch(cfg: EsperConfig, p: Parts, step: Step, emitter: Emitter, epoch
 def setup_p1(cfg: EsperConfig, scratch: Path) -> P1Setup:
     """A built trainer with one seed BLENDING and one TRAINING, reached through the real gates."""
     if not cfg.seeds.enabled or len(cfg.seeds.slots) < 2:
-        raise BenchUnsupported("P-1 needs seeds.enabled = true and at least two seeds.slots")
+        raise BenchUnsupported("P-1 needs seeds.enabled = true and at least two seeds.slots", key="seeds.enabled")
     if cfg.host.factory != "mlp":
         raise BenchUnsupported("P-1's plain baseline is written for the built-in MLP host (host.factory = 'mlp')")
     path = scratch / "p1-run"

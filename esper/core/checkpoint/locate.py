@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
+from esper.core import confine
 from esper.core.checkpoint.manifest import MANIFEST
 from esper.core.errors import CheckpointError
 
@@ -12,6 +15,7 @@ LATEST = "latest"
 SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MAX_POINTER = 256
 
 
 def check_name(name: str, what: str) -> None:
@@ -21,63 +25,111 @@ def check_name(name: str, what: str) -> None:
 
 
 def read_pointer(ckpt_root: Path) -> str | None:
-    """The checkpoint name ``latest`` holds, or None when there is no pointer yet."""
+    """The checkpoint name ``latest`` holds, or None when there is no pointer yet. The pointer is read as outside
+    input: no symbolic link, a regular file of at most 256 bytes, and its content is never quoted back."""
     pointer = ckpt_root / LATEST
-    if not pointer.exists():
+    try:
+        raw = confine.read_bytes(pointer, _MAX_POINTER)
+    except FileNotFoundError:
         return None
-    if not pointer.is_file():
-        raise CheckpointError(f"{pointer}: expected a text file naming the latest checkpoint")
-    if pointer.stat().st_size > 256:
-        raise CheckpointError(f"{pointer}: too large to be a checkpoint pointer")
-    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    except confine.UnsafePath as exc:
+        raise CheckpointError(f"{pointer}: {str(exc).removeprefix(str(pointer)).strip()} (expected a small text file "
+                              "naming the latest checkpoint)") from None
+    try:
+        name = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = ""
     if not NAME_RE.match(name) or name == LATEST:
-        raise CheckpointError(f"{pointer}: does not hold a valid checkpoint name (got {name!r})")
+        raise CheckpointError(f"{pointer}: does not hold a valid checkpoint name ({len(raw)} bytes; expected one "
+                              f"name matching {NAME_RE.pattern})")
     return name
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The checkpoint ``ckpt_root/latest`` points at, or None when there is no pointer yet.
 
-    A malformed or dangling pointer is a CheckpointError (it never silently means "no checkpoint")."""
+    A malformed or dangling pointer, or one naming a symbolic link, is a CheckpointError (it never silently
+    means "no checkpoint")."""
     ckpt_root = Path(ckpt_root)
     try:
         name = read_pointer(ckpt_root)
     except OSError as exc:
-        raise CheckpointError(f"{ckpt_root / LATEST}: cannot read the pointer: {exc}") from exc
+        raise CheckpointError(f"{ckpt_root / LATEST}: cannot read the pointer: {exc.strerror or exc}") from exc
     if name is None:
         return None
-    target = ckpt_root / name
-    if not target.is_dir():
-        raise CheckpointError(f"{ckpt_root / LATEST}: points at {name!r}, which does not exist")
+    try:
+        target = confine.walk(ckpt_root, name)
+        confine.check_entry(target, kind="dir")
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_root / LATEST}: points at {name!r}, which does not exist") from None
+    except confine.UnsafePath as exc:
+        raise CheckpointError(f"{ckpt_root / LATEST}: points at {name!r}: {exc}") from None
     return target
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """Turn a checkpoint dir, a run dir, a checkpoints dir or a manifest.json path into the checkpoint dir.
 
-    Anything else (e.g. a ``.pt`` file) is a CheckpointError naming the path; it is never opened."""
+    Anything else (e.g. a ``.pt`` file) is a CheckpointError naming the path; it is never opened. The path is taken
+    as typed; no symbolic link is followed at or below it (S-2)."""
     path = Path(path)
     expected = ("expected a checkpoint directory, a run directory, a checkpoints directory with a "
                 f"'{LATEST}' pointer, or a {MANIFEST}")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory ({expected})")
-    if path.is_file():
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file or directory ({expected})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise CheckpointError(f"{path} is a symbolic link; Esper follows no link to or inside a checkpoint "
+                              "(pass the real path)")
+    if stat.S_ISREG(st.st_mode):
         if path.name == MANIFEST:
-            return path.parent
+            return _checked_dir(path.parent)
         hint = " (Esper never loads pickle files such as torch.save .pt/.pth)" \
             if path.suffix.lower() in {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"} else ""
         raise CheckpointError(f"{path}: not a checkpoint: {expected}, got a file{hint}")
-    if not path.is_dir():
+    if not stat.S_ISDIR(st.st_mode):
         raise CheckpointError(f"{path}: not a checkpoint: {expected}")
-    if (path / MANIFEST).exists() or any(path.glob("*" + SUFFIX)):
+    if _has(path, MANIFEST) or any(e.name.endswith(SUFFIX) for e in _entries(path)):
         return path
     for root in (path, path / "checkpoints"):
-        if (root / LATEST).exists():
+        if root != path and not _has(path, "checkpoints"):
+            continue
+        if root != path and confine.is_link(root):
+            raise CheckpointError(f"{root} is a symbolic link; Esper follows no link inside a run directory")
+        if _has(root, LATEST):
             target = latest_checkpoint(root)
-            if target is None:  # pragma: no cover - exists() was just checked
+            if target is None:  # pragma: no cover - the pointer was just seen
                 raise CheckpointError(f"{root}: no '{LATEST}' pointer")
             return target
-    if (path / "checkpoints").is_dir():
+    if _has(path, "checkpoints"):
         raise CheckpointError(f"{path}: run directory has no verified checkpoint yet "
                               f"({path / 'checkpoints' / LATEST} is missing)")
     raise CheckpointError(f"{path}: not a checkpoint: {expected}")
+
+
+def _entries(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be listed: {exc.strerror or exc}") from None
+
+
+def _has(directory: Path, name: str) -> bool:
+    """Whether ``directory`` holds an entry ``name`` (a link counts: it is refused where it is used)."""
+    try:
+        os.lstat(directory / name)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return False
+    return True
+
+
+def _checked_dir(path: Path) -> Path:
+    if confine.is_link(path):
+        raise CheckpointError(f"{path} is a symbolic link; Esper follows no link to or inside a checkpoint")
+    return path

@@ -17,10 +17,26 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from esper.core import bounded
+from esper.core.checkpoint.payload import (
+    RUN_ID,
+    SHA256,
+    TRAINING_KEYS,
+    ControllerState,
+    EmergencyRecord,
+    EpochStatsRecord,
+    MetricsRow,
+    OptimizerRecord,
+    SeedRecord,
+    TensorSummary,
+    TrainerStateName,
+)
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 STRUCTURAL_KEYS = ("schema_version", "files", "tensors", "manifest_sha256")
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_CONFIG_TOML = 1 << 20
 _ENTRY_SHAPE = '{"sha256": <64 hex>, "bytes": <int >= 0>}'
 
 
@@ -29,39 +45,40 @@ class FileEntry(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=SHA256)
+    bytes: int = Field(ge=0, le=2**62)
 
 
 class Manifest(BaseModel):
-    """``manifest.json`` of one checkpoint (schema v1)."""
+    """``manifest.json`` of one checkpoint (schema v1). Every payload field is typed (payload.py): a manifest
+    whose fields have the wrong type, range or stage name fails validation, and so fails verification."""
 
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
 
     schema_version: int
     # --- payload of a training checkpoint (see tolaria.components for which part writes which key)
-    run_id: str | None = None
-    reason: str | None = None
-    epoch: int | None = None  # epochs completed
-    step_in_epoch: int | None = None  # steps done in the next epoch (a mid-epoch stop)
-    global_step: int | None = None
+    run_id: str | None = Field(None, pattern=RUN_ID)
+    reason: str | None = Field(None, max_length=256)
+    epoch: int | None = Field(None, ge=0)  # epochs completed
+    step_in_epoch: int | None = Field(None, ge=0)  # steps done in the next epoch (a mid-epoch stop)
+    global_step: int | None = Field(None, ge=0)
     saved_at: str | None = None
-    trainer_state: str | None = None
-    emergency: dict[str, Any] | None = None
-    seeds: list[dict[str, Any]] | None = None
-    controller: dict[str, Any] | None = None
+    trainer_state: TrainerStateName | None = None  # type: ignore[valid-type]
+    emergency: EmergencyRecord | None = None
+    seeds: list[SeedRecord] | None = None
+    controller: ControllerState | None = None
     metrics: dict[str, Any] | None = None
-    history: list[dict[str, Any]] | None = None
-    epoch_stats: dict[str, Any] | None = None
+    history: list[MetricsRow] | None = None
+    epoch_stats: EpochStatsRecord | None = None
     rollbacks: list[dict[str, Any]] | None = None
     commands: dict[str, int] | None = None
-    optimizer: dict[str, Any] | None = None
-    config_toml: str | None = None
-    config_hash: str | None = None
+    optimizer: OptimizerRecord | None = None
+    config_toml: str | None = Field(None, max_length=MAX_CONFIG_TOML)
+    config_hash: str | None = Field(None, pattern=SHA256)
     versions: dict[str, str] | None = None
     # --- envelope
     files: dict[str, FileEntry] = Field(min_length=1)
-    tensors: dict[str, dict[str, Any]]
+    tensors: dict[str, TensorSummary]
     manifest_sha256: str
 
     @field_validator("schema_version", mode="before")
@@ -80,6 +97,17 @@ class Manifest(BaseModel):
     def payload(self) -> dict[str, Any]:
         """The caller's payload: every field present in the file except the envelope."""
         return self.model_dump(mode="json", exclude=set(STRUCTURAL_KEYS), exclude_unset=True)
+
+    def training_problems(self) -> list[str]:
+        """What keeps this manifest from being a resumable training checkpoint (the keys it lacks)."""
+        missing = [k for k in TRAINING_KEYS if k not in self.model_fields_set]
+        nulls = [k for k in TRAINING_KEYS if k in self.model_fields_set and getattr(self, k) is None
+                 and k not in ("controller", "epoch_stats")]  # no controller without slots; no partial epoch
+        out = [f"missing key '{k}' (not a training checkpoint)" for k in missing]
+        out += [f"'{k}' is null" for k in nulls]
+        if self.controller is not None and self.run_id is not None and self.controller.run_id != self.run_id:
+            out.append(f"'controller.run_id' is {self.controller.run_id!r}, the manifest's run_id is {self.run_id!r}")
+        return out
 
     @classmethod
     def payload_fields(cls) -> list[str]:
@@ -110,7 +138,7 @@ def encode(payload: Mapping[str, Any], files: Mapping[str, bytes], tensors: Mapp
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint payload is not strict JSON: {exc}") from exc
     try:
-        Manifest.model_validate(doc)  # never write what the reader would refuse
+        Manifest.model_validate_json(text)  # never write what the reader would refuse
     except ValidationError as exc:
         raise ValueError(f"checkpoint payload does not fit the manifest schema: {'; '.join(_describe(exc))}") from exc
     return (text + "\n").encode()
@@ -121,9 +149,12 @@ def validate(doc: dict[str, Any]) -> tuple[Manifest | None, list[str]]:
     problems: list[str] = []
     manifest: Manifest | None = None
     try:
-        manifest = Manifest.model_validate(doc)
+        # JSON mode: the models read exactly what a JSON reader sees (lists where tuples live, ints as floats)
+        manifest = Manifest.model_validate_json(json.dumps(doc, allow_nan=False))
     except ValidationError as exc:
         problems = _describe(exc)
+    except ValueError as exc:  # NaN/Infinity literals: never written by encode
+        problems = [f"not strict JSON: {exc}"]
     if "manifest_sha256" in doc:
         try:
             sealed = doc["manifest_sha256"] == manifest_digest(doc)
@@ -145,12 +176,14 @@ def _describe(exc: ValidationError) -> list[str]:
         elif head == "files":
             msg = (f"'files.{loc[1]}' must be {_ENTRY_SHAPE}" if len(loc) > 1 else
                    "'files' must be a non-empty object of file name -> {sha256, bytes}")
-        elif head == "tensors":
+        elif head == "tensors" and len(loc) <= 2:
             msg = f"'tensors.{loc[1]}' must be an object" if len(loc) > 1 else "'tensors' must be an object"
-        elif err["type"] == "value_error":
+        elif err["type"] == "value_error" and len(loc) <= 1:
             msg = str(err["ctx"]["error"])
         else:
-            msg = f"'{'.'.join(str(p) for p in loc)}': {err['msg']}"
+            where = ".".join(str(p) for p in loc)
+            detail = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+            msg = f"'{where}': {bounded.clip(detail, 200)}"
         if msg not in out:
             out.append(msg)
     return out

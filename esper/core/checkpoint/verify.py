@@ -1,14 +1,18 @@
-"""Verified reads (SPEC C-3): every file's name, size, sha256 and safetensors header and the manifest's schema
-and seal are checked before a tensor is used; tensors are then made from the very bytes that were hashed.
+"""Verified reads (SPEC C-3, S-2, S-3): every file's name, size, sha256 and safetensors header and the
+manifest's schema and seal are checked before a tensor is used; tensors are then made from the very bytes that
+were hashed.
 
 Nothing here unpickles. A file that is not valid safetensors is *named* a pickle by its leading bytes, never
-opened as one.
+opened as one. Nothing here follows a symbolic link or reads anything but a regular file. A file's size is
+checked against the manifest before a byte of it is read, and hashing streams in one pass over each file, so
+verifying needs a few chunks of memory however large a forged file is; a load holds exactly the bytes the
+manifest declares, the ones it hashed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,9 +21,14 @@ import safetensors
 import safetensors.torch
 import torch
 
+from esper.core import bounded, confine
 from esper.core.checkpoint.locate import NAME_RE, SUFFIX, resolve_checkpoint
 from esper.core.checkpoint.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, validate
-from esper.core.errors import CheckpointError
+from esper.core.config import from_toml_text
+from esper.core.errors import CheckpointError, ConfigError
+from esper.core.trust import Reference, references
+
+_CHUNK = 1 << 20
 
 FileStatus = Literal["ok", "mismatch", "missing", "corrupt", "unexpected", "unsafe"]
 # Leading bytes of the formats torch.save / pickle produce; used only to *name* the problem, never to load.
@@ -51,13 +60,17 @@ class FileCheck:
 class VerifyReport:
     """Everything verification found; ``problems`` name the file and the problem, one string each.
 
-    ``manifest`` is the model when the manifest fits its schema (also when its seal is broken: inspect shows
-    a tampered manifest for triage, flagged as invalid)."""
+    ``manifest`` is the model when the manifest fits its schema (also when its seal is broken); ``document`` is
+    the manifest as parsed, whatever its schema verdict (inspect shows it for triage, flagged as invalid).
+    ``references`` are the code references and paths the checkpoint's config names (S-1): not damage, but what
+    a resume would refuse unless the operator's own config names them too."""
 
     path: Path
     manifest: Manifest | None
     manifest_problems: list[str] = field(default_factory=list)
     files: list[FileCheck] = field(default_factory=list)
+    document: dict[str, Any] | None = None
+    references: list[Reference] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +94,7 @@ class VerifyReport:
             "unsafe": self.unsafe,
             "schema_version": self.manifest.schema_version if self.manifest is not None else None,
             "manifest": "ok" if not self.manifest_problems else "invalid",
+            "references": [r.to_dict() for r in self.references],
             "files": [f.to_dict() for f in self.files],
             "problems": self.problems,
         }
@@ -131,9 +145,15 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
 def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, bytes]]:
     doc, problems = _read_manifest(ckpt / MANIFEST)
     manifest = None
+    refs: list[Reference] = []
     if doc is not None:
         manifest, problems = validate(doc)
-    report = VerifyReport(path=ckpt, manifest=manifest, manifest_problems=problems)
+        if manifest is not None and manifest.config_toml is not None:
+            try:
+                refs = references(from_toml_text(manifest.config_toml, source="config_toml"))
+            except ConfigError as exc:
+                problems.append(bounded.clip(str(exc), 400))
+    report = VerifyReport(path=ckpt, manifest=manifest, manifest_problems=problems, document=doc, references=refs)
     data: dict[str, bytes] = {}
     # the files the document lists, even when the rest of it fails its schema: each is still checked
     listed: dict[str, Any] = doc["files"] if doc is not None and isinstance(doc.get("files"), dict) else {}
@@ -142,27 +162,27 @@ def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, by
         report.files.append(check)
         if blob is not None:
             data[fname] = blob
-    for entry in sorted(ckpt.iterdir(), key=lambda p: p.name):
-        if entry.name == MANIFEST or entry.name in listed:
-            continue
-        report.files.append(_check_extra(entry))
+    with os.scandir(ckpt) as entries:
+        extra = sorted(e.name for e in entries if e.name != MANIFEST and e.name not in listed)
+    for name in extra:
+        report.files.append(_check_extra(ckpt / name))
     return report, data
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        return None, ["not a regular file"]
-    if not path.exists():
-        return None, ["missing"]
     try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            return None, [f"{size} bytes, larger than the {MAX_MANIFEST_BYTES}-byte limit"]
-        doc = json.loads(path.read_bytes().decode("utf-8"))
+        raw = confine.read_bytes(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        return None, ["missing"]
+    except confine.UnsafePath as exc:
+        detail = str(exc).removeprefix(f"{path} ")
+        return None, [detail if "larger than" in detail else "not a regular file"]
     except OSError as exc:
-        return None, [f"unreadable: {exc}"]
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, [f"not valid JSON: {exc}"]
+        return None, [f"unreadable: {exc.strerror or exc}"]
+    try:
+        doc = bounded.loads_json(raw)
+    except bounded.ParseError as exc:
+        return None, [f"not valid JSON: {exc}" if not str(exc).startswith("not valid JSON") else str(exc)]
     if not isinstance(doc, dict):
         return None, [f"expected a JSON object, got {type(doc).__name__}"]
     return doc, []
@@ -181,54 +201,80 @@ def _check_listed(ckpt: Path, fname: str, raw_entry: Any, *, keep_bytes: bool) -
     path = ckpt / fname
     entry = _entry(raw_entry)
     expected = entry.bytes if entry is not None else None
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        return FileCheck(fname, "unsafe", "not a regular file", expected), None
-    if not path.exists():
-        return FileCheck(fname, "missing", "listed in the manifest but absent", expected), None
     try:
-        with open(path, "rb") as f:
-            blob = f.read() if keep_bytes else None
-            if blob is not None:
-                digest, size = hashlib.sha256(blob).hexdigest(), len(blob)
-            else:
-                digest, size = hashlib.file_digest(f, "sha256").hexdigest(), f.tell()
+        fh = confine.open_regular(path)
+    except FileNotFoundError:
+        return FileCheck(fname, "missing", "listed in the manifest but absent", expected), None
+    except confine.UnsafePath:
+        return FileCheck(fname, "unsafe", "not a regular file", expected), None
     except OSError as exc:
-        return FileCheck(fname, "missing", f"unreadable: {exc}", expected), None
-    header_problem = _safetensors_problem(path)
-    if header_problem is not None:
-        if _looks_pickled(path):
-            return FileCheck(fname, "unsafe", "is a pickle/torch.save archive, not safetensors; it is never "
-                                              "unpickled", expected, size), None
-        return FileCheck(fname, "corrupt", f"not a valid safetensors file: {header_problem}",
-                         expected, size), None
-    if entry is None:
-        return FileCheck(fname, "mismatch", "manifest entry is malformed; cannot verify", None, size), None
-    if size != entry.bytes:
-        return FileCheck(fname, "mismatch", f"size {size} bytes, manifest says {entry.bytes} (truncated or "
-                                            "extended)", entry.bytes, size), None
+        return FileCheck(fname, "missing", f"unreadable: {exc.strerror or exc}", expected), None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(4)
+        if entry is None or size != entry.bytes:
+            # judged without reading the file: a forged size never makes Esper read (or hold) a forged file
+            if head.startswith(_PICKLE_MAGIC) and _safetensors_problem(path) is not None:
+                return FileCheck(fname, "unsafe", "is a pickle/torch.save archive, not safetensors; it is never "
+                                                  "unpickled", expected, size), None
+            if entry is None:
+                return FileCheck(fname, "mismatch", "manifest entry is malformed; cannot verify", None, size), None
+            return FileCheck(fname, "mismatch", f"size {size} bytes, manifest says {entry.bytes} (truncated or "
+                                                "extended)", entry.bytes, size), None
+        header_problem = _safetensors_problem(path)
+        if header_problem is not None:
+            if head.startswith(_PICKLE_MAGIC):
+                return FileCheck(fname, "unsafe", "is a pickle/torch.save archive, not safetensors; it is never "
+                                                  "unpickled", expected, size), None
+            return FileCheck(fname, "corrupt", f"not a valid safetensors file: {header_problem}",
+                             expected, size), None
+        fh.seek(0)
+        try:
+            digest, blob, read = _hash(fh, size, keep_bytes=keep_bytes)
+        except OSError as exc:
+            return FileCheck(fname, "missing", f"unreadable: {exc.strerror or exc}", expected, size), None
+    if read != size:
+        return FileCheck(fname, "mismatch", f"changed size while it was read ({read} bytes, {size} at the start)",
+                         entry.bytes, size), None
     if digest != entry.sha256:
         return FileCheck(fname, "mismatch", f"sha256 {digest[:12]}… differs from the manifest's "
                                             f"{entry.sha256[:12]}…", entry.bytes, size), None
     return FileCheck(fname, "ok", "", entry.bytes, size), blob
 
 
+def _hash(fh: Any, size: int, *, keep_bytes: bool) -> tuple[str, bytes | None, int]:
+    """sha256 of the file and the bytes it held, in one pass. With ``keep_bytes`` the bytes themselves: at most
+    ``size`` of them, the size the manifest declared and the file was found to have."""
+    h = hashlib.sha256()
+    if keep_bytes:
+        blob = fh.read(size)
+        h.update(blob)
+        return h.hexdigest(), blob, len(blob) + len(fh.read(1))  # one byte more: it grew while read
+    read = 0
+    while chunk := fh.read(_CHUNK):
+        h.update(chunk)
+        read += len(chunk)
+    return h.hexdigest(), None, read
+
+
 def _check_extra(path: Path) -> FileCheck:
-    if path.is_symlink() or not path.is_file():
+    try:
+        st = confine.check_entry(path, kind="file")
+    except (confine.UnsafePath, OSError):
         return FileCheck(path.name, "unsafe", "unexpected entry, not a regular file, not in the manifest")
-    size = path.stat().st_size
     if _safetensors_problem(path) is not None and _looks_pickled(path):
         return FileCheck(path.name, "unsafe", "unexpected pickle/torch.save file not listed in the manifest; "
-                                              "it is never unpickled", None, size)
-    return FileCheck(path.name, "unexpected", "not listed in the manifest", None, size)
+                                              "it is never unpickled", None, st.st_size)
+    return FileCheck(path.name, "unexpected", "not listed in the manifest", None, st.st_size)
 
 
 def _looks_pickled(path: Path) -> bool:
     """Name the problem by the file's leading bytes; asked only of files that are not valid safetensors
     (a valid header's length may itself start with 0x80)."""
     try:
-        with open(path, "rb") as f:
+        with confine.open_regular(path) as f:
             return f.read(4).startswith(_PICKLE_MAGIC)
-    except OSError:
+    except (OSError, confine.UnsafePath):
         return False  # unreadable: reported as corrupt/unexpected by the caller, not as a pickle
 
 
@@ -238,7 +284,7 @@ def _safetensors_problem(path: Path) -> str | None:
         with safetensors.safe_open(str(path), framework="pt") as f:
             f.keys()
     except safetensors.SafetensorError as exc:
-        return str(exc)
+        return bounded.clip(str(exc), 200)
     except OSError as exc:
-        return f"unreadable: {exc}"
+        return f"unreadable: {exc.strerror or exc}"
     return None

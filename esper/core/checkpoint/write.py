@@ -9,14 +9,19 @@ Layout::
         <name>/                     # one checkpoint, e.g. epoch-0003
             <stem>.safetensors      # one per tensor group (model, optimizer, rng, ...)
             manifest.json           # payload + schema_version + per-file sha256/bytes + tensor summary
-        .tmp-<name>-<pid>/          # in-flight or crashed write: readers ignore it, the next write removes it
+        .tmp-<name>-<pid>-<token>/  # in-flight or crashed write: readers ignore it
 
-Single writer per ``ckpt_root``: stale ``.tmp-*`` directories are taken to be left by a dead writer.
+Temp names are unique (pid and a random token), so two writers can never share one. A ``.tmp-*`` entry is
+removed by pruning only when this process holds the run directory's writer lock (``esper.core.runlock``): then
+no other process can be writing here and every other temp was left by a dead writer. Without the lock (a store
+used on its own) pruning leaves other writers' temps alone. No committed checkpoint is deleted before its
+successor has been renamed into place.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,8 +36,13 @@ from esper.core.checkpoint.manifest import MANIFEST
 from esper.core.checkpoint.manifest import encode as encode_manifest
 from esper.core.checkpoint.verify import verify_checkpoint
 from esper.core.errors import CheckpointError
+from esper.core.runlock import held_here
 
-_LATEST_TMP = ".latest.tmp"
+_IN_FLIGHT: set[str] = set()  # temp names this process is writing right now (never pruned)
+
+
+def _temp_name(what: str) -> str:
+    return f"{TMP_PREFIX}{what}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 class CheckpointWriteError(CheckpointError):
@@ -76,15 +86,14 @@ def write_checkpoint(
 
     ckpt_root = Path(ckpt_root)
     target = ckpt_root / name
-    tmp = ckpt_root / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    tmp = ckpt_root / _temp_name(name)
+    _IN_FLIGHT.add(tmp.name)
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         previous = read_pointer(ckpt_root)
         if previous == name:
             raise CheckpointWriteError(
                 f"{target}: refusing to overwrite the checkpoint that '{LATEST}' points at")
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir()
         for fname, data in blobs.items():
             durable.write_synced(tmp / fname, data)
@@ -92,12 +101,7 @@ def write_checkpoint(
         durable.fsync_dir(tmp)
         if before_commit is not None:
             before_commit(tmp)
-        if target.exists():
-            # A committed directory the pointer never reached (the writer died between rename and pointer
-            # move): it is not `latest`, so it can go; moved aside first so no half-deleted dir keeps a name.
-            _remove_dir(target, ckpt_root)
-        os.rename(tmp, target)
-        durable.fsync_dir(ckpt_root)
+        _commit(tmp, target, ckpt_root)
     except OSError as exc:
         err = CheckpointWriteError(f"writing checkpoint {target} failed: {exc}")
         _cleanup_after_failure(tmp, err)
@@ -105,6 +109,8 @@ def write_checkpoint(
     except BaseException as exc:
         _cleanup_after_failure(tmp, exc)
         raise
+    finally:
+        _IN_FLIGHT.discard(tmp.name)
 
     report = verify_checkpoint(target)
     if not report.ok:
@@ -113,13 +119,16 @@ def write_checkpoint(
         _cleanup_after_failure(target, exc2, ckpt_root)
         raise exc2
 
+    pointer_tmp = ckpt_root / _temp_name(LATEST)
     try:
-        durable.write_synced(ckpt_root / _LATEST_TMP, (name + "\n").encode())
-        os.replace(ckpt_root / _LATEST_TMP, ckpt_root / LATEST)
+        durable.write_synced(pointer_tmp, (name + "\n").encode())
+        os.replace(pointer_tmp, ckpt_root / LATEST)
         durable.fsync_dir(ckpt_root)
     except OSError as exc:
-        raise CheckpointWriteError(
-            f"checkpoint {target} is written and verified but moving '{LATEST}' to it failed: {exc}") from exc
+        err = CheckpointWriteError(
+            f"checkpoint {target} is written and verified but moving '{LATEST}' to it failed: {exc}")
+        _cleanup_after_failure(pointer_tmp, err)
+        raise err from exc
 
     try:
         _prune(ckpt_root, keep_last, keep=name)
@@ -175,22 +184,42 @@ def _owned_cpu(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
     return t.to(device="cpu", memory_format=torch.contiguous_format, copy=True)
 
 
+def _commit(tmp: Path, target: Path, ckpt_root: Path) -> None:
+    """Rename the finished temp dir to ``target``. A committed directory already there (one the pointer never
+    reached: a writer died between rename and pointer move, or a rollback trains the position again) is moved
+    aside first and deleted only once its successor has its name; if the rename fails it is put back."""
+    aside = None
+    if os.path.lexists(target):
+        aside = ckpt_root / _temp_name(f"drop-{target.name}")
+        os.rename(target, aside)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, target)
+        raise
+    durable.fsync_dir(ckpt_root)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
 def _remove_dir(path: Path, ckpt_root: Path) -> None:
     """Rename aside to a dot-name readers ignore, then delete: a crash mid-delete leaves a stale temp dir."""
-    aside = ckpt_root / f"{TMP_PREFIX}drop-{path.name}-{os.getpid()}"
-    if aside.exists():
-        shutil.rmtree(aside)
+    aside = ckpt_root / _temp_name(f"drop-{path.name}")
     os.rename(path, aside)
     shutil.rmtree(aside)
 
 
 def _cleanup_after_failure(path: Path, exc: BaseException, ckpt_root: Path | None = None) -> None:
     """Remove a failed write's directory; a cleanup failure is attached to the error, not swallowed."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return
     try:
         if ckpt_root is None:
-            shutil.rmtree(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         else:
             _remove_dir(path, ckpt_root)
     except OSError as cleanup_exc:
@@ -198,9 +227,13 @@ def _cleanup_after_failure(path: Path, exc: BaseException, ckpt_root: Path | Non
 
 
 def _prune(ckpt_root: Path, keep_last: int, *, keep: str) -> None:
-    for entry in ckpt_root.iterdir():
-        if entry.name.startswith(TMP_PREFIX) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
+    if held_here(ckpt_root.parent):  # no other writer can be alive here: its temps are a dead writer's
+        for entry in ckpt_root.iterdir():
+            if entry.name.startswith(TMP_PREFIX) and entry.name not in _IN_FLIGHT:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
     committed = sorted(
         e.name for e in ckpt_root.iterdir()
         if not e.name.startswith(".") and e.is_dir() and not e.is_symlink() and (e / MANIFEST).is_file()

@@ -21,16 +21,25 @@ import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset, IterableDataset
 
+from esper.core import rng
 from esper.core.config import EsperConfig
 from esper.core.data.task import Task, TensorPairs, classification, fetch
 from esper.core.errors import ConfigError
-from esper.core.plugins import load_factory
+from esper.core.plugins import call_factory, load_factory
 
 KEY = "data.task"
 
 
 def build_task(cfg: EsperConfig) -> Task:
     """The configured task, checked: a factory returning the wrong types is a ConfigError naming ``data.task``."""
+    try:
+        return _build(cfg)
+    except ConfigError as exc:
+        exc.key = exc.key or KEY  # every check here is about data.task (the --json error document's key)
+        raise
+
+
+def _build(cfg: EsperConfig) -> Task:
     name = cfg.data.task
     if name == "mnist1d":
         task = _mnist1d()
@@ -42,7 +51,7 @@ def build_task(cfg: EsperConfig) -> Task:
     elif name == "synthetic":
         task = _synthetic(cfg)
     else:
-        task = _from_factory(name, load_factory(name, KEY)(cfg))
+        task = _from_factory(name, call_factory(load_factory(name, KEY), name, KEY, cfg))
     check_task(task, name)
     return task
 
@@ -58,7 +67,7 @@ def _split(name: str, x: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: Esp
 
 def _synthetic(cfg: EsperConfig) -> Task:
     d = cfg.data
-    gen = torch.Generator().manual_seed(cfg.run.seed + 7919)
+    gen = torch.Generator().manual_seed(rng.derive(cfg.run.seed, 7919))
     x = torch.randn(d.synthetic_samples, d.synthetic_features, generator=gen)
     w1 = torch.randn(d.synthetic_features, 32, generator=gen)
     w2 = torch.randn(32, d.synthetic_classes, generator=gen)

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from esper.core import rng
 from esper.core.config import DataConfig
 from esper.core.data.task import Task, collate
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of one epoch: a pure function of (seed, epoch), so resume replays it exactly."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = torch.Generator().manual_seed(rng.derive(seed * 1_000_003, epoch))
     return torch.randperm(n, generator=gen)
 
 
@@ -35,7 +36,7 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
 
 def _worker_seed(seed: int, epoch: int) -> int:
     # a different stream from epoch_order's, so the workers' RNGs are not the permutation's generator
-    return ((seed * 1_000_003 + epoch) ^ 0x5DEECE66D) & 0x7FFF_FFFF_FFFF_FFFF
+    return (rng.derive(seed * 1_000_003, epoch) ^ 0x5DEECE66D) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class EpochBatches(Sampler[list[int]]):

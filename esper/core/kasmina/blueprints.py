@@ -20,7 +20,7 @@ from esper.core import rng
 from esper.core.config import KINDS, SeedsConfig
 from esper.core.errors import ConfigError
 from esper.core.kasmina.kinds import SlotShape
-from esper.core.plugins import check_type, load_factory
+from esper.core.plugins import call_factory, check_type, load_factory
 
 LAST_AXIS = frozenset({"features", "tokens"})
 CHANNELS = frozenset({"channels1d", "channels2d"})
@@ -191,14 +191,16 @@ class BlueprintRegistry:
         self._items: dict[str, Blueprint] = dict(BUILTIN)
         for name, ref in cfg.user_blueprints.items():
             if name in self._items:
-                raise ConfigError(f"seeds.user_blueprints.{name}: clashes with a built-in blueprint")
+                raise ConfigError(f"seeds.user_blueprints.{name}: clashes with a built-in blueprint",
+                                  key=f"seeds.user_blueprints.{name}")
             key = f"seeds.user_blueprints.{name}"
             factory = load_factory(ref, key)
             self._items[name] = Blueprint(name, f"user blueprint {ref}", _declared_kinds(factory, key),
                                           _checked(factory, ref, key), _user_bounds(factory, key, cfg.param_budget))
         unknown = [b for b in cfg.blueprints if b not in self._items]
         if unknown:
-            raise ConfigError(f"seeds.blueprints: unknown blueprint(s) {unknown}; known: {sorted(self._items)}")
+            raise ConfigError(f"seeds.blueprints: unknown blueprint(s) {unknown}; known: {sorted(self._items)}",
+                              key="seeds.blueprints")
         self._allowed = list(cfg.blueprints)
 
     def __contains__(self, name: object) -> bool:
@@ -220,7 +222,7 @@ class BlueprintRegistry:
 
         Builds run on prefetch threads; ``rng.seeded`` serialises every use of the global RNG.
         """
-        with rng.seeded(generator_seed + sum(name.encode()) * 131 + _init_key(shape)):
+        with rng.seeded(rng.derive(generator_seed, sum(name.encode()) * 131, _init_key(shape))):
             return self._items[name].build(shape)
 
 
@@ -237,7 +239,7 @@ def _declared_kinds(factory: Callable[..., object], key: str) -> frozenset[str]:
 
 def _checked(factory: Callable[..., object], ref: str, key: str) -> Callable[[SlotShape], nn.Module]:
     def build(shape: SlotShape) -> nn.Module:
-        return check_type(factory(shape.kind, shape.shape), nn.Module, ref, key)
+        return check_type(call_factory(factory, ref, key, shape.kind, shape.shape), nn.Module, ref, key)
     return build
 
 

@@ -254,6 +254,10 @@ class Kasmina:
         finally:
             handle.remove()
 
+    def gate_failed(self, slot_name: str, trigger: str, result: gates.GateResult) -> None:
+        """Record a gate that refused ``trigger`` (the caller culls the seed)."""
+        self._gate_event(self.slots[slot_name], trigger, result)
+
     def start_training(self, slot_name: str, result: gates.GateResult, reason: str) -> None:
         slot = self.slots[slot_name]
         self._gate_event(slot, "start_training", result)

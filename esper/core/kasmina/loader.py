@@ -134,12 +134,14 @@ class BlueprintLoadManager:
 
     ``build(name, shape)`` instantiates a blueprint. ``cache_bytes`` bounds the cached templates (0 disables
     caching), ``workers`` bounds concurrent loads, ``timeout_ms`` bounds how long :meth:`get` waits for one,
-    ``compile`` applies ``torch.compile``. ``emit(source, event, level, **attributes)`` gets load failures,
+    not counting the time the load spends in ``torch.compile`` (``compile``), which ``compile_timeout_ms``
+    bounds apart: compiling a blueprint takes seconds where building it takes milliseconds.
+    ``emit(source, event, level, **attributes)`` gets load failures,
     compile failures, evictions and shutdown reports (source ``kasmina``).
     """
 
     def __init__(self, build: Build, *, cache_bytes: int, workers: int, timeout_ms: int, compile: bool = False,
-                 emit: Emit | None = None) -> None:
+                 compile_timeout_ms: int = 600_000, emit: Emit | None = None) -> None:
         if cache_bytes < 0 or workers < 1 or timeout_ms < 1:
             raise ValueError(f"need cache_bytes >= 0, workers >= 1, timeout_ms >= 1; got "
                              f"{cache_bytes}, {workers}, {timeout_ms}")
@@ -148,6 +150,9 @@ class BlueprintLoadManager:
         self.workers = workers
         self.timeout_ms = timeout_ms
         self.compile = compile
+        self.compile_timeout_ms = compile_timeout_ms
+        # (start, end) of every compile stage: a load waiting while any compile holds the pool is not charged
+        self._compiling: list[list[float | None]] = []
         self._emit = emit
         self._lock = threading.Lock()
         self._cache: OrderedDict[_Key, _Entry] = OrderedDict()
@@ -281,16 +286,46 @@ class BlueprintLoadManager:
                     del self._in_flight[key]
 
     def _wait(self, key: _Key, future: Future[_Entry]) -> _Entry:
+        """Wait for the load: ``timeout_ms`` of waiting not spent compiling, ``compile_timeout_ms`` of compiling."""
+        start = time.monotonic()
+        while True:
+            if future.done():
+                break
+            compiling = self._compile_time(start)
+            left_load = self.timeout_ms / 1000.0 - (time.monotonic() - start - compiling)
+            left_compile = self.compile_timeout_ms / 1000.0 - compiling
+            if left_load <= 0 or left_compile <= 0:
+                reason = (f"not ready within {self.timeout_ms} ms (seeds.load_timeout_ms)" if left_load <= 0 else
+                          f"torch.compile took over {self.compile_timeout_ms} ms (seeds.compile_timeout_ms)")
+                with self._lock:
+                    self._count("timeouts")
+                self._send("blueprint_load_timeout", "WARNING", blueprint=key[0], slot_shape=str(key[1]),
+                           reason=reason)
+                raise BlueprintLoadError(key[0], key[1], reason)
+            try:
+                # a short slice while a compile runs, so its time is taken off the load budget as it passes
+                return future.result(timeout=min(left_load, left_compile, 0.25) if compiling else left_load)
+            except FutureTimeout:
+                continue
+            except CancelledError:
+                raise BlueprintLoadError(key[0], key[1], "cancelled by shutdown") from None
         try:
-            return future.result(timeout=self.timeout_ms / 1000.0)
-        except FutureTimeout:
-            with self._lock:
-                self._count("timeouts")
-            reason = f"not ready within {self.timeout_ms} ms (load.timeout_ms)"
-            self._send("blueprint_load_timeout", "WARNING", blueprint=key[0], slot_shape=str(key[1]), reason=reason)
-            raise BlueprintLoadError(key[0], key[1], reason) from None
+            return future.result()
         except CancelledError:
             raise BlueprintLoadError(key[0], key[1], "cancelled by shutdown") from None
+
+    def _compile_time(self, since: float) -> float:
+        """Seconds since ``since`` (monotonic) during which some load was compiling (the union of the spans)."""
+        now = time.monotonic()
+        with self._lock:
+            spans = sorted((float(a), float(b) if b is not None else now) for a, b in self._compiling)
+        total, reach = 0.0, since
+        for a, b in spans:
+            a = max(a, reach)
+            if b > a:
+                total += b - a
+                reach = b
+        return total
 
     def _load(self, key: _Key) -> _Entry:
         """Runs on the pool: build, warm up, compile, warm up; cache the template. Never returns a fallback."""
@@ -304,8 +339,16 @@ class BlueprintLoadManager:
                 raise self._fail(key, "load_failures", f"build returned {type(module).__name__}, not a Module")
             self._stage(key, "warm-up", lambda: _warm_up(module, shape))
             if self.compile:
-                compiled = self._stage(key, "compile", lambda: torch.compile(module), "compile_failures")
-                self._stage(key, "compiled warm-up", lambda: _warm_up(compiled, shape), "compile_failures")
+                span: list[float | None] = [time.monotonic(), None]
+                with self._lock:
+                    horizon = span[0] - (self.timeout_ms + self.compile_timeout_ms) / 1000.0  # no wait reaches back
+                    self._compiling = [s for s in self._compiling if s[1] is None or s[1] > horizon] + [span]
+                try:
+                    compiled = self._stage(key, "compile", lambda: torch.compile(module), "compile_failures")
+                    self._stage(key, "compiled warm-up", lambda: _warm_up(compiled, shape), "compile_failures")
+                finally:
+                    with self._lock:
+                        span[1] = time.monotonic()
                 module = compiled
             info = LoadInfo(name=name, shape=shape, nbytes=module_nbytes(module),
                             load_ms=(time.perf_counter() - t0) * 1000.0, compiled=self.compile)

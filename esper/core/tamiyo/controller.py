@@ -282,7 +282,24 @@ class Tamiyo:
         self.store.commit(state)
         return reports
 
-    def _judge(self, window: ReportWindow, obs: Observation, stages: Mapping[str, str]) -> FieldReport | None:
+    def close_windows(self, obs: Observation | Mapping[str, Any]) -> list[FieldReport]:
+        """The run ended (T-12): file a short-window report for every window still open at this last observation,
+        judged over the epochs it had, and close them."""
+        if not isinstance(obs, Observation):
+            obs = Observation.from_dict(obs)
+        state = self.store.working_copy()
+        reports = []
+        for window in state.windows:
+            report = self._judge(window, obs, obs.stages, short=True)
+            assert report is not None  # a short judgement always files
+            reports.append(report)
+        state.windows = []
+        state.reports_filed += len(reports)
+        self.store.commit(state)
+        return reports
+
+    def _judge(self, window: ReportWindow, obs: Observation, stages: Mapping[str, str], *,
+               short: bool = False) -> FieldReport | None:
         cmd = window.command
         abort = window.aborted_reason
         if abort is None and window.applied_epoch < obs.epoch:
@@ -297,11 +314,18 @@ class Tamiyo:
         elif obs.epoch >= window.due_epoch:
             outcome, why = classify(window.before, after, self._c.plateau_min_delta, obs.primary_metric,
                                     obs.direction)
-        else:
+        elif not short:
             return None
-        return FieldReport(report_id=report_id_for(cmd.command_id), run_id=self.run_id,
+        elif obs.epoch > window.applied_epoch:
+            outcome, why = classify(window.before, after, self._c.plateau_min_delta, obs.primary_metric,
+                                    obs.direction)
+            why = f"short window ({obs.epoch - window.applied_epoch} of {self._c.report_window_epochs} epochs): {why}"
+        else:
+            outcome, why = Outcome.NEUTRAL, (f"short window: the run ended at epoch {obs.epoch}, the epoch the "
+                                             "command was applied; nothing to judge")
+        return FieldReport(report_id=report_id_for(cmd.command_id, short=short), run_id=self.run_id,
                            command_id=cmd.command_id, kind=cmd.kind, slot=cmd.slot, blueprint=cmd.blueprint,
                            outcome=outcome,
                            outcome_reason=why, applied_epoch=window.applied_epoch,
                            window_epochs=self._c.report_window_epochs, metrics_before=window.before,
-                           metrics_after=after, issued_at=self._clock())
+                           metrics_after=after, issued_at=self._clock(), short_window=short)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from esper.core.config import ControllerConfig, SeedsConfig
-from esper.core.plugins import check_type, load_factory
+from esper.core.plugins import call_factory, check_type, load_factory
 from esper.core.tamiyo.errors import ObservationError
 from esper.core.tamiyo.observation import Observation, SlotView
 from esper.core.tamiyo.state import ControllerState
@@ -125,5 +125,6 @@ def build_policy(controller: ControllerConfig, seeds: SeedsConfig) -> Policy:
     if controller.policy == "heuristic":
         return HeuristicPolicy(controller, seeds)
     factory = load_factory(controller.policy, "controller.policy")
-    policy: Policy = check_type(factory(controller, seeds), Policy, controller.policy, "controller.policy")
+    made = call_factory(factory, controller.policy, "controller.policy", controller, seeds)
+    policy: Policy = check_type(made, Policy, controller.policy, "controller.policy")
     return policy

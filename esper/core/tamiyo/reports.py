@@ -46,6 +46,8 @@ class FieldReport(BaseModel):
     metrics_before: EpochMetrics
     metrics_after: EpochMetrics
     issued_at: str
+    # filed when the run ended before the window did: judged over the epochs it had (metrics_after's epoch)
+    short_window: bool = False
 
     @field_validator("issued_at")
     @classmethod
@@ -71,9 +73,10 @@ class FieldReport(BaseModel):
             raise FieldReportError(f"invalid field report: {detail}") from exc
 
 
-def report_id_for(command_id: str) -> str:
-    """One report per command, so the command id makes the report id unique within the run."""
-    return f"rpt-{command_id}"
+def report_id_for(command_id: str, *, short: bool = False) -> str:
+    """One report per command, so the command id makes the report id unique within the run; a short-window
+    report (the run ended first) has its own id, so a resumed run that completes the window files the full one."""
+    return f"rpt-{command_id}" + ("-short" if short else "")
 
 
 def relative_change(before: float, after: float) -> float:

@@ -17,6 +17,7 @@ from torch import nn
 
 from esper.core.config import EsperConfig
 from esper.core.data import BatchSkips, Task, build_task, fetch, steps_per_epoch
+from esper.core.device import resolve_device
 from esper.core.host import build_host, check_output, probe_host
 from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina
 from esper.core.optim import LRSchedule
@@ -89,7 +90,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.use_deterministic_algorithms(True)
-    device = torch.device(cfg.run.device)
+    device = resolve_device(cfg.run.device)
     task = task if task is not None else build_task(cfg)
     host = build_host(cfg, task.input_shape, task.n_outputs).to(device)
     seeds_cfg = cfg.seeds if cfg.seeds.enabled else cfg.seeds.model_copy(update={"slots": []})
@@ -102,6 +103,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         loader = BlueprintLoadManager(
             lambda name, shape: registry.build(name, shape, cfg.run.seed), cache_bytes=cfg.seeds.cache_bytes,
             workers=cfg.seeds.prefetch_workers, timeout_ms=cfg.seeds.load_timeout_ms, compile=cfg.seeds.compile,
+            compile_timeout_ms=cfg.seeds.compile_timeout_ms,
             emit=emit)
     mediator: Mediator | None = None
     try:

@@ -28,6 +28,7 @@ from esper.core.checkpoint import (
     write_checkpoint,
 )
 from esper.core.config import EsperConfig
+from esper.core.rundir import is_disk_error
 from esper.core.tolaria.components import Components
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.injector import FaultInjector
@@ -106,9 +107,16 @@ class Checkpointer:
         if self._quarantine is not None and self._quarantine.exists():
             # kept as evidence for triage, out of keep_last's reach, once a verified successor exists
             target = self.root / "quarantine" / self._quarantine.name
-            target.parent.mkdir(exist_ok=True)
-            os.rename(self._quarantine, target)
-            self.emit("tolaria", "checkpoint.quarantined", "WARNING", path=str(target))
+            try:
+                target.parent.mkdir(exist_ok=True)
+                os.rename(self._quarantine, target)
+            except OSError as exc:  # the corrupt copy stays where it is (never `latest` again): said, not fatal
+                if is_disk_error(exc):
+                    raise
+                self.emit("tolaria", "checkpoint.quarantine_failed", "WARNING", path=str(self._quarantine),
+                          error=exc.strerror or str(exc))
+            else:
+                self.emit("tolaria", "checkpoint.quarantined", "WARNING", path=str(target))
             self._quarantine = None
         self.emit("tolaria", "checkpoint.written", "INFO", path=str(path), reason=reason, epoch=pos.epochs_done,
                   step_in_epoch=pos.step_in_epoch, global_step=pos.global_step)

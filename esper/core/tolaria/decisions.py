@@ -40,6 +40,10 @@ class Decisions:
         self.loss: LossFn = task.loss
         self.signal = signal  # safety.handle
         self.emit = emit
+        self.last_observation: dict[str, Any] | None = None  # what the run's last decision saw (for T-12 at its end)
+        # germinations this process tried and how many grew a TRAINING seed; a run where none did says so
+        self.germinations = {"attempted": 0, "grown": 0}
+        self.germination_failures: list[str] = []
 
     def decide(self, epoch: int, stats: EpochStats, val: dict[str, float]) -> dict[str, int]:
         """One epoch's decision; returns how many commands were accepted and rejected."""
@@ -69,10 +73,20 @@ class Decisions:
             out["accepted" if self.apply(cmd) else "rejected"] += 1
         if decision.accepted:
             obs = self.observation(epoch, stats, val)  # stages changed by applied commands
-        for report in self.controller.observe_outcomes(obs):
-            written = self.reports.append(report)  # False: already on disk (a resumed run re-files it)
-            self.emit("tamiyo", "field_report.filed", "INFO", written=written, **report.to_dict())
+        self.last_observation = obs
+        self._file(self.controller.observe_outcomes(obs))
         return out
+
+    def file_short_reports(self, why: str) -> None:
+        """The run ended: every report window still open is judged now, over the epochs it had (T-12)."""
+        if self.last_observation is not None:
+            self._file(self.controller.close_windows(self.last_observation), why=why)
+
+    def _file(self, reports: list[Any], why: str | None = None) -> None:
+        for report in reports:
+            written = self.reports.append(report)  # False: already on disk (a resumed run re-files it)
+            extra = {"ended": why} if why else {}
+            self.emit("tamiyo", "field_report.filed", "INFO", written=written, **extra, **report.to_dict())
 
     def observation(self, epoch: int, stats: EpochStats, val: dict[str, float]) -> dict[str, Any]:
         """What the controller sees at the end of ``epoch``: every validation metric of the task, which one is
@@ -116,6 +130,8 @@ class Decisions:
         except (IllegalTransition, GateRejected, BlueprintLoadError) as exc:
             self._command_event(cmd, accepted=False, stage="kasmina", reason=str(exc))
             self.controller.aborted(cmd.command_id, str(exc))
+            if cmd.kind == "germinate":
+                self._germination(grown=False, why=str(exc))
             return False
         self._command_event(cmd, accepted=True, stage="applied", reason=cmd.reason)
         self.controller.applied(cmd)
@@ -128,12 +144,28 @@ class Decisions:
         k.germinate(slot, blueprint, reason)
         self.optimizer.rebuild(f"germinated {slot}")
         result = k.probe_g1(slot, *self.probe, self.loss)
+        self._germination(grown=result.passed, why=f"G1 failed: {result.reason}")
         if result.passed:
             k.start_training(slot, result, reason=result.reason)
         else:
+            k.gate_failed(slot, "start_training", result)  # a failed gate is a gate event like a passed one
             k.cull(slot, reason=f"G1 failed: {result.reason}")
             self.optimizer.rebuild(f"culled {slot}")
         return result
+
+    def _germination(self, *, grown: bool, why: str) -> None:
+        self.germinations["attempted"] += 1
+        self.germinations["grown"] += int(grown)
+        if not grown and len(self.germination_failures) < 5:
+            self.germination_failures.append(why)
+
+    def growth(self) -> dict[str, Any]:
+        """What the summary says about growth: attempts, seeds grown, and a warning when every attempt failed."""
+        out: dict[str, Any] = {**self.germinations, "failures": list(self.germination_failures), "warning": None}
+        if self.germinations["attempted"] and not self.germinations["grown"]:
+            out["warning"] = (f"every germination failed ({self.germinations['attempted']} attempt(s)); growth "
+                              f"never happened. First reason: {self.germination_failures[0]}")
+        return out
 
     def _command_event(self, cmd: Command, *, accepted: bool, stage: str, reason: str, **extra: Any) -> None:
         self.state.commands["accepted" if accepted else "rejected"] += 1

@@ -100,6 +100,13 @@ class EmergencyManager:
         """Explicit downgrade (one level, or to NOMINAL with ``clear``); recorded like any change."""
         self.machine.fire("clear" if clear else "downgrade", reason=reason)
 
+    def operator_clear(self, reason: str) -> None:
+        """An operator's clear (``esper emergency clear``): the table's ``clear`` to NOMINAL, a new incident
+        count, recorded and emitted like every change (Tolaria #3, #5)."""
+        self.machine.fire("clear", reason=reason)
+        self.healthy_epochs = 0
+        self.consecutive_rollbacks = 0
+
     def record_rollback(self) -> None:
         self.consecutive_rollbacks += 1
 

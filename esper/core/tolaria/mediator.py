@@ -79,6 +79,7 @@ class ControllerEndpoint(Protocol):
 
     restarts: int
     late_discarded: int
+    startup_ms: float  # start-up time of the last request (0 when none was needed): reported, never budgeted
 
     def request(self, method: str, payload: Json, request_id: str, timeout_ms: int) -> Json:
         """Run ``controller.<method>(payload)`` under ``timeout_ms``; return its reply."""
@@ -126,6 +127,7 @@ class ControllerWorker:
         self.restarts = 0
         self.late_discarded = 0
         self.last_startup_ms = 0.0
+        self.startup_ms = 0.0
         _LIVE_WORKERS.add(self)
 
     @property
@@ -148,6 +150,7 @@ class ControllerWorker:
             raise MediatorError("a controller request needs a non-empty request id")
         message = _encode([request_id, method, payload])
         with self._lock:
+            self.startup_ms = 0.0
             self._ensure_child()
             return self._exchange(message, request_id, timeout_ms / 1000.0, f"{method}[{request_id}]")
 
@@ -188,6 +191,7 @@ class ControllerWorker:
             self._kill_child()
             raise ControllerCrashed(f"controller {self.factory_ref!r} failed to start", str(body))
         self.last_startup_ms = (time.perf_counter() - t0) * 1000.0
+        self.startup_ms = self.last_startup_ms
 
     def _await_ready(self, timeout_s: float) -> tuple[str, Any]:
         assert self._conn is not None and self._process is not None
@@ -291,6 +295,7 @@ class InlineController:
         self._closed = False
         self.restarts = 0  # always 0: an in-process controller is never replaced
         self.late_discarded = 0
+        self.startup_ms = 0.0
 
     def request(self, method: str, payload: Json, request_id: str, timeout_ms: int) -> Json:
         """Run the method in-process; a result later than ``timeout_ms`` is discarded (ControllerTimeout)."""
@@ -300,8 +305,11 @@ class InlineController:
         with self._lock:
             if self._closed:
                 raise MediatorError("controller is closed")
+            self.startup_ms = 0.0
             if self._controller is None:
+                t_build = time.perf_counter()
                 self._build()
+                self.startup_ms = (time.perf_counter() - t_build) * 1000.0
             t0 = time.perf_counter()
             reply = self._call(method, wire_payload, label)
             elapsed_ms = (time.perf_counter() - t0) * 1000.0
@@ -359,7 +367,9 @@ class Mediator:
 
     ``emit(source, event, level, **attributes)`` receives one event per decision (source ``tolaria``):
     ``controller_decision`` / ``controller_timeout`` / ``controller_crash`` / ``controller_call_failed``, each
-    with ``latency_ms``, ``timeout``, ``request_id``, ``restarts`` and ``late_discarded``.
+    with ``latency_ms``, ``timeout``, ``request_id``, ``restarts`` and ``late_discarded``. A decision that had to
+    start the worker first (the first one, or the one after a kill) also reports ``startup_ms``: start-up is
+    measured apart and never charged to the decision's budget or hidden in its ``latency_ms``.
 
     (Kasmina's blueprint loads have their own deadline in the load manager, the one place they are cut short.)
     """
@@ -399,19 +409,19 @@ class Mediator:
             reply = endpoint.request(method, payload, request_id, budget)
         except ControllerTimeout as exc:
             self._send("controller_timeout", "WARNING", method=method, request_id=request_id,
-                       latency_ms=_ms(t0), timeout=True, deadline_ms=budget, restarts=endpoint.restarts,
+                       **_timing(t0, endpoint), timeout=True, deadline_ms=budget, restarts=endpoint.restarts,
                        late_discarded=endpoint.late_discarded, reason=str(exc))
             raise
         except ControllerCrashed as exc:
             self._send("controller_crash", "ERROR", method=method, request_id=request_id,
-                       latency_ms=_ms(t0), timeout=False, deadline_ms=budget, restarts=endpoint.restarts,
+                       **_timing(t0, endpoint), timeout=False, deadline_ms=budget, restarts=endpoint.restarts,
                        late_discarded=endpoint.late_discarded, reason=str(exc).splitlines()[0])
             raise
         except MediatorError as exc:
             self._send("controller_call_failed", "ERROR", method=method, request_id=request_id,
-                       latency_ms=_ms(t0), timeout=False, deadline_ms=budget, reason=str(exc))
+                       **_timing(t0, endpoint), timeout=False, deadline_ms=budget, reason=str(exc))
             raise
-        self._send("controller_decision", "INFO", method=method, request_id=request_id, latency_ms=_ms(t0),
+        self._send("controller_decision", "INFO", method=method, request_id=request_id, **_timing(t0, endpoint),
                    timeout=False, deadline_ms=budget, restarts=endpoint.restarts,
                    late_discarded=endpoint.late_discarded)
         return reply
@@ -428,3 +438,9 @@ class Mediator:
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
+
+
+def _timing(t0: float, endpoint: ControllerEndpoint) -> dict[str, float]:
+    """``latency_ms`` of the decision itself and, apart from it, ``startup_ms`` of a worker it had to start."""
+    startup = float(getattr(endpoint, "startup_ms", 0.0))
+    return {"latency_ms": max(0.0, _ms(t0) - startup), "startup_ms": startup}

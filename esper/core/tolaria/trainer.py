@@ -10,20 +10,22 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 import esper
 import esper.core.tolaria.records as records
+from esper.core import requests
+from esper.core.bounded import clip
 from esper.core.checkpoint import LoadedCheckpoint
 from esper.core.config import EsperConfig
 from esper.core.data import Task, build_task, steps_per_epoch, train_batches, val_batches
-from esper.core.errors import ExitCode
+from esper.core.errors import CheckpointError, DiskFault, ExitCode
 from esper.core.kasmina import Mode, SeedForwardError, SeedSlot
-from esper.core.rundir import RunDir
-from esper.core.telemetry import Emitter, TelemetryDeliveryError
+from esper.core.rundir import RunDir, disk_fault, is_disk_error
+from esper.core.telemetry import Emitter, TelemetryDeliveryError, TelemetryError, TelemetryWriteError
 from esper.core.tolaria.builder import ControllerFactory, Parts, build_parts, controller_factory
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.injector import DataLoaderError, FaultEntry
@@ -68,28 +70,51 @@ class Trainer:
             self.parts.close()
 
     # -------------------------------------------------------------------- run
-    def run(self, resume: LoadedCheckpoint | None = None) -> dict[str, Any]:
-        """Train to completion (or stop/halt/failure); always returns the summary and writes summary.json."""
+    def open(self, resume: LoadedCheckpoint | None = None) -> Parts:
+        """Build every part and, on a resume, restore the checkpoint's state into them: in memory only, so a
+        checkpoint whose state does not fit (however it passed verification) is a CheckpointError before anything
+        in the run directory changes (with a held emitter, not even an event). Closes what it built on failure."""
         self._resuming = resume is not None
         try:
+            self.task = build_task(self.cfg)
+            self._announce()
+            p = self.build()
+            if resume is not None:
+                self._restore(p, resume)
+        except BaseException:
+            self.close()
+            raise
+        return p
+
+    def run(self, resume: LoadedCheckpoint | None = None) -> dict[str, Any]:
+        """Train to completion (or stop/halt/failure); always returns the summary and writes summary.json. Opens
+        the trainer first unless :meth:`open` already did (a failure to open is then recorded like any other)."""
+        try:
             try:
-                self.task = build_task(self.cfg)
-                self._announce()
-                p = self.build()
+                p = self.parts if self.parts is not None else self.open(resume)
                 if resume is not None:
-                    self._resume(p, resume)
+                    self._resumed(p, resume)
                 self.machine.fire("ready", reason="built" if resume is None else f"restored {resume.path}")
+                self._serve_requests(p, stale=True)  # written for an earlier process: never applied
                 p.rollback.take()
                 with p.profiler:
                     self._loop(p)
+                self._finish_reports(p)
             except Halt as h:
                 assert self.parts is not None  # only safety raises Halt
                 self.parts.safety.halt(h.reason)
         except KeyboardInterrupt:
             # second SIGINT: abort now; checkpoints are atomic, so `latest` still verifies
             self._fail(KeyboardInterrupt("aborted by a second interrupt"), exit_code=ExitCode.SIGINT)
-        except TelemetryDeliveryError as exc:
+        except (TelemetryDeliveryError, TelemetryWriteError) as exc:
             self._telemetry_lost(exc)
+        except OSError as exc:
+            if not is_disk_error(exc):
+                self._fail(exc)
+            else:
+                self._disk_fault(exc)
+        except DiskFault as exc:
+            self._disk_fault(exc)
         except Exception as exc:  # noqa: BLE001 - recorded as FAILED (never swallowed): exit code follows
             self._fail(exc)
         finally:
@@ -111,9 +136,54 @@ class Trainer:
                            epochs=self.cfg.trainer.epochs, **task)
         self.started = record["utc"] if record is not None else records.utc_now()
 
-    def _resume(self, p: Parts, resume: LoadedCheckpoint) -> None:
-        p.components.load_state_dict(p.components.from_checkpoint(resume.tensors, resume.payload))
+    def _restore(self, p: Parts, resume: LoadedCheckpoint) -> None:
+        try:
+            p.components.load_state_dict(p.components.from_checkpoint(resume.tensors, resume.payload))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a sealed but forged state makes a part raise is the
+            # checkpoint's problem (exit 4), found before anything is written, never a crash
+            raise CheckpointError(f"checkpoint {resume.path}: its state cannot be restored into this run: "
+                                  f"{type(exc).__name__}: {clip(str(exc), 300)}") from exc
         p.checkpointer.last = resume.path
+
+    def _serve_requests(self, p: Parts, *, stale: bool = False) -> None:
+        """Operator requests waiting in the run directory (``esper emergency clear``), at a step boundary: each is
+        applied through the emergency table's own transition, or refused, and answered with an event."""
+        if not requests.pending(self.run_dir.path):
+            return
+        for name, req, why in requests.take(self.run_dir.path):
+            before = p.emergency.level
+            answer: dict[str, Any] = {"request_id": req.request_id if req else None, "file": name,
+                                      "kind": req.kind if req else None, "level_before": before, "level_after": before}
+            if req is None:
+                outcome, detail = "invalid", why
+            elif stale:
+                outcome, detail = "stale", "written before this process started; never applied"
+            elif req.run_id != self.run_id:
+                outcome, detail = "rejected", f"the request is for run {req.run_id!r}, not this one"
+            elif not p.emergency.machine.may("clear"):
+                outcome, detail = "rejected", f"the emergency level is {before}: there is nothing to clear"
+            else:
+                p.emergency.operator_clear(f"operator: {req.reason}")
+                outcome, detail = "applied", f"cleared by the operator: {req.reason}"
+                answer["level_after"] = p.emergency.level
+            self.emit("cli", requests.EVENT, "CRITICAL" if outcome == "applied" else "WARNING", outcome=outcome,
+                      detail=detail, reason=req.reason if req else None, **answer)
+        self.emitter.flush()  # the requester is waiting for the answer
+
+    def _finish_reports(self, p: Parts) -> None:
+        """A completed run files the field reports its last commands' windows never reached (T-12), marked as
+        short windows: the run ended before the window did."""
+        if p.decisions is None:
+            return
+        if self.machine.state == "COMPLETED":
+            p.decisions.file_short_reports(f"the run completed after {self.cfg.trainer.epochs} epochs")
+        growth = p.decisions.growth()
+        if growth["warning"]:
+            self.emit("tamiyo", "growth.failed", "WARNING", **growth)
+
+    def _resumed(self, p: Parts, resume: LoadedCheckpoint) -> None:
         dropped = self.run_dir.rewrite_metrics(p.state.history)  # rows after the checkpoint are redone
         if dropped:
             self.emit("tolaria", "metrics.rewound", "WARNING", dropped_rows=dropped,
@@ -121,7 +191,7 @@ class Trainer:
         pos = p.state.position
         self.emit("tolaria", "resumed", "CRITICAL", checkpoint=str(resume.path), epoch=pos.epochs_done,
                   step_in_epoch=pos.step_in_epoch, global_step=pos.global_step,
-                  previous_level=(resume.manifest.emergency or {}).get("level"))
+                  previous_level=resume.manifest.emergency.level if resume.manifest.emergency else None)
 
     def _loop(self, p: Parts) -> None:
         epoch, skip = p.state.epochs_done + 1, p.state.step_in_epoch
@@ -213,6 +283,7 @@ class Trainer:
                 if self.stop.requested:
                     self._graceful_stop(p)
                     return None
+                self._serve_requests(p)
                 try:
                     index, x, y = next(data)
                 except StopIteration:
@@ -331,12 +402,28 @@ class Trainer:
         if self.machine.may("fail"):
             self.machine.fire("fail", reason=f"{type(exc).__name__}: {exc}")
 
-    def _telemetry_lost(self, exc: TelemetryDeliveryError) -> None:
-        """A CRITICAL event could not be made durable (E-4): halt; the record goes to summary.json instead."""
+    def _telemetry_lost(self, exc: TelemetryDeliveryError | TelemetryWriteError) -> None:
+        """Events could not be made durable (E-4): halt; the record goes to summary.json instead."""
         self.machine.observer = None  # its events cannot be delivered either
         self.failure = records.failure_record(exc, self.parts, ExitCode.HALTED)
         if self.machine.may("halt"):
             self.machine.fire("halt", reason=f"telemetry delivery failed: {exc}")
+
+    def _disk_fault(self, exc: BaseException) -> None:
+        """The disk refused a write the run needs (S-6): HALT at once, with no emergency checkpoint (the disk will
+        not take it); the last verified checkpoint is left as it is."""
+        fault = exc if isinstance(exc, DiskFault) else disk_fault("a run file could not be written", exc)  # type: ignore[arg-type]
+        self.failure = records.failure_record(fault, self.parts, ExitCode.HALTED)
+        reason = f"disk fault: {fault}"
+        try:
+            if self.parts is not None and self.parts.emergency.level != "HALT":
+                self.parts.emergency.escalate("HALT", reason, cause="disk_fault")
+            if self.machine.may("halt"):
+                self.machine.fire("halt", reason=reason)
+        except (TelemetryDeliveryError, TelemetryWriteError):
+            self.machine.observer = None  # the events file is on the failing disk too
+            if self.machine.may("halt"):
+                self.machine.fire("halt", reason=reason)
 
     def _on_trainer_change(self, record: TransitionRecord) -> None:
         level = "CRITICAL" if record.dest in ("FAILED", "HALTED", "STOPPED") else "INFO"
@@ -350,22 +437,44 @@ class Trainer:
         return int({"COMPLETED": ExitCode.OK, "HALTED": ExitCode.HALTED}.get(self.machine.state, ExitCode.INTERNAL))
 
     def finish(self) -> dict[str, Any]:
+        """Write summary.json and close the event log. A disk that refuses them leaves the summary in memory (the
+        CLI prints it) with ``record_errors`` saying what was lost, never a traceback."""
         summary = records.summary(self.run_id, self.machine.state, self.exit_code(), self.parts, self.failure,
                                   str(self.run_dir.path), self.task, started=self.started)
-        self.run_dir.write_summary(summary)
-        if self.machine.observer is not None:
-            self.emit("tolaria", "run.finished", "INFO" if summary["exit_code"] == 0 else "CRITICAL",
-                      status=summary["status"], exit_code=summary["exit_code"])
+        lost: list[str] = []
+        try:
+            self.run_dir.write_summary(summary)
+        except OSError as exc:
+            lost.append(f"summary.json not written: {exc.strerror or exc}")
+        try:
+            if self.machine.observer is not None:
+                self.emit("tolaria", "run.finished", "INFO" if summary["exit_code"] == 0 else "CRITICAL",
+                          status=summary["status"], exit_code=summary["exit_code"])
             self.emitter.close()
+        except TelemetryError as exc:
+            lost.append(f"events.jsonl incomplete: {clip(str(exc), 300)}")
+        if lost:
+            summary["record_errors"] = lost
         return summary
 
 
 def train(cfg: EsperConfig, run_dir: RunDir, *, reporter: records.Reporter | None = None,
           emitter: Emitter | None = None, resume: LoadedCheckpoint | None = None,
-          faults: Sequence[FaultEntry] = ()) -> dict[str, Any]:
-    """One training run, new or resumed, with SIGINT/SIGTERM stopping it gracefully; returns the summary."""
+          faults: Sequence[FaultEntry] = (), commit: Callable[[], None] | None = None) -> dict[str, Any]:
+    """One training run, new or resumed, with SIGINT/SIGTERM stopping it gracefully; returns the summary.
+
+    With ``commit``, the trainer is opened first (built, and restored on a resume) and a failure there raises,
+    typed, with nothing written; ``commit()`` then makes the run directory the run's (its config, the held
+    events) before training starts."""
     trainer = Trainer(cfg, run_dir, reporter=reporter, emitter=emitter, faults=faults)
     with graceful_signals(trainer.stop):
+        if commit is not None:
+            trainer.open(resume)
+            try:
+                commit()
+            except BaseException:
+                trainer.close()
+                raise
         return trainer.run(resume=resume)
 
 

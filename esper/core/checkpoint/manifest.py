@@ -23,6 +23,7 @@ from esper.core.checkpoint.payload import (
     SHA256,
     TRAINING_KEYS,
     ControllerState,
+    DataRecord,
     EmergencyRecord,
     EpochStatsRecord,
     MetricsRow,
@@ -70,6 +71,7 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] | None = None
     history: list[MetricsRow] | None = None
     epoch_stats: EpochStatsRecord | None = None
+    data: DataRecord | None = None  # batches skipped on replays (H-6)
     rollbacks: list[dict[str, Any]] | None = None
     commands: dict[str, int] | None = None
     optimizer: OptimizerRecord | None = None

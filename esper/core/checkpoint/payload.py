@@ -116,11 +116,37 @@ class EpochStatsRecord(BaseModel):
     model_config = _CLOSED
 
     loss_sum: float
-    correct: int = Field(ge=0)
+    metric_sums: dict[str, float] | None = None  # the task's metrics, sample-weighted sums
+    correct: int | None = Field(None, ge=0)  # before tasks (fdf50af): the accuracy's sum
     seen: int = Field(ge=0)
     steps: int = Field(ge=0)
     skipped: int = Field(ge=0)
     step_ms: list[float]
+
+    @model_validator(mode="after")
+    def _one_form(self) -> EpochStatsRecord:
+        if (self.metric_sums is None) == (self.correct is None):
+            raise ValueError("needs exactly one of 'metric_sums' (this format) and 'correct' (before tasks)")
+        return self
+
+
+class SkippedBatchRecord(BaseModel):
+    """One batch left out of every replay (H-6)."""
+
+    model_config = _CLOSED
+
+    epoch: int = Field(ge=1)
+    step: int = Field(ge=0)
+    cause: str = Field(max_length=256)
+    global_step: int = Field(ge=0)
+
+
+class DataRecord(BaseModel):
+    """``BatchSkips.state_dict()`` (manifest key ``data``; absent before H-6)."""
+
+    model_config = _CLOSED
+
+    skipped: list[SkippedBatchRecord]
 
 
 class MetricsRow(BaseModel):
@@ -174,5 +200,5 @@ class TensorSummary(BaseModel):
 TRAINING_KEYS = ("run_id", "reason", "epoch", "step_in_epoch", "global_step", "trainer_state", "emergency", "seeds",
                  "controller", "metrics", "history", "epoch_stats", "rollbacks", "commands", "optimizer",
                  "config_toml", "config_hash")
-__all__ = ["RUN_ID", "SHA256", "TRAINING_KEYS", "ControllerState", "EmergencyRecord", "EpochStatsRecord", "MetricsRow",
-           "OptimizerRecord", "SeedRecord", "TensorSummary", "TrainerStateName"]
+__all__ = ["RUN_ID", "SHA256", "TRAINING_KEYS", "ControllerState", "DataRecord", "EmergencyRecord", "EpochStatsRecord",
+           "MetricsRow", "OptimizerRecord", "SeedRecord", "TensorSummary", "TrainerStateName"]

@@ -57,6 +57,8 @@ def test_clear_reaches_the_running_process_and_is_recorded(tmp_path: Path) -> No
     transition = cleared[-1]["attributes"]["transition"]
     assert transition["trigger"] == "clear" and "ops checked the loss curve" in transition["reason"]
     assert not any((run / requests.DIRNAME).iterdir())  # every request was taken
+    # The CLI's own events (the operator's request, the operator's signal) have source cli.
+    assert [e["source"] for e in recorded if e["event"] == "stop.requested"] == ["cli"]
 
     # A run that is not running has nothing to clear: exit 5, said, nothing written.
     late = clear(run, "--reason", "too late", "--json")

@@ -90,3 +90,8 @@ class _Dead(nn.Module):
 
 def dead_blueprint(width: int) -> nn.Module:
     return _Dead(width)
+
+
+def raising_task(cfg: EsperConfig) -> Dataset:
+    """A task factory that raises (a missing data file, a bug): exit 3 naming the key, never a traceback."""
+    raise FileNotFoundError("train.csv: no such file")

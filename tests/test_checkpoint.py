@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from conftest import flip_byte, malicious_pickle, malicious_torch_save
+from conftest import flip_byte, malicious_pickle, malicious_torch_save, rewrite_manifest
 
 from esper.core import checkpoint as ck
 from esper.core.errors import CheckpointError, ExitCode
@@ -56,15 +56,6 @@ def write(root: Path, epoch: int, keep_last: int = 3, **kw: Any) -> Path:
 
 def names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
-
-
-def rewrite_manifest(ckpt: Path, edit: Callable[[dict[str, Any]], None], *, rehash: bool = True) -> None:
-    """Edit the manifest; by default re-seal it so only the edited property is wrong (a deliberate attacker)."""
-    doc = json.loads((ckpt / ck.MANIFEST).read_text())
-    edit(doc)
-    if rehash:
-        doc["manifest_sha256"] = ck.manifest_digest(doc)
-    (ckpt / ck.MANIFEST).write_text(json.dumps(doc))
 
 
 # --------------------------------------------------------------------------------------------------- format

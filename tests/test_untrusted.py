@@ -18,6 +18,7 @@ import pytest
 import tomli_w
 from conftest import (
     ESPER,
+    GROWING,
     REPO,
     SYNTHETIC,
     esper,
@@ -331,3 +332,32 @@ def test_json_error_document_for_a_failing_command(tmp_path: Path) -> None:
     doc = json.loads(r.stdout)
     assert set(doc) >= {"error", "exit_code", "key"} and doc["exit_code"] == ExitCode.CHECKPOINT
 
+
+
+def test_a_failed_g1_is_a_gate_event_and_a_run_where_every_germination_failed_says_so(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = train(run, *GROWING, "trainer.epochs=4", "seeds.user_blueprints={dead='plugins_fixture:dead_blueprint'}",
+              "seeds.blueprints=['dead']")
+    assert r.exit_code == 0, out(r)
+    gates = [e["attributes"] for e in events(run, "gate.result")]
+    failed_g1 = [g for g in gates if g.get("gate") == "G1" and g.get("passed") is False]
+    assert failed_g1, gates
+    s = json.loads((run / "summary.json").read_text())
+    assert s["growth"]["grown"] == 0 and s["growth"]["attempted"] >= 1
+    assert "every germination failed" in s["growth"]["warning"] and "G1" in s["growth"]["warning"]
+    assert "every germination failed" in out(r)
+    assert events(run, "growth.failed")
+
+
+def test_the_last_commands_get_short_window_field_reports_at_run_end(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = train(run, *GROWING, "trainer.epochs=4")
+    assert r.exit_code == 0, out(r)
+    commands = [e["attributes"] for e in events(run, "command.accepted")]
+    assert commands, "the controller issued no command: nothing to report on"
+    reports = [json.loads(line)["body"] for line in (run / "field_reports.jsonl").read_text().splitlines()]
+    short = [rep for rep in reports if rep.get("short_window")]
+    assert short and all(rep["report_id"].endswith("-short") for rep in short)
+    assert {rep["command_id"] for rep in reports} >= {commands[-1]["command"]["command_id"]}
+    filed = [e["attributes"] for e in events(run, "field_report.filed") if e["attributes"].get("ended")]
+    assert len(filed) == len(short)

@@ -9,7 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import ESPER, SYNTHETIC, events, finish, reported, spawn, wait_for
+from conftest import ESPER, SYNTHETIC, events, finish, out, reported, resume, spawn, train, wait_for
 
 from esper.core import requests
 from esper.core.errors import ExitCode
@@ -72,3 +72,30 @@ def test_clear_refuses_a_path_that_is_not_a_run(tmp_path: Path) -> None:
     done = clear(tmp_path, "--reason", "x")
     assert done.returncode == ExitCode.USAGE and "not a run directory" in done.stderr
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_requests_left_from_before_a_start_are_stale_and_never_applied(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(run, *SYNTHETIC, "run.threads=1", "trainer.epochs=1").exit_code == 0
+    run_id = events(run)[0]["run_id"]
+    old = requests.deliver(run, requests.new_request("emergency.clear", run_id, "written while nothing ran"))
+    r = resume(run, *SYNTHETIC, "run.threads=1", "trainer.epochs=2", allow=["trainer.epochs"])
+    assert r.exit_code == 0, out(r)
+    [answer] = [e["attributes"] for e in events(run, requests.EVENT)]
+    assert answer["outcome"] == "stale" and answer["request_id"] == old.stem
+    assert not old.exists() and not events(run, "emergency.level")
+
+
+def test_a_request_file_is_read_bounded_and_never_quoted(tmp_path: Path) -> None:
+    directory = tmp_path / requests.DIRNAME
+    directory.mkdir()
+    (directory / "big.json").write_bytes(b'{"kind": "' + b"A" * 100_000 + b'"}')
+    (directory / "deep.json").write_bytes(b"[" * 50_000)
+    (directory / "wrong.json").write_text(json.dumps({"kind": "emergency.raise", "run_id": "r"}))
+    (directory / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    (tmp_path / "elsewhere.json").write_text("SECRET")
+    taken = list(requests.take(tmp_path))
+    assert sorted(name for name, _, _ in taken) == ["big.json", "deep.json", "link.json", "wrong.json"]
+    assert all(req is None and why for _, req, why in taken)
+    assert not any("SECRET" in why or "AAAA" in why for _, _, why in taken)
+    assert list(directory.iterdir()) == [] and (tmp_path / "elsewhere.json").read_text() == "SECRET"

@@ -369,9 +369,19 @@ def test_kill_tree_reaches_descendants_in_other_sessions(tmp_path: Path) -> None
     wait_until(lambda: not _live(middle, grandchild), "the tree to be gone", 30)
 
 
-def test_a_step_timeout_kills_a_tree_that_left_its_process_group(tmp_path: Path) -> None:
+def test_a_step_timeout_kills_a_tree_that_left_its_process_group(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     argv, pids = _tree(tmp_path)
-    done = run_command(argv, tmp_path, 8.0)  # time enough for three interpreters to start on a busy box
+    real = subprocess.Popen.communicate
+
+    def once_the_tree_is_up(self: subprocess.Popen[str], input: Any = None, timeout: float | None = None) -> Any:
+        if timeout is not None:  # the step's wait: let the whole tree start, then let the step run out of time
+            wait_until(pids.exists, "the whole tree to start", 120)
+            timeout = 0.01
+        return real(self, input, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", once_the_tree_is_up)
+    done = run_command(argv, tmp_path, 300.0)
     assert done.exit_code is None
     middle, grandchild = (int(x) for x in pids.read_text().split())
     wait_until(lambda: not _live(middle, grandchild), "the tree to be gone", 30)

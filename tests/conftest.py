@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
 
 from esper.cli.main import app
+from esper.core.checkpoint import manifest_digest
 from esper.core.config import EsperConfig, from_dict
 from esper.core.kasmina import Kasmina, SeedSlot
 from esper.core.telemetry import read_events
@@ -244,6 +245,15 @@ def summary(run: Path) -> dict[str, Any]:
 def latest(run: Path) -> Path:
     ckpts = run / "checkpoints"
     return ckpts / (ckpts / "latest").read_text().strip()
+
+
+def rewrite_manifest(ckpt: Path, edit: Callable[[dict[str, Any]], None], *, rehash: bool = True) -> None:
+    """Edit the manifest; by default re-seal it so only the edited property is wrong (a deliberate attacker)."""
+    doc = json.loads((ckpt / "manifest.json").read_text())
+    edit(doc)
+    if rehash:
+        doc["manifest_sha256"] = manifest_digest(doc)
+    (ckpt / "manifest.json").write_text(json.dumps(doc))
 
 
 def manifest(ckpt: Path) -> dict[str, Any]:

@@ -61,3 +61,10 @@ class InlineNapper(Counter):
 
 def make_inline(step: int = 1) -> InlineNapper:
     return InlineNapper(step)
+
+
+def make_slow_start(seconds: float, step: int = 1) -> InlineNapper:
+    """A controller whose construction takes ``seconds`` (a model loading, a cold import): start-up, not a
+    decision. Runs in the worker process or, for the inline endpoint, in the test process."""
+    time.sleep(seconds)
+    return InlineNapper(step)

@@ -274,3 +274,8 @@ class ProposeEverywhere:
 
 def propose_conv_block(controller: ControllerConfig, seeds: SeedsConfig) -> ProposeEverywhere:
     return ProposeEverywhere("conv_block")
+
+
+def raising_task(cfg: EsperConfig) -> Task:
+    """A task factory that raises (a missing data file, a bug): exit 3 naming the key, never a traceback."""
+    raise FileNotFoundError("train.csv: no such file")

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from conftest import flip_byte, malicious_pickle, malicious_torch_save
+from conftest import flip_byte, malicious_pickle, malicious_torch_save, rewrite_manifest
 
 from esper.core import checkpoint as ck
 from esper.core.errors import CheckpointError, ExitCode
+from esper.core.runlock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,15 +56,6 @@ def write(root: Path, epoch: int, keep_last: int = 3, **kw: Any) -> Path:
 
 def names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
-
-
-def rewrite_manifest(ckpt: Path, edit: Callable[[dict[str, Any]], None], *, rehash: bool = True) -> None:
-    """Edit the manifest; by default re-seal it so only the edited property is wrong (a deliberate attacker)."""
-    doc = json.loads((ckpt / ck.MANIFEST).read_text())
-    edit(doc)
-    if rehash:
-        doc["manifest_sha256"] = ck.manifest_digest(doc)
-    (ckpt / ck.MANIFEST).write_text(json.dumps(doc))
 
 
 # --------------------------------------------------------------------------------------------------- format
@@ -207,15 +199,21 @@ def test_pruning_leaves_foreign_directories_alone(tmp_path: Path) -> None:
     assert names(tmp_path) == ["epoch-0003", "latest", "notes"]
 
 
-def test_stale_temp_dirs_are_ignored_by_readers_and_removed_by_next_write(tmp_path: Path) -> None:
-    write(tmp_path, 1)
-    stale = tmp_path / ".tmp-epoch-0002-999999"
+def test_stale_temp_dirs_are_ignored_by_readers_and_removed_only_under_the_run_lock(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    write(root, 1)
+    stale = root / ".tmp-epoch-0002-999999-0badc0de"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
-    assert ck.latest_checkpoint(tmp_path) == tmp_path / "epoch-0001"
-    assert ck.resolve_checkpoint(tmp_path) == tmp_path / "epoch-0001"
-    write(tmp_path, 2)
-    assert names(tmp_path) == ["epoch-0001", "epoch-0002", "latest"]
+    assert ck.latest_checkpoint(root) == root / "epoch-0001"
+    assert ck.resolve_checkpoint(root) == root / "epoch-0001"
+    # Without the run dir's writer lock the temp may be another live writer's: pruning leaves it alone.
+    write(root, 2)
+    assert names(root) == [stale.name, "epoch-0001", "epoch-0002", "latest"]
+    # Holding the lock, no other writer can be alive here: the temp is a dead writer's and goes.
+    with RunLock(tmp_path):
+        write(root, 3)
+    assert names(root) == ["epoch-0001", "epoch-0002", "epoch-0003", "latest"]
 
 
 def test_orphan_committed_dir_is_replaced_but_latest_never_overwritten(tmp_path: Path) -> None:
@@ -236,7 +234,7 @@ def test_sigkill_inside_a_write_leaves_latest_loadable(tmp_path: Path) -> None:
         import os, signal, sys, torch
         from pathlib import Path
         from esper.core.checkpoint import write_checkpoint
-        root = Path({str(tmp_path)!r})
+        root = Path({str(tmp_path / 'checkpoints')!r})
         t = {{"model": {{"w": torch.ones(3)}}}}
         write_checkpoint(root, "epoch-0001", t, {{"epoch": 1}}, keep_last=1)
         write_checkpoint(root, "epoch-0002", {{"model": {{"w": torch.zeros(3)}}}}, {{"epoch": 2}}, keep_last=1,
@@ -245,11 +243,14 @@ def test_sigkill_inside_a_write_leaves_latest_loadable(tmp_path: Path) -> None:
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
-    assert any(n.startswith(".tmp-epoch-0002-") for n in names(tmp_path))
-    loaded = ck.load_checkpoint(tmp_path)
+    root = tmp_path / "checkpoints"
+    assert any(n.startswith(".tmp-epoch-0002-") for n in names(root))
+    loaded = ck.load_checkpoint(root)
     assert loaded.manifest.epoch == 1 and torch.equal(loaded.tensors["model"]["w"], torch.ones(3))
-    write(tmp_path, 3, keep_last=1)
-    assert names(tmp_path) == ["epoch-0003", "latest"]
+    # The next writer of the run dir (it holds the lock, so the killed writer is known dead) clears its temp.
+    with RunLock(tmp_path):
+        write(root, 3, keep_last=1)
+    assert names(root) == ["epoch-0003", "latest"]
 
 
 # --------------------------------------------------------------------------------------------------- resolve

@@ -469,3 +469,58 @@ def test_ownership_conflicts_unregistered_and_reset_on_reregistration() -> None:
     issues = reg.validate(named)
     assert [(i.kind, i.param_name) for i in issues] == [("unregistered", "seed1.weight"),
                                                       ("unregistered", "seed1.bias")]
+
+
+# -- compile time is budgeted apart from the load (issue 12 §10) -------------------------------------------
+
+
+class SlowCompile:
+    """A fake ``torch.compile`` that takes ``seconds`` (inductor compiling) or, with ``gate``, until released;
+    ``entered`` is set once it runs."""
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds = seconds
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def __call__(self, module: nn.Module) -> nn.Module:
+        self.entered.set()
+        self.gate.wait(self.seconds if self.seconds is not None else 30)
+        return module
+
+
+def test_compile_time_is_not_charged_to_the_load_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = SlowCompile(seconds=1.0)  # five times the load budget
+    monkeypatch.setattr(torch, "compile", slow)
+    rec = EventRecorder()
+    mgr = manager(Builder(), compile=True, timeout_ms=200, compile_timeout_ms=60_000, emit=rec)
+    module = mgr.get("a", 4)
+    assert slow.entered.is_set() and module.weight.shape == (4, 4)
+    assert mgr.stats().window.timeouts == 0 and not rec.named("blueprint_load_timeout")
+    assert mgr.prefetch("a", 4).result(5).compiled is True
+    mgr.shutdown(1)
+
+
+def test_a_compile_over_its_own_budget_times_out_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = SlowCompile()  # held until released
+    monkeypatch.setattr(torch, "compile", slow)
+    rec = EventRecorder()
+    mgr = manager(Builder(), compile=True, timeout_ms=60_000, compile_timeout_ms=100, emit=rec)
+    with pytest.raises(BlueprintLoadError, match=r"seeds\.compile_timeout_ms"):
+        mgr.get("a", 4)
+    assert slow.entered.is_set() and mgr.stats().window.timeouts == 1
+    assert "compile_timeout_ms" in rec.named("blueprint_load_timeout")[0]["reason"]
+    slow.gate.set()
+    assert mgr.prefetch("a", 4).result(5).compiled is True  # the load still lands once the compile ends
+    mgr.shutdown(1)
+
+
+def test_a_slow_build_still_times_out_when_compile_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "compile", SlowCompile(seconds=0))
+    builder = Builder()
+    builder.gate = threading.Event()
+    mgr = manager(builder, compile=True, timeout_ms=100, compile_timeout_ms=60_000)
+    with pytest.raises(BlueprintLoadError, match=r"not ready within 100 ms \(seeds\.load_timeout_ms\)"):
+        mgr.get("a", 4)
+    builder.gate.set()
+    mgr.shutdown(1)

@@ -192,3 +192,36 @@ def test_request_ids_are_unique() -> None:
     a, b = Mediator(), Mediator()
     ids = [a.next_request_id() for _ in range(100)] + [b.next_request_id() for _ in range(100)]
     assert len(set(ids)) == 200
+
+
+# -- start-up is reported apart from the decision (issue 12 §10) -------------------------------------------
+
+
+def test_inline_start_up_is_neither_charged_to_nor_hidden_from_the_first_decision() -> None:
+    rec = EventRecorder()
+    endpoint = open_controller("inline", f"{MOD}:make_slow_start", {"seconds": 0.3})
+    mediator = Mediator(timeout_ms=1000, emit=rec, controller=endpoint)
+    # The start-up alone is longer than the deadline: the decision is not a timeout, and its start-up is said.
+    assert mediator.decide("decide", {"count": 1}, deadline_ms=100)["count"] == 2
+    assert mediator.decide("decide", {"count": 1}, deadline_ms=100)["count"] == 2
+    first, second = rec.named("controller_decision")
+    assert first["timeout"] is False and first["startup_ms"] >= 300 and first["deadline_ms"] == 100
+    assert first["latency_ms"] < first["startup_ms"]  # the start-up is not inside the decision's latency
+    assert second["startup_ms"] == 0
+    mediator.close()
+
+
+def test_worker_start_up_longer_than_the_deadline_is_reported_not_a_timeout() -> None:
+    baseline = set(threading.enumerate())
+    rec = EventRecorder()
+    worker = ControllerWorker(f"{MOD}:make_slow_start", {"seconds": 1.5})
+    mediator = Mediator(timeout_ms=1000, emit=rec, controller=worker)
+    assert mediator.decide("decide", {"count": 1})["count"] == 2
+    pid = worker.pid
+    assert mediator.decide("decide", {"count": 2})["count"] == 3
+    first, second = rec.named("controller_decision")
+    assert first["timeout"] is False and first["startup_ms"] >= 1500 > first["deadline_ms"]
+    assert first["latency_ms"] < first["startup_ms"] and second["startup_ms"] == 0
+    mediator.close()
+    assert pid is not None
+    _assert_no_leftovers([pid], baseline)

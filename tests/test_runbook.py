@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 from typer.testing import CliRunner, Result
 
 from esper.cli.runbook import app
 from esper.core.errors import ExitCode
+from esper.core.proctree import descendants, kill_tree
 from esper.core.runbook import (
     MISSING,
     Completed,
@@ -79,6 +82,9 @@ def test_load_parses_steps_defaults_and_placeholders(tmp_path: Path) -> None:
     ('[[step]]\nname = "a"\n', "step.0.run: required key is missing"),
     ('[[step]]\nname = "a"\nrun = "esper x"\nexit_code = "0"\n', "step.0.exit_code"),
     ('[[step]]\nname = "a"\nrun = "esper x"\ntimeout_s = 0\n', "step.0.timeout_s"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\ntimeout_s = inf\n', "step.0.timeout_s"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\ntimeout_s = nan\n', "step.0.timeout_s"),
+    ('[[step]]\nname = "a"\nrun = "esper x"\ntimeout_s = 1e300\n', "step.0.timeout_s"),
     ("step = []\n", "step"),
     ('[[step]]\nname = "a"\nrun = "esper x {nope}"\n', "unknown placeholder {nope}"),
     ('[vars]\nworkdir = "x"\n[[step]]\nname = "a"\nrun = "esper x"\n', "shadows the built-in placeholder"),
@@ -316,3 +322,66 @@ def test_shipped_runbook_passes(path: Path) -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["passed"] is True and all(s["status"] == "passed" for s in doc["steps"])
+
+
+
+# A step that starts processes in sessions of their own (a nested runbook's steps do): a timeout ends them all.
+_TREE = """
+import os, subprocess, sys, time
+me, pids = sys.argv[0], sys.argv[1]
+if len(sys.argv) > 2:  # the middle process, in a session of its own like a nested runbook, and its child
+    g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    with open(pids + ".tmp", "w") as fh:
+        fh.write(f"{os.getpid()} {g.pid}")
+    os.replace(pids + ".tmp", pids)
+else:
+    subprocess.Popen([sys.executable, me, pids, "middle"], start_new_session=True)
+time.sleep(600)
+"""
+
+
+def _live(*pids: int) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out
+
+
+def _tree(tmp_path: Path) -> tuple[list[str], Path]:
+    script = tmp_path / "tree.py"
+    script.write_text(_TREE)
+    return [sys.executable, str(script), str(tmp_path / "pids")], tmp_path / "pids"
+
+
+def test_kill_tree_reaches_descendants_in_other_sessions(tmp_path: Path) -> None:
+    argv, pids = _tree(tmp_path)
+    proc = subprocess.Popen(argv, cwd=tmp_path, start_new_session=True)
+    wait_until(pids.exists, "the whole tree to start", 120)
+    middle, grandchild = (int(x) for x in pids.read_text().split())
+    assert {middle, grandchild} <= descendants(proc.pid)  # ... though not in the step's process group
+    assert {proc.pid, middle, grandchild} <= kill_tree(proc.pid)
+    proc.wait(30)
+    wait_until(lambda: not _live(middle, grandchild), "the tree to be gone", 30)
+
+
+def test_a_step_timeout_kills_a_tree_that_left_its_process_group(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    argv, pids = _tree(tmp_path)
+    real = subprocess.Popen.communicate
+
+    def once_the_tree_is_up(self: subprocess.Popen[str], input: Any = None, timeout: float | None = None) -> Any:
+        if timeout is not None:  # the step's wait: let the whole tree start, then let the step run out of time
+            wait_until(pids.exists, "the whole tree to start", 120)
+            timeout = 0.01
+        return real(self, input, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", once_the_tree_is_up)
+    done = run_command(argv, tmp_path, 300.0)
+    assert done.exit_code is None
+    middle, grandchild = (int(x) for x in pids.read_text().split())
+    wait_until(lambda: not _live(middle, grandchild), "the tree to be gone", 30)

@@ -59,12 +59,12 @@ def clear(
     request = requests.new_request("emergency.clear", run_id, reason.strip())
     path = requests.deliver(run, request)
     answer = _await(run, tail, request.request_id, path, wait)
-    doc = {"run": str(run), "request_id": request.request_id, **answer}
+    if answer["outcome"] != "applied":  # with --json, the one error document says it
+        raise NotApplied(f"emergency clear not applied to {run} (request {request.request_id}, "
+                         f"{answer['outcome']}): {answer['detail']}")
     if as_json:
-        print_json(doc)
-    if answer["outcome"] != "applied":
-        raise NotApplied(f"emergency clear not applied to {run}: {answer['detail']}")
-    if not as_json:
+        print_json({"run": str(run), "request_id": request.request_id, **answer})
+    else:
         stdout().print(f"cleared: run {run_id} {answer['level_before']} -> {answer['level_after']} "
                        f"(request {request.request_id})", highlight=False, markup=False)
 

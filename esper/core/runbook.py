@@ -12,7 +12,7 @@ Format::
     name = "inject a NaN"
     run = "esper simulate-emergency --fault nan_loss --run-dir {run} --json"
     exit_code = 0                            # expected exit code (default 0)
-    timeout_s = 300                          # default 300
+    timeout_s = 300                          # default 300; finite, at most a week
     expect = { "matched" = true, "rollback.latency_ms" = { lt = 500 }, "seeds.0.stage" = { in = ["A", "B"] } }
 
 Placeholders (substituted in ``run`` only): ``{workdir}`` is the one temporary directory every step shares (and
@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -44,6 +42,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from esper.core import proctree
 from esper.core.errors import EsperError, ExitCode
 from esper.core.tomlfile import read_toml
 
@@ -53,6 +52,7 @@ _NUMERIC_OPS = ("lt", "lte", "gt", "gte")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAIL_CHARS = 2000
+MAX_STEP_TIMEOUT_S = 7 * 86_400  # a week: finite, and within what a subprocess wait accepts
 
 
 class RunbookError(EsperError):
@@ -70,7 +70,7 @@ class _StepModel(BaseModel):
     name: StrictStr = Field(min_length=1)
     run: StrictStr = Field(min_length=1)
     exit_code: StrictInt = 0
-    timeout_s: StrictInt | StrictFloat = Field(default=300, gt=0)
+    timeout_s: StrictInt | StrictFloat = Field(default=300, gt=0, le=MAX_STEP_TIMEOUT_S, allow_inf_nan=False)
     expect: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -369,14 +369,15 @@ Executor = Callable[[list[str], Path, float], Completed]
 
 
 def run_command(argv: list[str], cwd: Path, timeout_s: float) -> Completed:
-    """Run ``argv`` in its own session; on timeout kill the whole process group (drills may fork workers)."""
+    """Run ``argv`` in its own session; on timeout kill the whole process tree (drills fork workers, a nested
+    runbook's steps run in sessions of their own)."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proctree.kill_tree(proc.pid)  # its group and every descendant, a nested runbook's steps included
         out, err = proc.communicate()
         return Completed(None, out, err, time.monotonic() - start)
     return Completed(proc.returncode, out, err, time.monotonic() - start)

@@ -26,7 +26,7 @@ from esper.core.faults import CATALOGUE, unknown_fault
 from esper.core.preflight import preflight
 from esper.core.rundir import RunDir, disk_fault, is_disk_error, make_dir, new_run_id
 from esper.core.runlock import LOCK_NAME, RunLock
-from esper.core.telemetry import Emitter
+from esper.core.telemetry import Emitter, TelemetryError
 from esper.core.tolaria import FaultEntry, Reporter, train
 
 Base = Literal["config", "checkpoint"]
@@ -182,6 +182,11 @@ class TrainSession:
                 except OSError as exc:
                     if is_disk_error(exc):
                         raise disk_fault(f"cannot write the run directory {rd.path}", exc) from None
+                    raise
+                except TelemetryError as exc:  # the held first events could not be written: the same disk fault
+                    cause = exc.__cause__
+                    if isinstance(cause, OSError) and is_disk_error(cause):
+                        raise disk_fault(f"cannot write {rd.events}", cause) from None
                     raise
                 self.created = False  # the run has started: its directory is its record from now on
                 if self.config_changes:

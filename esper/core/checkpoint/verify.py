@@ -148,6 +148,9 @@ def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, by
     refs: list[Reference] = []
     if doc is not None:
         manifest, problems = validate(doc)
+        if manifest is not None and "config_toml" in manifest.model_fields_set:
+            # a run's checkpoint (it carries its config): what resume needs is part of its integrity
+            problems += [f"{MANIFEST}: {p}" for p in manifest.training_problems()]
         if manifest is not None and manifest.config_toml is not None:
             try:
                 refs = references(from_toml_text(manifest.config_toml, source="config_toml"))

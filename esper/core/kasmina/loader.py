@@ -303,8 +303,9 @@ class BlueprintLoadManager:
                            reason=reason)
                 raise BlueprintLoadError(key[0], key[1], reason)
             try:
-                # a short slice while a compile runs, so its time is taken off the load budget as it passes
-                return future.result(timeout=min(left_load, left_compile, 0.25) if compiling else left_load)
+                # short slices when loads compile, so a compile (started before or during this wait) is taken
+                # off the load budget, and held to its own, as it passes
+                return future.result(timeout=min(left_load, left_compile, 0.25) if self.compile else left_load)
             except FutureTimeout:
                 continue
             except CancelledError:

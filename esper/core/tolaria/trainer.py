@@ -360,7 +360,8 @@ class Trainer:
     def _graceful_stop(self, p: Parts) -> None:
         """SIGINT/SIGTERM: the current step is finished; write a checkpoint, then STOPPED."""
         name = self.stop.name
-        self.emit("tolaria", "stop.requested", "CRITICAL", signal=name, epoch=p.state.epoch,
+        # the operator's signal, as the CLI process received it: one of the CLI's own events (source cli)
+        self.emit("cli", "stop.requested", "CRITICAL", signal=name, epoch=p.state.epoch,
                   step_in_epoch=p.state.step_in_epoch)
         self.machine.fire("checkpoint", reason=f"{name}: graceful stop")
         p.safety.handle(p.checkpointer.save("graceful_stop"))

@@ -494,10 +494,10 @@ def test_compile_time_is_not_charged_to_the_load_budget(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch, "compile", slow)
     rec = EventRecorder()
     mgr = manager(Builder(), compile=True, timeout_ms=200, compile_timeout_ms=60_000, emit=rec)
-    module = mgr.get("a", 4)
+    module = mgr.get("a", feat(4))
     assert slow.entered.is_set() and module.weight.shape == (4, 4)
     assert mgr.stats().window.timeouts == 0 and not rec.named("blueprint_load_timeout")
-    assert mgr.prefetch("a", 4).result(5).compiled is True
+    assert mgr.prefetch("a", feat(4)).result(5).compiled is True
     mgr.shutdown(1)
 
 
@@ -507,11 +507,11 @@ def test_a_compile_over_its_own_budget_times_out_naming_the_key(monkeypatch: pyt
     rec = EventRecorder()
     mgr = manager(Builder(), compile=True, timeout_ms=60_000, compile_timeout_ms=100, emit=rec)
     with pytest.raises(BlueprintLoadError, match=r"seeds\.compile_timeout_ms"):
-        mgr.get("a", 4)
+        mgr.get("a", feat(4))
     assert slow.entered.is_set() and mgr.stats().window.timeouts == 1
     assert "compile_timeout_ms" in rec.named("blueprint_load_timeout")[0]["reason"]
     slow.gate.set()
-    assert mgr.prefetch("a", 4).result(5).compiled is True  # the load still lands once the compile ends
+    assert mgr.prefetch("a", feat(4)).result(5).compiled is True  # the load still lands once the compile ends
     mgr.shutdown(1)
 
 
@@ -521,6 +521,6 @@ def test_a_slow_build_still_times_out_when_compile_is_on(monkeypatch: pytest.Mon
     builder.gate = threading.Event()
     mgr = manager(builder, compile=True, timeout_ms=100, compile_timeout_ms=60_000)
     with pytest.raises(BlueprintLoadError, match=r"not ready within 100 ms \(seeds\.load_timeout_ms\)"):
-        mgr.get("a", 4)
+        mgr.get("a", feat(4))
     builder.gate.set()
     mgr.shutdown(1)

@@ -136,6 +136,11 @@ def render_summary(console: Console, summary: dict[str, Any]) -> None:
     growth = summary.get("growth") if isinstance(summary.get("growth"), dict) else {}
     if growth.get("warning"):
         console.print(Text.assemble(("warning:", "yellow"), f" {growth['warning']}"), highlight=False)
+    if status == "HALTED":  # what raised the level, so the operator need not dig the events out
+        emergencies = summary.get("emergencies") if isinstance(summary.get("emergencies"), list) else []
+        for e in [e for e in emergencies if isinstance(e, dict)][-3:]:
+            console.print(Text.assemble(("emergency:", "red"), f" {e.get('source')} -> {e.get('dest')}: "
+                                                               f"{e.get('reason')}"), highlight=False)
     failure = summary.get("failure")
     if isinstance(failure, dict):
         console.print(Text.assemble(("failure:", "red"), f" {failure.get('type')}: {failure.get('message')}"),

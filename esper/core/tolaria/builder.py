@@ -75,7 +75,11 @@ class Parts:
     pin_memory: bool  # data.pin_memory, on a CUDA device
 
     def close(self) -> None:
-        """Stop the controller worker and the blueprint prefetcher: nothing of the run outlives it."""
+        """Stop the controller worker and the blueprint prefetcher, and let a background checkpoint write end (its
+        outcome is settled by the loop; on an abnormal end it is committed or left as a temp dir): nothing of the
+        run outlives it."""
+        if self.checkpointer.background is not None:
+            self.checkpointer.background.wait()
         if self.mediator is not None:
             self.mediator.close()
         if self.loader is not None:

@@ -18,8 +18,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from esper.core.bench.stats import Absolute, BenchPlan, Comparison, Result, alternate, gc_paused
+from esper.core.bench.stats import Absolute, BenchError, BenchPlan, Comparison, Result, alternate, gc_paused
 from esper.core.checkpoint import load_checkpoint, write_checkpoint
+from esper.core.checkpoint.background import BackgroundWriter
 from esper.core.durable import fsync_dir, fsync_file
 from esper.core.tolaria import Components, FastSnapshot, Layout, ModuleState, TorchOptimizerState
 
@@ -183,4 +184,38 @@ def run_p3_p4(tensors: dict[str, dict[str, torch.Tensor]], payload: dict[str, An
     sla = Absolute(f"P-3/{label}/SLA", f"verified load ({label}) vs full_sla_ms", "ms", bm + rm,
                    goal_max=full_sla_ms, size=size)
     pt_path.unlink()
-    return [p3, p3b, sla, p4, p4b]
+    return [p3, p3b, sla, p4, p4b, _async_stall(tensors, payload, label, ckpt_root, plan, keep_last, size)]
+
+
+def _async_stall(tensors: dict[str, dict[str, torch.Tensor]], payload: dict[str, Any], label: str, ckpt_root: Path,
+                 plan: BenchPlan, keep_last: int, size: dict[str, Any]) -> Comparison:
+    """P-4a (checkpoint.async): how long the loop stalls for a background checkpoint (staging into the reused
+    buffers, the payload's copy, starting the thread) vs a copy_ of the same tensors into preallocated buffers.
+    Each write is waited for outside the timed span, so one round's write never slows the next round's copy."""
+    writer = BackgroundWriter()
+    pairs = [(torch.empty_like(t), t) for group in tensors.values() for t in group.values()]
+    counter = iter(range(1_000_000))
+    writes: list[float] = []
+
+    def memcpy() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for dst, src in pairs:
+                dst.copy_(src)
+        return (time.perf_counter() - t0) * 1000.0
+
+    def stall() -> float:
+        t0 = time.perf_counter()
+        writer.submit(ckpt_root, f"async-{next(counter):06d}", writer.stage(tensors), payload, keep_last=keep_last)
+        dt = (time.perf_counter() - t0) * 1000.0
+        outcome = writer.wait()
+        writes.append((time.perf_counter() - t0) * 1000.0)
+        if outcome is None or outcome.error is not None:
+            raise BenchError(f"background checkpoint write failed: {outcome.error if outcome else 'no outcome'}")
+        return dt
+
+    with gc_paused():
+        base, mine = alternate(memcpy, stall, warmup=plan.warmup, repeats=plan.repeats)
+    return Comparison(f"P-4a/{label}", f"async checkpoint: loop stall vs memcpy of the state ({label})", "ms",
+                      "copy_ into preallocated buffers", "BackgroundWriter.stage + submit", base, mine, 1.5,
+                      size=size, extra={"write_until_committed_ms": sorted(writes)})

@@ -198,9 +198,11 @@ def _commit(tmp: Path, target: Path, ckpt_root: Path) -> None:
         if aside is not None:
             os.rename(aside, target)
         raise
-    durable.fsync_dir(ckpt_root)
     if aside is not None:
+        durable.fsync_dir(ckpt_root)  # the successor's rename is durable before its predecessor goes
         shutil.rmtree(aside)
+    # without one, the pointer's own fsync of ckpt_root (next) makes this rename durable with it: a crash before
+    # that leaves `latest` on the previous checkpoint whether or not the rename survived
 
 
 def _remove_dir(path: Path, ckpt_root: Path) -> None:

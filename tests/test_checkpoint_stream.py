@@ -20,7 +20,7 @@ from esper.core.checkpoint import stream
 def _state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {
-        "w": torch.randn(600, 700, generator=g),  # > the threaded and the own-storage thresholds
+        "w": torch.randn(2100, 2100, generator=g),  # > the threaded and the own-storage thresholds
         "b": torch.randn(7, generator=g),
         "half": torch.randn(5, 3, generator=g).to(torch.bfloat16),
         "step": torch.tensor(12, dtype=torch.int64),

@@ -34,7 +34,7 @@ ALGORITHMS: tuple[Algorithm, ...] = ("blake3", "sha256")
 WRITE_ALGORITHM: Algorithm = "blake3"
 MAX_HEADER = 100 << 20  # safetensors' own bound
 _CHUNK = 8 << 20
-_THREADED = 4 << 20  # below this a second thread costs more than it saves
+_THREADED = 16 << 20  # below this a second thread costs more than it saves (GIL hand-offs, thread start)
 _OWN = 1 << 20  # loaded tensors smaller than this get a storage of their own; larger ones are views
 
 DTYPES: dict[torch.dtype, str] = {

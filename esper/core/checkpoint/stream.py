@@ -92,9 +92,10 @@ def layout(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[memoryview]
 
 
 def write_file(path: os.PathLike[str] | str, tensors: Mapping[str, torch.Tensor],
-               algorithm: str = WRITE_ALGORITHM) -> tuple[str, int]:
-    """Write ``tensors`` (contiguous CPU tensors, each alone in its storage) as a safetensors file, hash it
-    while writing, fsync it. Returns (hex digest, bytes written)."""
+               algorithm: str = WRITE_ALGORITHM, *, sync: bool = True) -> tuple[str, int]:
+    """Write ``tensors`` (contiguous CPU tensors, each alone in its storage) as a new safetensors file, hash it
+    while writing, fsync it (unless ``sync`` is False: the caller fsyncs it, with others). Returns (hex digest,
+    bytes written)."""
     laid = layout(tensors)
     if laid is None:
         pieces = [memoryview(safetensors.torch.save(dict(tensors)))]
@@ -116,10 +117,20 @@ def write_file(path: os.PathLike[str] | str, tensors: Mapping[str, torch.Tensor]
                     _write_all(fd, p)
             finally:
                 worker.join()
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     return h.hexdigest(), total
+
+
+def write_bytes(path: os.PathLike[str] | str, data: bytes) -> None:
+    """Write ``data`` to a new file (not fsynced: the caller fsyncs it, with others)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, memoryview(data))
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -90,7 +90,8 @@ def write_checkpoint(
     ckpt_root = Path(ckpt_root)
     target = ckpt_root / name
     tmp = ckpt_root / _temp_name(name)
-    _IN_FLIGHT.add(tmp.name)
+    pointer_tmp = ckpt_root / _temp_name(LATEST)
+    _IN_FLIGHT.update((tmp.name, pointer_tmp.name))
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         previous = read_pointer(ckpt_root)
@@ -100,27 +101,32 @@ def write_checkpoint(
         tmp.mkdir()
         entries: dict[str, dict[str, Any]] = {}
         for fname, group in prepared.items():
-            digest, nbytes = stream.write_file(tmp / fname, group)
+            digest, nbytes = stream.write_file(tmp / fname, group, sync=False)
             entries[fname] = {"algorithm": stream.WRITE_ALGORITHM, "digest": digest, "bytes": nbytes}
         manifest_bytes = encode_manifest(payload, entries, summary, checked=True)
-        durable.write_synced(tmp / MANIFEST, manifest_bytes)  # last: a directory with a manifest is complete
-        durable.fsync_dir(tmp)
+        stream.write_bytes(tmp / MANIFEST, manifest_bytes)  # last: a directory with a manifest is complete
+        # the pointer's new content too (a dot-name readers ignore until it replaces `latest` after the commit)
+        stream.write_bytes(pointer_tmp, (name + "\n").encode())
+        # every file and the temp dir made durable together: the fsyncs run at once (one journal commit where
+        # the file system groups them), all of them finished before the rename that commits
+        durable.fsync_many([*(tmp / f for f in entries), tmp / MANIFEST, pointer_tmp], dirs=[tmp])
         if before_commit is not None:
             before_commit(tmp)
         _commit(tmp, target, ckpt_root)
     except OSError as exc:
         err = CheckpointWriteError(f"writing checkpoint {target} failed: {exc}")
         _cleanup_after_failure(tmp, err)
+        _cleanup_after_failure(pointer_tmp, err)
         raise err from exc
     except BaseException as exc:
         _cleanup_after_failure(tmp, exc)
+        _cleanup_after_failure(pointer_tmp, exc)
         raise
     finally:
         _IN_FLIGHT.discard(tmp.name)
+        _IN_FLIGHT.discard(pointer_tmp.name)
 
-    pointer_tmp = ckpt_root / _temp_name(LATEST)
     try:
-        durable.write_synced(pointer_tmp, (name + "\n").encode())
         os.replace(pointer_tmp, ckpt_root / LATEST)
         durable.fsync_dir(ckpt_root)
     except OSError as exc:
@@ -198,11 +204,9 @@ def _commit(tmp: Path, target: Path, ckpt_root: Path) -> None:
         if aside is not None:
             os.rename(aside, target)
         raise
+    durable.fsync_dir(ckpt_root)
     if aside is not None:
-        durable.fsync_dir(ckpt_root)  # the successor's rename is durable before its predecessor goes
         shutil.rmtree(aside)
-    # without one, the pointer's own fsync of ckpt_root (next) makes this rename durable with it: a crash before
-    # that leaves `latest` on the previous checkpoint whether or not the rename survived
 
 
 def _remove_dir(path: Path, ckpt_root: Path) -> None:

@@ -97,3 +97,24 @@ def test_header_length_beyond_the_file_is_refused() -> None:
     raw = struct.pack("<Q", 1 << 40) + b"{}"
     with pytest.raises(stream.FormatError, match="does not fit"):
         stream.tensors_from(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(("entry", "ok"), [
+    ({"algorithm": "blake3", "digest": "a" * 64, "bytes": 1}, True),
+    ({"algorithm": "sha256", "digest": "a" * 64, "bytes": 1}, True),
+    ({"sha256": "a" * 64, "bytes": 1}, True),  # written before the algorithm was named: sha256
+    ({"algorithm": "md5", "digest": "a" * 64, "bytes": 1}, False),
+    ({"algorithm": "blake3", "bytes": 1}, False),
+    ({"digest": "a" * 64, "bytes": 1}, False),
+    ({"algorithm": "blake3", "digest": "a" * 64, "sha256": "a" * 64, "bytes": 1}, False),
+    ({"algorithm": "blake3", "digest": "a" * 63, "bytes": 1}, False),
+    ({"bytes": 1}, False),
+])
+def test_a_file_entry_names_its_algorithm_or_is_the_older_sha256_form(entry: dict, ok: bool) -> None:
+    from esper.core.checkpoint.manifest import FileEntry
+    if ok:
+        e = FileEntry.model_validate(entry)
+        assert e.algo == entry.get("algorithm", "sha256") and e.hexdigest == "a" * 64
+    else:
+        with pytest.raises(ValueError):
+            FileEntry.model_validate(entry)

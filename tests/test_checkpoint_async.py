@@ -5,6 +5,7 @@ the CRITICAL failure path on real training are in test_crash_safety.py.)"""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ import torch
 from esper.core import checkpoint as ck
 from esper.core.checkpoint.background import BackgroundWriter
 from esper.core.checkpoint.write import CheckpointWriteError
+from esper.core.config import from_dict
+from esper.core.tolaria.checkpointer import Checkpointer
+from esper.core.tolaria.train_state import Position
 
 
 def _state() -> dict[str, dict[str, torch.Tensor]]:
@@ -84,3 +88,49 @@ def test_the_async_key_is_in_the_schema_with_its_toml_name() -> None:
     assert CheckpointConfig.model_fields["async_"].description
     with pytest.raises(ValueError, match="async_"):
         CheckpointConfig.model_validate({"async_": True})  # the TOML key is `async`
+
+
+class _Faults:
+    def before_commit(self, _tmp: Path) -> None:
+        time.sleep(0.2)  # held open: the write is still in flight when the loop asks
+
+    def after_write(self, _path: Path) -> None:
+        pass
+
+
+def _checkpointer(tmp_path: Path, events: list[tuple[str, str]]) -> Checkpointer:
+    cfg = from_dict({"checkpoint": {"async": True, "keep_last": 1}})
+    return Checkpointer(cfg, tmp_path, "run", None, None, None, _Faults(),  # type: ignore[arg-type]
+                        lambda _src, event, level, **_kw: events.append((event, level)))
+
+
+def _submit(cp: Checkpointer, tmp_path: Path, name: str, before_commit: Callable[[Path], None]) -> None:
+    assert cp.background is not None
+    cp.background.submit(tmp_path, name, cp.background.stage(_state()), {"epoch": 1}, keep_last=1,
+                         before_commit=before_commit)
+    cp._pending = ("periodic", Position(1, 0, 10))
+
+
+def test_a_full_rollback_reads_latest_only_once_the_write_in_flight_has_ended(tmp_path: Path) -> None:
+    events: list[tuple[str, str]] = []
+    cp = _checkpointer(tmp_path, events)
+    _submit(cp, tmp_path, "epoch-0001", _Faults().before_commit)
+    # what the rollback's full tier asks: with keep_last = 1 the write's pruning would race a read of the old one
+    assert cp.committed() == tmp_path / "epoch-0001"
+    assert cp.background is not None and not cp.background.pending
+    assert events == [("checkpoint.written", "INFO")]
+
+
+def test_a_failed_background_write_is_critical_and_its_signal_reaches_the_loop(tmp_path: Path) -> None:
+    events: list[tuple[str, str]] = []
+    cp = _checkpointer(tmp_path, events)
+
+    def disk_full(_tmp: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    _submit(cp, tmp_path, "epoch-0001", disk_full)
+    assert cp.committed() is None  # settled: nothing committed, the signal kept for the loop
+    assert events == [("checkpoint.failed", "CRITICAL")] and cp.failures == 1
+    signal = cp.poll()
+    assert signal is not None and signal.level == "NOTICE" and signal.cause == "checkpoint_write_error"
+    assert cp.poll() is None

@@ -146,7 +146,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         injector = FaultInjector([*(FaultEntry.of(f) for f in cfg.faults), *faults], cfg.emergency, emit)
         checkpointer = Checkpointer(cfg, run_dir.checkpoints, run_dir.run_id, components, state, machine, injector,
                                     emit)
-        rollback = RollbackManager(cfg.rollback, components, state, tamiyo, lambda: checkpointer.last, emit)
+        rollback = RollbackManager(cfg.rollback, components, state, tamiyo, checkpointer.committed, emit)
         safety = Safety(cfg.emergency, machine, emergency, rollback, checkpointer, state, skips, kasmina, optimizer,
                         emit)
         px, py = fetch(task.train, range(min(len(task.train), cfg.data.batch_size)))  # type: ignore[arg-type]

@@ -63,6 +63,7 @@ class Checkpointer:
         # checkpoint.async: periodic checkpoints staged into reused buffers and written on a thread
         self.background = BackgroundWriter() if cfg.checkpoint.async_ else None
         self._pending: tuple[str, Position] | None = None  # the reason and position of the write in flight
+        self._deferred: Signal | None = None  # a settled write's signal not yet handed to the loop (committed())
 
     def capture(self, reason: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         """Tensor files and manifest payload of the live state (format v1)."""
@@ -83,7 +84,9 @@ class Checkpointer:
         staged and written in the background; its outcome (the same events and signals) comes back from the
         next ``save``, ``poll`` or ``flush``. Emergency and graceful-stop checkpoints are always synchronous."""
         signal = self.flush()  # a background write in flight ends (and is settled) before the next one starts
-        if signal is not None and signal.level == "HALT":
+        if reason == "emergency":
+            signal = None  # a HALT is already writing this one: the settled write's events are out, its signal moot
+        elif signal is not None and signal.level == "HALT":
             return signal
         pos = self.state.position
         name = checkpoint_name(pos, reason)
@@ -112,20 +115,31 @@ class Checkpointer:
         return self._settle(reason, pos, path) or signal
 
     def flush(self) -> Signal | None:
-        """Wait for a background write in flight and settle its outcome (nothing to do without one)."""
+        """Wait for a background write in flight and settle its outcome (nothing to do without one). A signal
+        left by :meth:`committed` comes back here too."""
+        deferred, self._deferred = self._deferred, None
         if self.background is None or not self.background.pending:
-            return None
+            return deferred
         outcome = self.background.wait()
         assert outcome is not None and self._pending is not None
         (reason, pos), self._pending = self._pending, None
         if outcome.error is not None and not isinstance(outcome.error, CheckpointPruneError | CheckpointWriteError):
             raise outcome.error  # a bug or a disk fault: as a synchronous write would have raised it
-        return self._settle(reason, pos, outcome.error or outcome.path)  # type: ignore[arg-type]
+        return self._settle(reason, pos, outcome.error or outcome.path) or deferred  # type: ignore[arg-type]
+
+    def committed(self) -> Path | None:
+        """The last verified checkpoint, once a background write in flight has ended: a full rollback reads it,
+        and that write's pruning must not delete it under the read. The write's signal, if any, is kept for the
+        next ``save``/``poll``/``flush`` (the rollback reading this is itself inside a signal's handling)."""
+        if self.background is not None and self.background.pending:
+            self._deferred = self.flush()
+        return self.last
 
     def poll(self) -> Signal | None:
         """Settle a background write that has already ended, without waiting for one still running."""
         if self.background is None or not self.background.pending or self.background.running:
-            return None
+            deferred, self._deferred = self._deferred, None
+            return deferred
         return self.flush()
 
     def _settle(self, reason: str, pos: Position, result: Path | CheckpointPruneError | CheckpointWriteError,

@@ -66,7 +66,7 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
                 "P-3/default", "P-3b/default", "P-3/default/SLA", "P-4/default", "P-4b/default",
                 "P-3/1M", "P-4/1M", "P-5/fire", "P-5/may", "P-5/validate", "P-6", "P-6/mediated", "MEM"}
     assert expected <= set(by_id), sorted(expected - set(by_id))
-    goals = {"P-1": 1.05, "P-2/default": 1.5, "P-2/1M": 1.5, "P-3/default": 1.5, "P-4/default": 1.2}
+    goals = {"P-1": 1.05, "P-2/default": 1.5, "P-2/1M": 1.5, "P-3/default": 1.2, "P-4/default": 1.0}
     for rid, goal in goals.items():
         assert by_id[rid]["goal"] == {"max_ratio": goal}
     assert by_id["P-2/1M/SLA"]["goal"] == {"max": 500.0, "unit": "ms", "applies_to": "max"}

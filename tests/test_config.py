@@ -34,7 +34,7 @@ def _schema_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Every dotted key of the schema, descending into sub-models and lists of sub-models."""
     out: list[str] = []
     for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
+        path = f"{prefix}{field.alias or name}"  # the key as written (checkpoint.async is async_ in Python)
         ann = field.annotation
         if get_origin(ann) is list and get_args(ann) and isinstance(get_args(ann)[0], type) \
                 and issubclass(get_args(ann)[0], BaseModel):

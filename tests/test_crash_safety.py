@@ -97,6 +97,9 @@ KILL_POINTS: dict[str, dict[str, Any]] = {
     "inside-write": {"items": [*SMALL, PROCESS, delay(1500)], "after": "tmp"},
     # the instant `latest` moved: pruning / the next epoch's first steps
     "just-after-commit": {"items": [*SMALL, INLINE, delay(300)], "after": "epoch-0002"},
+    # inside the 2nd checkpoint write made on the background thread (checkpoint.async): the loop trains on while
+    # it is held open; the kill lands before its rename (issue 15)
+    "inside-async-write": {"items": [*SMALL, INLINE, "checkpoint.async=true", delay(1500)], "after": "tmp"},
     # inside a training step of epoch 2
     "inside-a-step": {"items": [*SMALL, *MID_EPOCH_ITEMS, INLINE, delay(300)], "after": "step",
                       "flags": MID_EPOCH_FLAGS},
@@ -209,8 +212,9 @@ def run_in_process(run: Path, items: list[str]) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_failed_checkpoint_write_is_critical_keeps_the_previous_and_training_goes_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     run = tmp_path / "run"
     calls: list[str] = []
     seen_at_next_write: list[tuple[str | None, bool]] = []
@@ -224,7 +228,8 @@ def test_a_failed_checkpoint_write_is_critical_keeps_the_previous_and_training_g
         return real_write_checkpoint(ckpt_root, name, *args, **kwargs)
 
     monkeypatch.setattr("esper.core.tolaria.checkpointer.write_checkpoint", flaky_write)
-    s = run_in_process(run, [*SMALL, INLINE])
+    monkeypatch.setattr("esper.core.checkpoint.background.write_checkpoint", flaky_write)  # checkpoint.async
+    s = run_in_process(run, [*SMALL, INLINE, f"checkpoint.async={str(mode == 'async').lower()}"])
 
     assert calls == ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]
     assert seen_at_next_write == [("epoch-0001", True)]

@@ -267,9 +267,13 @@ class TrainerConfig(_Section):
 
 
 class CheckpointConfig(_Section):
+    model_config = ConfigDict(**_Section.model_config, serialize_by_alias=True)
+
     every_epochs: int = Field(1, ge=1, description="write a checkpoint every N epochs")
     keep_last: int = Field(3, ge=1, description="verified checkpoints kept on disk")
     commit_delay_ms: int = Field(0, ge=0, le=60_000, description="drills only: pause before committing a checkpoint")
+    async_: bool = Field(False, alias="async", description="write periodic checkpoints on a background thread from "
+                         "preallocated CPU buffers: the loop stalls only for the copy (same atomic commit and latest)")
 
 
 class RollbackConfig(_Section):
@@ -317,8 +321,10 @@ class BenchConfig(_Section):
     repeats: int = Field(7, ge=1, description="timed ABAB pairs per measurement")
     rollback_sizes: list[int] = Field(default_factory=lambda: [0, 10_000_000, 100_000_000], max_length=16,
                                       description="parameter counts for P-2 (0 = the default model)")
+    checkpoint_sizes: list[int] = Field(default_factory=lambda: [0, 10_000_000, 100_000_000], max_length=16,
+                                        description="parameter counts for P-3/P-4 (0 = the default model)")
 
-    @field_validator("rollback_sizes")
+    @field_validator("rollback_sizes", "checkpoint_sizes")
     @classmethod
     def _sizes(cls, v: list[int]) -> list[int]:
         if any(not 0 <= n <= 1_000_000_000 for n in v):
@@ -479,7 +485,9 @@ def _fields_at(loc: Sequence[Any]) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        fields = ({f.alias or n: f for n, f in model.model_fields.items()}
+                  if isinstance(model, type) and issubclass(model, BaseModel) else {})
+        field = fields.get(part)
         if field is None:
             return []
         ann = field.annotation
@@ -487,5 +495,5 @@ def _fields_at(loc: Sequence[Any]) -> list[str]:
             ann = get_args(ann)[-1]
         model = ann
     if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
+        return [f.alias or n for n, f in model.model_fields.items()]
     return []

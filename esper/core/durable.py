@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -30,3 +32,26 @@ def write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def fsync_many(files: Sequence[Path], dirs: Sequence[Path] = ()) -> None:
+    """fsync every file and directory, concurrently (one thread each): a journaling file system commits
+    concurrent fsyncs together, so several small files cost about one fsync's latency, not one each. Returns
+    when all are durable; the first failure is raised after every fsync has ended."""
+    jobs = [(p, os.O_RDONLY) for p in files] + [(d, os.O_RDONLY | os.O_DIRECTORY) for d in dirs]
+    if len(jobs) <= 1:
+        for path, flags in jobs:
+            _fsync(path, flags)
+        return
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="esper-fsync") as pool:
+        futures = [pool.submit(_fsync, path, flags) for path, flags in jobs]
+    for f in futures:
+        f.result()
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -64,9 +64,9 @@ class BenchPlan:
                        decisions=60, worker_decisions=15, memory_epochs=1, memory_pairs=1,
                        memory_concurrent=True)
         return cls(quick=False, warmup=cfg.warmup, repeats=cfg.repeats, p1_epochs_per_round=4,
-                   rollback_sizes=tuple(cfg.rollback_sizes), checkpoint_sizes=(0, 10_000_000), micro_ops=20_000,
-                   decisions=400, worker_decisions=100, memory_epochs=3, memory_pairs=min(cfg.repeats, 2),
-                   memory_concurrent=False)
+                   rollback_sizes=tuple(cfg.rollback_sizes), checkpoint_sizes=tuple(cfg.checkpoint_sizes),
+                   micro_ops=20_000, decisions=400, worker_decisions=100, memory_epochs=3,
+                   memory_pairs=min(cfg.repeats, 2), memory_concurrent=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}

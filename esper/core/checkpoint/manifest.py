@@ -2,10 +2,12 @@
 the loader (it returns the model) and ``esper inspect-checkpoint`` (it reads the model's fields).
 
 A manifest is the envelope this package adds (``schema_version``, ``files`` with a sha256 and size per file,
-the ``tensors`` summary, and ``manifest_sha256`` sealing the rest) around the payload its caller gives. The
+the ``tensors`` summary, and ``manifest_sha256`` sealing the rest; each file's entry names its digest's
+algorithm: BLAKE3 for files written now, sha256 for older ones) around the payload its caller gives. The
 payload fields a training checkpoint carries are declared here, in the order they are written; every one is
 optional, because the store is generic (the bench and the tests write other payloads, kept as extra fields).
-Format v1 is unchanged since the first release: checkpoints written by any earlier Esper still verify.
+Format v1: checkpoints written by any earlier Esper (sha256 entries) still verify; an Esper older than the
+named-algorithm entries refuses a BLAKE3 entry as malformed rather than misreading it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -38,16 +40,33 @@ MANIFEST = "manifest.json"
 STRUCTURAL_KEYS = ("schema_version", "files", "tensors", "manifest_sha256")
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_CONFIG_TOML = 1 << 20
-_ENTRY_SHAPE = '{"sha256": <64 hex>, "bytes": <int >= 0>}'
+_ENTRY_SHAPE = '{"algorithm": "blake3"|"sha256", "digest": <64 hex>, "bytes": <int >= 0>}'
 
 
 class FileEntry(BaseModel):
-    """Integrity record of one tensor file."""
+    """Integrity record of one tensor file: ``{"algorithm": "blake3", "digest": <64 hex>, "bytes": n}``, or the
+    form written before the digest was named, ``{"sha256": <64 hex>, "bytes": n}`` (still read: sha256)."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
-    sha256: str = Field(pattern=SHA256)
+    algorithm: Literal["blake3", "sha256"] | None = None
+    digest: str | None = Field(None, pattern=SHA256)  # both algorithms give 32 bytes: 64 hex digits
+    sha256: str | None = Field(None, pattern=SHA256)
     bytes: int = Field(ge=0, le=2**62)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> FileEntry:
+        if (self.sha256 is None) == (self.digest is None) or (self.digest is None) != (self.algorithm is None):
+            raise ValueError("give either 'algorithm' and 'digest' or (older checkpoints) 'sha256'")
+        return self
+
+    @property
+    def algo(self) -> str:
+        return self.algorithm or "sha256"
+
+    @property
+    def hexdigest(self) -> str:
+        return self.digest if self.digest is not None else str(self.sha256)
 
 
 class Manifest(BaseModel):
@@ -124,14 +143,18 @@ def manifest_digest(doc: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def encode(payload: Mapping[str, Any], files: Mapping[str, bytes], tensors: Mapping[str, Any]) -> bytes:
-    """The manifest file for ``payload`` around tensor files ``files`` (name -> bytes) summarised by
-    ``tensors``. ValueError when the payload sets an envelope key, is not strict JSON or fails the schema."""
+def encode(payload: Mapping[str, Any], files: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, Any], *,
+           checked: bool = False) -> bytes:
+    """The manifest file for ``payload`` around tensor files ``files`` (name -> its ``FileEntry`` fields, the
+    digest taken while the file was written) summarised by ``tensors``. ValueError when the payload sets an
+    envelope key, is not strict JSON or fails the schema. ``checked``: the same payload and summary were
+    already encoded (with placeholder entries, before any file was written), so only the entries are
+    validated now."""
     clash = sorted(set(payload) & set(STRUCTURAL_KEYS))
     if clash:
         raise ValueError(f"payload must not set structural manifest keys {clash}")
     doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **payload}
-    doc["files"] = {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in files.items()}
+    doc["files"] = {f: dict(entry) for f, entry in files.items()}
     doc["tensors"] = dict(tensors)
     try:
         # strict JSON so any reader (jq, other languages) can parse it
@@ -140,7 +163,11 @@ def encode(payload: Mapping[str, Any], files: Mapping[str, bytes], tensors: Mapp
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint payload is not strict JSON: {exc}") from exc
     try:
-        Manifest.model_validate_json(text)  # never write what the reader would refuse
+        if checked:
+            for entry in doc["files"].values():
+                FileEntry.model_validate(entry)
+        else:
+            Manifest.model_validate_json(text)  # never write what the reader would refuse
     except ValidationError as exc:
         raise ValueError(f"checkpoint payload does not fit the manifest schema: {'; '.join(_describe(exc))}") from exc
     return (text + "\n").encode()

@@ -1,6 +1,7 @@
-"""Verified reads (SPEC C-3, S-2, S-3): every file's name, size, sha256 and safetensors header and the
-manifest's schema and seal are checked before a tensor is used; tensors are then made from the very bytes that
-were hashed.
+"""Verified reads (SPEC C-3, S-2, S-3, P-3): every file's name, size, digest (the algorithm its manifest entry
+names: BLAKE3, or sha256 for older checkpoints) and safetensors header and the manifest's schema and seal are
+checked before a tensor is used; tensors are then views of the very bytes that were hashed (one read, hashed
+as it is read, no copy between check and use).
 
 Nothing here unpickles. A file that is not valid safetensors is *named* a pickle by its leading bytes, never
 opened as one. Nothing here follows a symbolic link or reads anything but a regular file. A file's size is
@@ -11,17 +12,16 @@ manifest declares, the ones it hashed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import safetensors
-import safetensors.torch
 import torch
 
 from esper.core import bounded, confine
+from esper.core.checkpoint import stream
 from esper.core.checkpoint.locate import NAME_RE, SUFFIX, resolve_checkpoint
 from esper.core.checkpoint.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, validate
 from esper.core.config import from_toml_text
@@ -115,7 +115,7 @@ class LoadedCheckpoint:
 
 
 def verify_checkpoint(path: Path) -> VerifyReport:
-    """Check the manifest (JSON, schema, seal) and every file (name, size, sha256, safetensors header, no
+    """Check the manifest (JSON, schema, seal) and every file (name, size, digest, safetensors header, no
     extra files). Integrity problems are reported, not raised; only "there is no checkpoint here" raises
     CheckpointError."""
     report, _ = _verify(resolve_checkpoint(path), keep_bytes=False)
@@ -133,8 +133,8 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for fname, blob in data.items():
         try:
-            tensors[fname.removesuffix(SUFFIX)] = safetensors.torch.load(blob)
-        except safetensors.SafetensorError as exc:
+            tensors[fname.removesuffix(SUFFIX)] = stream.tensors_from(blob)
+        except stream.FormatError as exc:
             raise CheckpointError(f"{ckpt / fname}: not loadable as safetensors: {exc}") from exc
     missing = set(report.manifest.files) - set(data)
     if missing:  # pragma: no cover - report.ok guarantees every listed file was read
@@ -142,7 +142,7 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(path=ckpt, manifest=report.manifest, tensors=tensors)
 
 
-def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, bytes]]:
+def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, torch.Tensor]]:
     doc, problems = _read_manifest(ckpt / MANIFEST)
     manifest = None
     refs: list[Reference] = []
@@ -157,7 +157,7 @@ def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, by
             except ConfigError as exc:
                 problems.append(bounded.clip(str(exc), 400))
     report = VerifyReport(path=ckpt, manifest=manifest, manifest_problems=problems, document=doc, references=refs)
-    data: dict[str, bytes] = {}
+    data: dict[str, torch.Tensor] = {}
     # the files the document lists, even when the rest of it fails its schema: each is still checked
     listed: dict[str, Any] = doc["files"] if doc is not None and isinstance(doc.get("files"), dict) else {}
     for fname, entry in listed.items():
@@ -198,7 +198,8 @@ def _entry(entry: Any) -> FileEntry | None:
         return None
 
 
-def _check_listed(ckpt: Path, fname: str, raw_entry: Any, *, keep_bytes: bool) -> tuple[FileCheck, bytes | None]:
+def _check_listed(ckpt: Path, fname: str, raw_entry: Any, *,
+                  keep_bytes: bool) -> tuple[FileCheck, torch.Tensor | None]:
     if not (fname.endswith(SUFFIX) and NAME_RE.match(fname)):
         return FileCheck(fname, "unsafe", f"invalid file name in the manifest (must be <name>{SUFFIX})"), None
     path = ckpt / fname
@@ -233,26 +234,25 @@ def _check_listed(ckpt: Path, fname: str, raw_entry: Any, *, keep_bytes: bool) -
                              expected, size), None
         fh.seek(0)
         try:
-            digest, blob, read = _hash(fh, size, keep_bytes=keep_bytes)
+            digest, blob, read = _hash(fh, size, entry.algo, keep_bytes=keep_bytes)
         except OSError as exc:
             return FileCheck(fname, "missing", f"unreadable: {exc.strerror or exc}", expected, size), None
     if read != size:
         return FileCheck(fname, "mismatch", f"changed size while it was read ({read} bytes, {size} at the start)",
                          entry.bytes, size), None
-    if digest != entry.sha256:
-        return FileCheck(fname, "mismatch", f"sha256 {digest[:12]}… differs from the manifest's "
-                                            f"{entry.sha256[:12]}…", entry.bytes, size), None
+    if digest != entry.hexdigest:
+        return FileCheck(fname, "mismatch", f"{entry.algo} digest {digest[:12]}… differs from the manifest's "
+                                            f"{entry.hexdigest[:12]}…", entry.bytes, size), None
     return FileCheck(fname, "ok", "", entry.bytes, size), blob
 
 
-def _hash(fh: Any, size: int, *, keep_bytes: bool) -> tuple[str, bytes | None, int]:
-    """sha256 of the file and the bytes it held, in one pass. With ``keep_bytes`` the bytes themselves: at most
-    ``size`` of them, the size the manifest declared and the file was found to have."""
-    h = hashlib.sha256()
+def _hash(fh: Any, size: int, algorithm: str, *, keep_bytes: bool) -> tuple[str, torch.Tensor | None, int]:
+    """The digest of the file and the bytes it held, in one pass. With ``keep_bytes`` the bytes themselves (one
+    buffer, hashed as it is read): at most ``size`` of them, the size the manifest declared and the file was
+    found to have."""
     if keep_bytes:
-        blob = fh.read(size)
-        h.update(blob)
-        return h.hexdigest(), blob, len(blob) + len(fh.read(1))  # one byte more: it grew while read
+        return stream.read_file(fh, size, algorithm)  # one byte more than size: it grew while read
+    h = stream.hasher(algorithm)
     read = 0
     while chunk := fh.read(_CHUNK):
         h.update(chunk)

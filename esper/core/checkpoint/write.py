@@ -1,6 +1,9 @@
-"""Atomic checkpoint writes (SPEC C-2): files into a temp directory, fsynced, manifest last, renamed into place,
-directory fsynced, verified by reading back, then the ``latest`` pointer replaced atomically and old
-checkpoints pruned to ``keep_last`` (a verified checkpoint is never deleted before its successor is).
+"""Atomic checkpoint writes (SPEC C-2, P-4): each file written from the tensors' own memory and hashed while it
+is written (one pass, ``stream.write_file``), fsynced, manifest last, renamed into place, directory fsynced,
+then the ``latest`` pointer replaced atomically and old checkpoints pruned to ``keep_last`` (a committed
+checkpoint is never deleted before its successor is committed). Nothing is read back: a read of bytes just
+written comes from the page cache and proves nothing about the disk; the proof is the verified load (and the
+checkpointer's re-verification of ``latest`` before it relies on it).
 
 Layout::
 
@@ -8,7 +11,7 @@ Layout::
         latest                      # text file holding the name of the last verified checkpoint
         <name>/                     # one checkpoint, e.g. epoch-0003
             <stem>.safetensors      # one per tensor group (model, optimizer, rng, ...)
-            manifest.json           # payload + schema_version + per-file sha256/bytes + tensor summary
+            manifest.json           # payload + schema_version + per-file digest/bytes + tensor summary
         .tmp-<name>-<pid>-<token>/  # in-flight or crashed write: readers ignore it
 
 Temp names are unique (pid and a random token), so two writers can never share one. A ``.tmp-*`` entry is
@@ -27,14 +30,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 
 from esper.core import durable
+from esper.core.checkpoint import stream
 from esper.core.checkpoint.locate import LATEST, SUFFIX, TMP_PREFIX, check_name, read_pointer
 from esper.core.checkpoint.manifest import MANIFEST
 from esper.core.checkpoint.manifest import encode as encode_manifest
-from esper.core.checkpoint.verify import verify_checkpoint
 from esper.core.errors import CheckpointError
 from esper.core.runlock import held_here
 
@@ -46,7 +48,7 @@ def _temp_name(what: str) -> str:
 
 
 class CheckpointWriteError(CheckpointError):
-    """Writing a checkpoint failed (I/O error, disk full, failed read-back); the previous checkpoint and the
+    """Writing a checkpoint failed (I/O error, disk full); the previous checkpoint and the
     ``latest`` pointer are untouched. Exit code 4: a checkpoint problem, not a bug."""
 
 
@@ -67,7 +69,7 @@ def write_checkpoint(
     keep_last: int,
     before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint ``ckpt_root/name`` atomically, verify it, move ``latest`` to it, then prune to
+    """Write checkpoint ``ckpt_root/name`` atomically, move ``latest`` to it, then prune to
     ``keep_last`` (newest by name; the new checkpoint is always kept). Returns the checkpoint directory.
 
     ``tensors`` maps a file stem to its tensors (each stem becomes ``<stem>.safetensors``); ``payload`` must
@@ -81,13 +83,15 @@ def write_checkpoint(
     check_name(name, "checkpoint name")
     if name == LATEST:
         raise ValueError(f"checkpoint name {name!r} is reserved for the pointer")
-    blobs, summary = _serialize(tensors)
-    manifest_bytes = encode_manifest(payload, blobs, summary)
+    prepared, summary = _prepare(tensors)
+    placeholder = {"algorithm": stream.WRITE_ALGORITHM, "digest": "0" * 64, "bytes": 0}
+    encode_manifest(payload, {f: placeholder for f in prepared}, summary)  # caller bugs fail before any I/O
 
     ckpt_root = Path(ckpt_root)
     target = ckpt_root / name
     tmp = ckpt_root / _temp_name(name)
-    _IN_FLIGHT.add(tmp.name)
+    pointer_tmp = ckpt_root / _temp_name(LATEST)
+    _IN_FLIGHT.update((tmp.name, pointer_tmp.name))
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         previous = read_pointer(ckpt_root)
@@ -95,38 +99,39 @@ def write_checkpoint(
             raise CheckpointWriteError(
                 f"{target}: refusing to overwrite the checkpoint that '{LATEST}' points at")
         tmp.mkdir()
-        for fname, data in blobs.items():
-            durable.write_synced(tmp / fname, data)
-        durable.write_synced(tmp / MANIFEST, manifest_bytes)  # last: a directory with a manifest is complete
-        durable.fsync_dir(tmp)
+        entries: dict[str, dict[str, Any]] = {}
+        for fname, group in prepared.items():
+            digest, nbytes = stream.write_file(tmp / fname, group, sync=False)
+            entries[fname] = {"algorithm": stream.WRITE_ALGORITHM, "digest": digest, "bytes": nbytes}
+        manifest_bytes = encode_manifest(payload, entries, summary, checked=True)
+        stream.write_bytes(tmp / MANIFEST, manifest_bytes)  # last: a directory with a manifest is complete
+        # the pointer's new content too (a dot-name readers ignore until it replaces `latest` after the commit)
+        stream.write_bytes(pointer_tmp, (name + "\n").encode())
+        # every file and the temp dir made durable together: the fsyncs run at once (one journal commit where
+        # the file system groups them), all of them finished before the rename that commits
+        durable.fsync_many([*(tmp / f for f in entries), tmp / MANIFEST, pointer_tmp], dirs=[tmp])
         if before_commit is not None:
             before_commit(tmp)
         _commit(tmp, target, ckpt_root)
     except OSError as exc:
         err = CheckpointWriteError(f"writing checkpoint {target} failed: {exc}")
         _cleanup_after_failure(tmp, err)
+        _cleanup_after_failure(pointer_tmp, err)
         raise err from exc
     except BaseException as exc:
         _cleanup_after_failure(tmp, exc)
+        _cleanup_after_failure(pointer_tmp, exc)
         raise
     finally:
         _IN_FLIGHT.discard(tmp.name)
+        _IN_FLIGHT.discard(pointer_tmp.name)
 
-    report = verify_checkpoint(target)
-    if not report.ok:
-        exc2 = CheckpointWriteError(
-            f"checkpoint {target} failed read-back verification: {'; '.join(report.problems)}")
-        _cleanup_after_failure(target, exc2, ckpt_root)
-        raise exc2
-
-    pointer_tmp = ckpt_root / _temp_name(LATEST)
     try:
-        durable.write_synced(pointer_tmp, (name + "\n").encode())
         os.replace(pointer_tmp, ckpt_root / LATEST)
         durable.fsync_dir(ckpt_root)
     except OSError as exc:
         err = CheckpointWriteError(
-            f"checkpoint {target} is written and verified but moving '{LATEST}' to it failed: {exc}")
+            f"checkpoint {target} is written but moving '{LATEST}' to it failed: {exc}")
         _cleanup_after_failure(pointer_tmp, err)
         raise err from exc
 
@@ -138,12 +143,13 @@ def write_checkpoint(
     return target
 
 
-def _serialize(
+def _prepare(
     tensors: Mapping[str, Mapping[str, torch.Tensor]],
-) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
+    """Each file's tensors as the writer needs them (``_owned_cpu``) and the manifest's summary of them."""
     if not tensors:
         raise ValueError("a checkpoint needs at least one tensor file")
-    blobs: dict[str, bytes] = {}
+    files: dict[str, dict[str, torch.Tensor]] = {}
     summary: dict[str, dict[str, Any]] = {}
     for stem, group in tensors.items():
         check_name(stem, "tensor file stem")
@@ -156,7 +162,7 @@ def _serialize(
                 raise TypeError(f"{stem}.{key}: expected a torch.Tensor, got {type(t).__name__}")
             prepared[key] = _owned_cpu(t.detach(), seen)
         fname = stem + SUFFIX
-        blobs[fname] = safetensors.torch.save(prepared)
+        files[fname] = prepared
         dtypes: dict[str, int] = {}
         for t in prepared.values():
             d = str(t.dtype).removeprefix("torch.")
@@ -167,7 +173,7 @@ def _serialize(
             "bytes": sum(t.numel() * t.element_size() for t in prepared.values()),
             "dtypes": dtypes,
         }
-    return blobs, summary
+    return files, summary
 
 
 def _owned_cpu(t: torch.Tensor, seen: set[int]) -> torch.Tensor:

@@ -75,7 +75,11 @@ class Parts:
     pin_memory: bool  # data.pin_memory, on a CUDA device
 
     def close(self) -> None:
-        """Stop the controller worker and the blueprint prefetcher: nothing of the run outlives it."""
+        """Stop the controller worker and the blueprint prefetcher, and let a background checkpoint write end (its
+        outcome is settled by the loop; on an abnormal end it is committed or left as a temp dir): nothing of the
+        run outlives it."""
+        if self.checkpointer.background is not None:
+            self.checkpointer.background.wait()
         if self.mediator is not None:
             self.mediator.close()
         if self.loader is not None:
@@ -142,7 +146,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         injector = FaultInjector([*(FaultEntry.of(f) for f in cfg.faults), *faults], cfg.emergency, emit)
         checkpointer = Checkpointer(cfg, run_dir.checkpoints, run_dir.run_id, components, state, machine, injector,
                                     emit)
-        rollback = RollbackManager(cfg.rollback, components, state, tamiyo, lambda: checkpointer.last, emit)
+        rollback = RollbackManager(cfg.rollback, components, state, tamiyo, checkpointer.committed, emit)
         safety = Safety(cfg.emergency, machine, emergency, rollback, checkpointer, state, skips, kasmina, optimizer,
                         emit)
         px, py = fetch(task.train, range(min(len(task.train), cfg.data.batch_size)))  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from esper.core.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
+from esper.core.checkpoint.background import BackgroundWriter
 from esper.core.config import EsperConfig
 from esper.core.rundir import is_disk_error
 from esper.core.tolaria.components import Components
@@ -59,6 +60,10 @@ class Checkpointer:
         self.last: Path | None = None
         self.failures = 0  # failed writes in a row
         self._quarantine: Path | None = None  # a corrupt checkpoint to move aside after the next good write
+        # checkpoint.async: periodic checkpoints staged into reused buffers and written on a thread
+        self.background = BackgroundWriter() if cfg.checkpoint.async_ else None
+        self._pending: tuple[str, Position] | None = None  # the reason and position of the write in flight
+        self._deferred: Signal | None = None  # a settled write's signal not yet handed to the loop (committed())
 
     def capture(self, reason: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         """Tensor files and manifest payload of the live state (format v1)."""
@@ -75,7 +80,14 @@ class Checkpointer:
     def save(self, reason: str) -> Signal | None:
         """Write a verified checkpoint of the live state. A failure is a CRITICAL event and comes back as a
         NOTICE, or as HALT once ``max_checkpoint_failures`` writes in a row failed (but never for the
-        emergency checkpoint a HALT is already writing)."""
+        emergency checkpoint a HALT is already writing). With ``checkpoint.async`` a periodic checkpoint is
+        staged and written in the background; its outcome (the same events and signals) comes back from the
+        next ``save``, ``poll`` or ``flush``. Emergency and graceful-stop checkpoints are always synchronous."""
+        signal = self.flush()  # a background write in flight ends (and is settled) before the next one starts
+        if reason == "emergency":
+            signal = None  # a HALT is already writing this one: the settled write's events are out, its signal moot
+        elif signal is not None and signal.level == "HALT":
+            return signal
         pos = self.state.position
         name = checkpoint_name(pos, reason)
         current = latest_checkpoint(self.root)
@@ -83,25 +95,68 @@ class Checkpointer:
             # `latest` already holds exactly this state (the last periodic checkpoint, or the one resumed from)
             self.last = current
             self.emit("tolaria", "checkpoint.reused", "INFO", path=str(current), reason=reason)
-            return None
+            return signal
         if current is not None and current.name.startswith(name) and reason != "graceful_stop":
             # this position is trained again after a rollback: `latest` is never overwritten in place
             name = f"{name}-redo-{len(self.state.rollbacks):03d}"
         tensors, payload = self.capture(reason)
+        if self.background is not None and reason == "periodic":
+            # the loop stalls for the copy into the staging buffers only; the write runs on its thread
+            self.background.submit(self.root, name, self.background.stage(tensors), payload,
+                                   keep_last=self.cfg.checkpoint.keep_last, before_commit=self._before_commit)
+            self._pending = (reason, pos)
+            self.emit("tolaria", "checkpoint.started", "INFO", name=name, reason=reason, background=True)
+            return signal
         try:
             path = write_checkpoint(self.root, name, tensors, payload, keep_last=self.cfg.checkpoint.keep_last,
                                     before_commit=self._before_commit)
-        except CheckpointPruneError as exc:
+        except (CheckpointPruneError, CheckpointWriteError) as exc:
+            return self._settle(reason, pos, exc) or signal
+        return self._settle(reason, pos, path) or signal
+
+    def flush(self) -> Signal | None:
+        """Wait for a background write in flight and settle its outcome (nothing to do without one). A signal
+        left by :meth:`committed` comes back here too."""
+        deferred, self._deferred = self._deferred, None
+        if self.background is None or not self.background.pending:
+            return deferred
+        outcome = self.background.wait()
+        assert outcome is not None and self._pending is not None
+        (reason, pos), self._pending = self._pending, None
+        if outcome.error is not None and not isinstance(outcome.error, CheckpointPruneError | CheckpointWriteError):
+            raise outcome.error  # a bug or a disk fault: as a synchronous write would have raised it
+        return self._settle(reason, pos, outcome.error or outcome.path) or deferred  # type: ignore[arg-type]
+
+    def committed(self) -> Path | None:
+        """The last verified checkpoint, once a background write in flight has ended: a full rollback reads it,
+        and that write's pruning must not delete it under the read. The write's signal, if any, is kept for the
+        next ``save``/``poll``/``flush`` (the rollback reading this is itself inside a signal's handling)."""
+        if self.background is not None and self.background.pending:
+            self._deferred = self.flush()
+        return self.last
+
+    def poll(self) -> Signal | None:
+        """Settle a background write that has already ended, without waiting for one still running."""
+        if self.background is None or not self.background.pending or self.background.running:
+            deferred, self._deferred = self._deferred, None
+            return deferred
+        return self.flush()
+
+    def _settle(self, reason: str, pos: Position, result: Path | CheckpointPruneError | CheckpointWriteError,
+                ) -> Signal | None:
+        """What a write came to, on the loop's thread, the same for a synchronous and a background write."""
+        if isinstance(result, CheckpointPruneError):
             # the new checkpoint is committed and verified; only removing old ones failed: disk use, not safety
-            path = exc.checkpoint
-            self.emit("tolaria", "checkpoint.prune_failed", "WARNING", path=str(path), error=str(exc))
-        except CheckpointWriteError as exc:
+            self.emit("tolaria", "checkpoint.prune_failed", "WARNING", path=str(result.checkpoint), error=str(result))
+            result = result.checkpoint
+        if isinstance(result, CheckpointWriteError):
             self.failures += 1
-            self.emit("tolaria", "checkpoint.failed", "CRITICAL", reason=reason, error=str(exc),
+            self.emit("tolaria", "checkpoint.failed", "CRITICAL", reason=reason, error=str(result),
                       consecutive_failures=self.failures, kept=str(self.last))
             if self.failures >= self.cfg.emergency.max_checkpoint_failures and reason != "emergency":
                 return Signal("HALT", "checkpoint_failures", f"{self.failures} checkpoint writes failed in a row", {})
-            return Signal("NOTICE", "checkpoint_write_error", str(exc), {})
+            return Signal("NOTICE", "checkpoint_write_error", str(result), {})
+        path = result
         self.failures = 0
         self.last = path
         if self._quarantine is not None and self._quarantine.exists():

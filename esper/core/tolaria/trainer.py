@@ -99,6 +99,7 @@ class Trainer:
                 p.rollback.take()
                 with p.profiler:
                     self._loop(p)
+                p.safety.handle(p.checkpointer.flush())  # the last background write ends before the summary
                 self._finish_reports(p)
             except Halt as h:
                 assert self.parts is not None  # only safety raises Halt
@@ -242,6 +243,7 @@ class Trainer:
             p.loader.report_window()  # the blueprint cache's counters of this epoch (O-4)
         if epoch % self.cfg.checkpoint.every_epochs == 0 or epoch == self.cfg.trainer.epochs:
             self.machine.fire("checkpoint", reason=f"every {self.cfg.checkpoint.every_epochs} epoch(s)")
+            p.safety.handle(p.checkpointer.poll())  # a background write that has ended: settled first
             p.safety.handle(p.checkpointer.check_latest())
             p.safety.handle(p.checkpointer.save("periodic"))
         if p.emergency.last_epoch_healthy:

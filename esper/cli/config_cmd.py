@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, handle_errors, load_config, print_json, stderr
+from esper.core.device import preflight
 
 app = typer.Typer(help="Show or validate the resolved configuration.", no_args_is_help=True)
 
@@ -29,6 +30,7 @@ def validate(
 ) -> None:
     """Validate the config; exit 0 when valid, 3 with the reasons when not."""
     resolved = load_config(ctx, config, sets)
+    preflight(resolved.config)  # the device and precision this machine's torch must support
     doc = {"valid": True, "path": str(resolved.path), "hash": resolved.config.config_hash()}
     if as_json:
         print_json(doc)

@@ -14,6 +14,7 @@ from typing import Any
 from esper.core import tensorboard
 from esper.core.checkpoint import LoadedCheckpoint, load_checkpoint
 from esper.core.config import EsperConfig, FaultConfig, from_dict, from_toml_text
+from esper.core.device import preflight
 from esper.core.errors import CheckpointError, ConfigError
 from esper.core.rundir import RunDir
 from esper.core.runlock import RunLock
@@ -77,6 +78,7 @@ class TrainSession:
                 faults: list[str] | None = None, allow_config_change: list[str] | None = None) -> TrainSession:
         """Validate everything that can be checked before training: fault flags, checkpoint, config drift."""
         tensorboard.require(cfg.telemetry)
+        preflight(cfg)  # a device or precision torch cannot use fails here, before any run dir is written
         if faults:
             extra = [parse_fault_flag(f) for f in faults]
             cfg = from_dict({**cfg.to_dict(), "faults": [*cfg.to_dict()["faults"], *(f.model_dump() for f in extra)]})

@@ -103,6 +103,7 @@ def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failu
         "skipped_batches": parts.skips.state_dict()["skipped"] if parts else [],
         "faults": parts.faults.fired if parts else [],
         "commands": dict(parts.state.commands) if parts else {},
+        "precision": parts.precision.describe() if parts else None,  # fp16: steps the loss scaler skipped
         "checkpoint": str(checkpoint) if checkpoint else None,
         "failure": failure,
         "run_dir": run_dir,

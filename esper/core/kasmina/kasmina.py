@@ -292,6 +292,7 @@ class Kasmina:
     # ------------------------------------------------------------- automatic
     def after_step(self) -> None:
         for s in self.slots.values():
+            s.observe_blend()  # this step's alpha and gate sparsity, before the ramp moves on
             if s.stage == "BLENDING":
                 s.stats.alpha_step += 1
 

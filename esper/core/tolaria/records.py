@@ -40,10 +40,15 @@ class Silent:
         pass
 
 
-def slot_views(slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each slot as an operator's view shows it (the ``slots`` of ``epoch.completed``: watch, TensorBoard)."""
+def slot_views(slots: list[dict[str, Any]], blend: dict[str, dict[str, Any]] | None = None
+               ) -> list[dict[str, Any]]:
+    """Each slot as an operator's view shows it (the ``slots`` of ``epoch.completed``: watch, TensorBoard, the
+    live table), with the epoch's blend telemetry (``alpha_mean``, ``gate_sparsity``) of a blended seed."""
     keys = ("slot", "layer", "seed_id", "blueprint", "stage", "alpha", "epochs_in_stage")
-    return [{k: s.get(k) for k in keys} for s in slots]
+    blend = blend or {}
+    return [{**{k: s.get(k) for k in keys},
+             **{k: v for k, v in blend.get(str(s.get("slot")), {}).items() if k in ("alpha_mean", "gate_sparsity")}}
+            for s in slots]
 
 
 def utc_now() -> str:
@@ -66,6 +71,8 @@ def metrics_row(epoch: int, global_step: int, stats: EpochStats, task: Task, val
         "skipped_steps": stats.skipped,
         "emergency_level": level,
         "commands": decisions,
+        # per seed blended in this epoch: mean alpha, and gate sparsity for channel/confidence (Kasmina arch 1)
+        "blend": {s.name: t for s in kasmina.slots.values() if (t := s.blend_telemetry()) is not None},
         "step_time_ms": round(stats.mean_step_ms, 4),  # wall-clock
     }
 

@@ -162,11 +162,13 @@ class Trainer:
         p.emergency.end_epoch()
         row = records.metrics_row(epoch, p.state.global_step, stats, p.task, val, p.kasmina,
                                   p.optimizer.optimizer, p.emergency.level, decisions)
+        for slot in p.kasmina.slots.values():
+            slot.clear_blend_telemetry()  # the row holds this epoch's; the next starts from zero
         p.state.end_epoch(row)
         self.run_dir.append_metrics(row)
-        slots = p.kasmina.records()
+        slots = records.slot_views(p.kasmina.records(), row["blend"])
         self.emit("tolaria", "epoch.completed", "INFO", **{k: v for k, v in row.items() if k != "epoch"},
-                  slots=records.slot_views(slots))
+                  slots=slots)
         self.emit("telemetry", "telemetry.window", "INFO", **self.emitter.reset_window())  # this epoch's (O-4)
         if p.loader is not None:
             p.loader.report_window()  # the blueprint cache's counters of this epoch (O-4)

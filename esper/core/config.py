@@ -151,6 +151,12 @@ class BlendConfig(_Section):
     confidence_margin: float = Field(0.5, gt=0.0, description="confidence mode: logit margin for full gate")
 
 
+class DistillConfig(_Section):
+    enabled: bool = Field(False, description="a TRAINING seed's own loss adds KL to the host's detached output")
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="softmax temperature of the KL term")
+    weight: float = Field(0.5, ge=0.0, le=100.0, description="weight of the KL term (times temperature^2)")
+
+
 class SeedsConfig(_Section):
     enabled: bool = Field(True, description="grow seeds at all; false trains the host alone")
     slots: list[SlotConfig] = Field(
@@ -171,6 +177,7 @@ class SeedsConfig(_Section):
     isolation_sample: int = Field(4096, ge=16, description="gradient entries sampled by the isolation monitor")
     isolation_max_cosine: float = Field(1e-6, ge=0.0, description="largest host/seed gradient cosine (G1)")
     blend: BlendConfig = Field(default_factory=BlendConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     compile: bool = Field(False, description="torch.compile blueprints on load; a failure rejects the germination")
     cache_bytes: int = Field(64 * 2**20, ge=0, description="blueprint load cache bound in bytes")
     prefetch_workers: int = Field(2, ge=1, le=32, description="concurrent blueprint prefetches")

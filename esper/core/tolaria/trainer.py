@@ -256,7 +256,7 @@ class Trainer:
                 return self._bad_step(p, bad, stats)
             amp.scale(loss).backward()
             with amp.autocast():
-                p.kasmina.seed_passes(training_slots, x, y, task.loss, scale=amp.scale)
+                p.kasmina.seed_passes(training_slots, x, y, task.loss, scale=amp.scale, teacher=out.detach())
         except SeedForwardError as exc:
             return self._bad_step(p, Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
                                   cull=exc.slot)

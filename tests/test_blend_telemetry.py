@@ -36,8 +36,7 @@ def test_each_blended_epoch_reports_alpha_mean_and_gate_sparsity(mode: str, extr
     r = train(run, *GROWING, f'seeds.blend.mode="{mode}"', "seeds.blend.steps=30", "trainer.epochs=6", *extra)
     assert r.exit_code == 0, out(r)
     rows = metrics(run)
-    assert all("blend" in row for row in rows)
-    blended = [(row["epoch"], name, t) for row in rows for name, t in row["blend"].items()]
+    blended = [(row["epoch"], name, t) for row in rows for name, t in row.get("blend", {}).items()]
     assert blended, f"no seed was blended in: {[row['seeds_by_stage'] for row in rows]}"
     alphas = [t["alpha_mean"] for _, _, t in blended]
     assert all(0.0 < a <= 1.0 for a in alphas) and any(a < 1.0 for a in alphas), blended  # the ramp, averaged
@@ -53,7 +52,7 @@ def test_each_blended_epoch_reports_alpha_mean_and_gate_sparsity(mode: str, extr
     row = next(r for r in rows if r["epoch"] == epoch)
     (view,) = [s for s in completed[row["global_step"]]["slots"] if s["slot"] == name]
     assert view["alpha_mean"] == t["alpha_mean"]
-    assert [r["blend"] for r in rows if r["epoch"] < epoch] == [{}] * (epoch - 1)  # nothing before blending
+    assert not [r for r in rows if r["epoch"] < epoch and "blend" in r]  # the key comes with the first blend
 
 
 def test_the_live_slot_table_shows_alpha_mean_and_gate_sparsity() -> None:

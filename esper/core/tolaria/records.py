@@ -60,6 +60,9 @@ def metrics_row(epoch: int, global_step: int, stats: EpochStats, task: Task, val
                 decisions: dict[str, int]) -> dict[str, Any]:
     """One epoch's row: ``train_loss``/``train_<metric>`` and ``val_loss``/``val_<metric>`` of the task (C1)."""
     stages = Counter(s.stage for s in kasmina.slots.values())
+    # per seed blended in this epoch: mean alpha, and gate sparsity for channel/confidence (Kasmina arch 1); the
+    # key is there only when one was, so rows of epochs without blending are what they always were
+    blend = {s.name: t for s in kasmina.slots.values() if (t := s.blend_telemetry()) is not None}
     return {
         "epoch": epoch,
         "global_step": global_step,
@@ -71,8 +74,7 @@ def metrics_row(epoch: int, global_step: int, stats: EpochStats, task: Task, val
         "skipped_steps": stats.skipped,
         "emergency_level": level,
         "commands": decisions,
-        # per seed blended in this epoch: mean alpha, and gate sparsity for channel/confidence (Kasmina arch 1)
-        "blend": {s.name: t for s in kasmina.slots.values() if (t := s.blend_telemetry()) is not None},
+        **({"blend": blend} if blend else {}),
         "step_time_ms": round(stats.mean_step_ms, 4),  # wall-clock
     }
 

@@ -166,7 +166,7 @@ class Trainer:
             slot.clear_blend_telemetry()  # the row holds this epoch's; the next starts from zero
         p.state.end_epoch(row)
         self.run_dir.append_metrics(row)
-        slots = records.slot_views(p.kasmina.records(), row["blend"])
+        slots = records.slot_views(p.kasmina.records(), row.get("blend"))
         self.emit("tolaria", "epoch.completed", "INFO", **{k: v for k, v in row.items() if k != "epoch"},
                   slots=slots)
         self.emit("telemetry", "telemetry.window", "INFO", **self.emitter.reset_window())  # this epoch's (O-4)

@@ -7,9 +7,6 @@ is a lost day.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from esper.core.config import EsperConfig
@@ -60,13 +57,3 @@ def preflight(cfg: EsperConfig) -> torch.device:
                               f"{device} ({_torch_says(exc)}); use run.precision = 'fp32'") from exc
     return device
 
-
-@contextlib.contextmanager
-def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """The forward passes of a step (and of validation) under the run's precision; fp32 is plain torch."""
-    dtype = DTYPES[precision]
-    if dtype is None:
-        yield
-        return
-    with torch.autocast(device.type, dtype=dtype):
-        yield

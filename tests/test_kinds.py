@@ -270,7 +270,7 @@ def test_host_config_validation_names_the_keys() -> None:
         make_config("host.kernels=[3, 3]")
     with pytest.raises(ConfigError, match="host.stride"):
         make_config("host.stride=0")
-    with pytest.raises(ConfigError, match="host.factory: must be 'mlp', 'cnn' or 'module:function'"):
+    with pytest.raises(ConfigError, match="host.factory: must be 'mlp', 'cnn', 'transformer' or 'module:function'"):
         make_config("host.factory=resnet")
     with pytest.raises(ConfigError, match=r"host.kernels: every kernel size must lie in \[1, 64\]"):
         make_config("host.kernels=[0, 3, 3]")

@@ -32,12 +32,16 @@ def eta_text(seconds: float | None) -> str:
 
 def slot_table(slots: list[dict[str, Any]]) -> Table:
     table = Table(title="slots", title_justify="left", expand=False)
-    for col in ("slot", "layer", "seed", "blueprint", "stage", "alpha", "epochs in stage"):
+    for col in ("slot", "layer", "seed", "blueprint", "stage", "alpha", "alpha mean", "gate sparsity",
+                "epochs in stage"):
         table.add_column(col)
+
+    def num(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, int | float) else "-"
+
     for s in slots:
-        alpha = s.get("alpha")
         cells = (s.get("slot"), s.get("layer"), s.get("seed_id") or "-", s.get("blueprint") or "-", s.get("stage"),
-                 f"{alpha:.2f}" if isinstance(alpha, int | float) else "-", s.get("epochs_in_stage"))
+                 num(s.get("alpha")), num(s.get("alpha_mean")), num(s.get("gate_sparsity")), s.get("epochs_in_stage"))
         table.add_row(*(Text(fmt(c)) for c in cells))
     return table
 

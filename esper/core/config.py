@@ -5,7 +5,6 @@ Every default lives in this schema, once. ``esper.toml`` at the repository root 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -13,12 +12,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from esper.core import bounded
+from esper.core.config_errors import describe
 from esper.core.errors import ConfigError
 from esper.core.faults import CATALOGUE, parse_at, unknown_fault
 from esper.core.tomlfile import parse_toml, read_toml
@@ -53,16 +53,20 @@ class RunConfig(_Section):
                             json_schema_extra=PATH)
     run_id: str = Field("", pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$",
                         description="run id; empty generates one")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="device to train on; never falls back")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda|cuda:[0-9]{1,3}|mps)$",
+                        description="cpu | cuda | cuda:N | mps; one torch cannot use is exit 3, never a fallback")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward passes; fp16 adds a loss scaler (skipped steps counted)")
     threads: int = Field(0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default")
 
 
-BUILTIN_TASKS = ("mnist1d", "digits", "digits_images", "synthetic")
+BUILTIN_TASKS = ("mnist1d", "digits", "digits_images", "synthetic", "chars")
 
 
 class DataConfig(_Section):
-    task: str = Field("digits", description="mnist1d | digits | digits_images | synthetic | module:function",
+    task: str = Field("digits", description="mnist1d | digits | digits_images | synthetic | chars | module:function",
                       json_schema_extra=CODE)
+    block_size: int = Field(64, ge=2, le=4096, description="chars task: characters per training window")
     batch_size: int = Field(64, ge=1, le=65536, description="training mini-batch size")
     eval_batch_size: int = Field(512, ge=1, le=65536,
                                  description="validation batch size (no gradients kept: larger than batch_size)")
@@ -84,7 +88,7 @@ class DataConfig(_Section):
         raise ValueError(f"must be one of {', '.join(BUILTIN_TASKS)} or 'module:function', got {v!r}")
 
 
-HOSTS = ("mlp", "cnn")
+HOSTS = ("mlp", "cnn", "transformer")
 # What a slot's layer outputs (H-1): features [N, D], channels1d [N, C, L], channels2d [N, C, H, W], tokens [N, T, D];
 # "auto" infers the kind from the rank.
 SlotKind = Literal["auto", "features", "channels1d", "channels2d", "tokens"]
@@ -95,7 +99,7 @@ assert tuple(KIND_RANK) == KINDS
 
 
 class HostConfig(_Section):
-    factory: str = Field("mlp", description="mlp | cnn | module:function", json_schema_extra=CODE)
+    factory: str = Field("mlp", description="mlp | cnn | transformer | module:function", json_schema_extra=CODE)
     hidden: list[int] = Field(default_factory=lambda: [6, 6], min_length=1, max_length=64,
                               description="hidden widths of the built-in MLP host; layers are hidden1..N")
     activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="activation of the built-in hosts")
@@ -105,13 +109,18 @@ class HostConfig(_Section):
                                description="cnn host: kernel size per conv block (one per entry of channels)")
     stride: int = Field(2, ge=1, le=64, description="cnn host: stride of every conv block")
     padding: int = Field(1, ge=0, le=64, description="cnn host: zero padding of every conv block")
+    d_model: int = Field(64, ge=1, le=8192, description="transformer host: embedding width")
+    n_layers: int = Field(1, ge=1, le=64, description="transformer host: blocks, named block1..N")
+    n_heads: int = Field(4, ge=1, le=256, description="transformer host: attention heads (divide d_model)")
+    mlp_ratio: int = Field(4, ge=1, le=16, description="transformer host: MLP hidden width / d_model")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="transformer host: dropout after attention and MLP")
 
     @field_validator("factory")
     @classmethod
     def _factory(cls, v: str) -> str:
         if v in HOSTS or is_factory_ref(v):
             return v
-        raise ValueError(f"must be 'mlp', 'cnn' or 'module:function', got {v!r}")
+        raise ValueError(f"must be 'mlp', 'cnn', 'transformer' or 'module:function', got {v!r}")
 
     @field_validator("hidden", "channels")
     @classmethod
@@ -134,6 +143,8 @@ class HostConfig(_Section):
         if len(self.kernels) != len(self.channels):
             raise ValueError(f"kernels has {len(self.kernels)} entries but channels has {len(self.channels)}: "
                              "one kernel size per conv block")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
         return self
 
 
@@ -150,6 +161,12 @@ class BlendConfig(_Section):
     channel_alpha: list[float] = Field(default_factory=list, max_length=1_000_000,
                                        description="per-channel weights (channel mode)")
     confidence_margin: float = Field(0.5, gt=0.0, description="confidence mode: logit margin for full gate")
+
+
+class DistillConfig(_Section):
+    enabled: bool = Field(False, description="a TRAINING seed's own loss adds KL to the host's detached output")
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="softmax temperature of the KL term")
+    weight: float = Field(0.5, ge=0.0, le=100.0, description="weight of the KL term (times temperature^2)")
 
 
 class SeedsConfig(_Section):
@@ -174,6 +191,7 @@ class SeedsConfig(_Section):
                                   description="gradient entries sampled by the isolation monitor")
     isolation_max_cosine: float = Field(1e-6, ge=0.0, description="largest host/seed gradient cosine (G1)")
     blend: BlendConfig = Field(default_factory=BlendConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     compile: bool = Field(False, description="torch.compile blueprints on load; a failure rejects the germination")
     cache_bytes: int = Field(64 * 2**20, ge=0, description="blueprint load cache bound in bytes")
     prefetch_workers: int = Field(2, ge=1, le=32, description="concurrent blueprint prefetches")
@@ -247,6 +265,8 @@ class TrainerConfig(_Section):
     lr: float = Field(0.05, gt=0.0, description="base learning rate of every param group")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2,
+                               description="AdamW betas (beta1, beta2), each in [0, 1)")
     weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
     lr_policy: Literal["constant", "cosine", "step"] = Field("cosine", description="LR policy")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up length in global steps")
@@ -258,6 +278,13 @@ class TrainerConfig(_Section):
     step_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step policy: decay factor")
     grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 disables clipping")
     profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: list[float]) -> list[float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must lie in [0, 1), got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _floor(self) -> TrainerConfig:
@@ -421,7 +448,7 @@ def validate(raw: Mapping[str, Any], source: str) -> EsperConfig:
         return EsperConfig.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
-        lines = [_describe(err) for err in errors[:20]]
+        lines = [describe(err, EsperConfig) for err in errors[:20]]
         if len(errors) > 20:
             lines.append(f"... and {len(errors) - 20} more")
         key = (".".join(str(p) for p in errors[0].get("loc", ())) or None) if errors else None
@@ -459,41 +486,3 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"malformed --set {item!r}: {'.'.join(parts[: i + 1])} is not a table")
         node = child
     node[parts[-1]] = value
-
-
-def _describe(err: Mapping[str, Any]) -> str:
-    loc = [str(p) for p in err.get("loc", ())]
-    path = ".".join(loc) or "<root>"
-    if err.get("type") == "extra_forbidden":
-        options = _fields_at(err.get("loc", ())[:-1])
-        close = difflib.get_close_matches(loc[-1], options, n=1, cutoff=0.5)
-        hint = f"; did you mean {'.'.join([*loc[:-1], close[0]])!r}?" if close else ""
-        where = ".".join(loc[:-1]) or "top level"
-        return f"{path}: unknown key (allowed in {where}: {', '.join(sorted(options))}){hint}"
-    msg = str(err.get("msg", "invalid"))
-    msg = msg.removeprefix("Value error, ")
-    got = err.get("input")
-    if err.get("type") == "missing":
-        return f"{path}: required key is missing"
-    if isinstance(got, Mapping):  # a section-level check: echoing the whole section buries the message
-        return f"{path}: {msg}"
-    return f"{path}: {bounded.clip(msg, 200)} (got {bounded.clip(repr(got))})"
-
-
-def _fields_at(loc: Sequence[Any]) -> list[str]:
-    model: Any = EsperConfig
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = ({f.alias or n: f for n, f in model.model_fields.items()}
-                  if isinstance(model, type) and issubclass(model, BaseModel) else {})
-        field = fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        if get_origin(ann) in (list, dict):
-            ann = get_args(ann)[-1]
-        model = ann
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return [f.alias or n for n, f in model.model_fields.items()]
-    return []

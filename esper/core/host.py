@@ -1,4 +1,5 @@
-"""The host network: a deliberately small MLP by default, a conv stack (``cnn``), or a user factory; and the one
+"""The host network: a deliberately small MLP by default, a conv stack (``cnn``), a GPT-style decoder
+(``transformer``, in ``esper.core.transformer``), or a user factory; and the one
 probe forward that learns what each slot's layer outputs.
 
 Host protocol: an ``nn.Module`` whose ``forward(x)`` maps a batch of task inputs to outputs ``[N, n_outputs]``;
@@ -21,6 +22,7 @@ from esper.core import rng
 from esper.core.config import EsperConfig, HostConfig
 from esper.core.errors import ConfigError
 from esper.core.plugins import check_type, load_factory
+from esper.core.transformer import TransformerHost
 
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -111,6 +113,12 @@ def build_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -
                               f"the task's inputs are {shape_text(input_shape)} (data.task = {cfg.data.task!r})",
                               key="host.factory")
         return CNNHost(input_shape, n_outputs, cfg.host)
+    if factory == "transformer":
+        if len(input_shape) != 1:
+            raise ConfigError(f"host.factory = 'transformer' takes token ids [N, T]; the task's inputs are "
+                              f"{shape_text(input_shape)} (data.task = {cfg.data.task!r}; try data.task = 'chars')")
+        h = cfg.host
+        return TransformerHost(n_outputs, input_shape[0], h.d_model, h.n_layers, h.n_heads, h.mlp_ratio, h.dropout)
     make = load_factory(factory, "host.factory")
     try:
         host = make(cfg, input_shape, n_outputs)

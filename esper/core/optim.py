@@ -90,7 +90,7 @@ def _optimizer_class(cfg: TrainerConfig) -> type[torch.optim.Optimizer]:
 def _defaults(cfg: TrainerConfig) -> dict[str, Any]:
     if cfg.optimizer == "sgd":
         return {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
-    return {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    return {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": tuple(cfg.betas)}
 
 
 def _validate_specs(groups: Sequence[ParamGroupSpec]) -> None:

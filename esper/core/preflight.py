@@ -1,7 +1,7 @@
 """What ``esper config validate`` checks beyond the schema, and ``esper train`` before it makes a run directory:
 the config must be runnable here (S-1, issue 12 "valid means runnable").
 
-- the device exists in this torch build (``run.device``);
+- the device exists in this torch build (``run.device``) and has the autocast ``run.precision`` needs;
 - every plug-in reference (``module:function``) imports and names a callable; every blueprint the controller may
   germinate is known (built-in or a user blueprint);
 - the profiler can record on this build, when enabled.
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch.profiler
 
+from esper.core import device
 from esper.core.config import EsperConfig
-from esper.core.device import resolve_device
 from esper.core.errors import ConfigError
 from esper.core.kasmina import BlueprintRegistry
 from esper.core.plugins import load_factory
@@ -24,7 +24,7 @@ from esper.core.trust import references
 
 def preflight(cfg: EsperConfig) -> None:
     """ConfigError (exit 3) naming the key of the first thing that would stop ``train``."""
-    resolve_device(cfg.run.device)
+    device.check(cfg)  # run.device and run.precision
     for ref in references(cfg):
         if ref.kind == "code":
             load_factory(ref.value, ref.key)

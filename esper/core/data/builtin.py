@@ -5,6 +5,7 @@
   inputs ``[1, 40]`` (channels first). The same arrays whatever the run seed; never downloaded or unpickled.
 - ``digits``: scikit-learn's 1,797 handwritten 8x8 digits, flat ``[64]``; ``digits_images``: the same, ``[1, 8, 8]``.
 - ``synthetic``: labels from a random non-linear teacher, so extra capacity helps (fast tests).
+- ``chars``: a character-level language model of CPython's ``pydoc_data.topics`` (``esper.core.data.chars``).
 
 digits, digits_images and synthetic hold out ``data.val_fraction`` by a permutation of the run seed.
 """
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from esper.core import rng
 from esper.core.config import EsperConfig
+from esper.core.data.chars import chars_task
 from esper.core.data.task import Task, TensorPairs, classification, fetch
 from esper.core.errors import ConfigError
 from esper.core.plugins import call_factory, load_factory
@@ -50,6 +52,8 @@ def _build(cfg: EsperConfig) -> Task:
         task = _split(name, x.reshape(-1, *shape), torch.tensor(bunch.target, dtype=torch.int64), 10, cfg)
     elif name == "synthetic":
         task = _synthetic(cfg)
+    elif name == "chars":
+        task = chars_task(cfg)
     else:
         task = _from_factory(name, call_factory(load_factory(name, KEY), name, KEY, cfg))
     check_task(task, name)

@@ -84,21 +84,45 @@ def blend(
                              f"{list(host.shape)} has {n_channels} channels on axis {channel_axis}")
         view = [1] * host.dim()
         view[channel_axis] = n_channels
-        vec = torch.tensor(spec.channel_alpha, dtype=host.dtype, device=host.device).view(view)
-        w = a * vec
+        w = a * _channel_vector(spec, host, channel_axis)
         return (1 - w) * host + w * seed
     if spec.mode == "confidence":
-        if logits is None:
-            raise BlendError("blend mode 'confidence' needs the host's class logits [N, C]; none were given")
-        if logits.dim() != 2 or logits.shape[0] != host.shape[0] or logits.shape[1] < 2:
-            raise BlendError(f"confidence logits must be [N, C>=2] with N={host.shape[0]}, got {tuple(logits.shape)}")
-        top2 = logits.detach().topk(2, dim=1).values
-        margin = top2[:, 0] - top2[:, 1]
-        # trust the seed where the host is unsure (small margin); one gate per sample, over its whole activation
-        gate = (1 - (margin / spec.confidence_margin).clamp(0.0, 1.0)).view(-1, *[1] * (host.dim() - 1))
-        w = a * gate
+        w = a * _confidence_gate(spec, host, logits)
         return (1 - w) * host + w * seed
     raise BlendError(f"unknown blend mode {spec.mode!r}")
+
+
+def _channel_vector(spec: BlendSpec, host: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    n_channels = host.shape[channel_axis]
+    if len(spec.channel_alpha) != n_channels:
+        raise BlendError(f"channel_alpha has {len(spec.channel_alpha)} entries, activation "
+                         f"{list(host.shape)} has {n_channels} channels on axis {channel_axis}")
+    view = [1] * host.dim()
+    view[channel_axis] = n_channels
+    return torch.tensor(spec.channel_alpha, dtype=host.dtype, device=host.device).view(view)
+
+
+def _confidence_gate(spec: BlendSpec, host: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    if logits is None:
+        raise BlendError("blend mode 'confidence' needs the host's class logits [N, C]; none were given")
+    if logits.dim() != 2 or logits.shape[0] != host.shape[0] or logits.shape[1] < 2:
+        raise BlendError(f"confidence logits must be [N, C>=2] with N={host.shape[0]}, got {tuple(logits.shape)}")
+    top2 = logits.detach().topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    # trust the seed where the host is unsure (small margin); one gate per sample, over its whole activation
+    return (1 - (margin / spec.confidence_margin).clamp(0.0, 1.0)).view(-1, *[1] * (host.dim() - 1))
+
+
+def blend_weights(host: torch.Tensor, alpha: float, spec: BlendSpec, logits: torch.Tensor | None = None, *,
+                  channel_axis: int = -1) -> torch.Tensor | None:
+    """The seed's weight per channel (``channel``) or per sample (``confidence``) at ``alpha`` -- what
+    :func:`blend` multiplies the seed by; ``None`` for the modes with one scalar weight (convex, residual)."""
+    with torch.no_grad():
+        if spec.mode == "channel":
+            return (alpha * _channel_vector(spec, host, channel_axis)).flatten()
+        if spec.mode == "confidence":
+            return (alpha * _confidence_gate(spec, host, logits)).flatten()
+    return None
 
 
 def gate_sparsity(weights: torch.Tensor, eps: float = 1e-3) -> float:

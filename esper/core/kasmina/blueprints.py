@@ -5,7 +5,8 @@ Every blueprint maps its slot's activation to one of the same shape and returns 
 layer of ``delta`` zero-initialised, so a freshly germinated seed is the identity and blending it in starts
 smoothly. The MLP-style ones act on the last axis (``features`` ``[N, D]``, ``tokens`` ``[N, T, D]``); the conv
 ones on the channel axis of ``channels1d`` ``[N, C, L]`` (Conv1d, kernel 5) and ``channels2d`` ``[N, C, H, W]``
-(Conv2d, 3x3: the usual image kernel, and 9 taps per channel pair against the 1-D block's 5).
+(Conv2d, 3x3: the usual image kernel, and 9 taps per channel pair against the 1-D block's 5). ``block`` and
+``attention`` take ``tokens`` ``[N, T, D]`` only: they mix positions, causally (``esper.core.transformer``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from esper.core.config import KINDS, SeedsConfig
 from esper.core.errors import ConfigError
 from esper.core.kasmina.kinds import SlotShape
 from esper.core.plugins import call_factory, check_type, load_factory
+from esper.core.transformer import AttentionSeed, BlockSeed, attention_params, block_params
 
 LAST_AXIS = frozenset({"features", "tokens"})
+TOKENS = frozenset({"tokens"})
 CHANNELS = frozenset({"channels1d", "channels2d"})
 
 
@@ -167,6 +170,10 @@ BUILTIN: dict[str, Blueprint] = {
                   _conv_block, _exact(_conv_block_params)),
         Blueprint("conv_dwsep", "x + PW(ReLU(DW(ReLU(PW(x))))), 4C hidden, depthwise kernel 5 (1-D) or 3x3 (2-D)",
                   CHANNELS, _conv_dwsep, _exact(_conv_dwsep_params)),
+        Blueprint("block", "a pre-norm transformer block (causal attention + MLP 4w), output projections zeroed",
+                  TOKENS, lambda s: BlockSeed(s.channels), _exact(lambda s: block_params(s.channels))),
+        Blueprint("attention", "x + causal self-attention(LayerNorm(x)), output projection zeroed", TOKENS,
+                  lambda s: AttentionSeed(s.channels), _exact(lambda s: attention_params(s.channels))),
     )
 }
 

@@ -20,6 +20,7 @@ from esper.core.host import HostProbe, resumes_from
 from esper.core.kasmina.blending import BlendSpec, parse_blend
 from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
 from esper.core.kasmina.checks import check_slots, slot_shapes
+from esper.core.kasmina.distill import distill_loss
 from esper.core.kasmina.isolation import IsolationMonitor
 from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.slot import LIVE, Mode, SeedSlot, SeedStats
@@ -98,27 +99,35 @@ class Kasmina:
     def modes(self, mode: Mode, names: Any) -> Kasmina._Modes:
         return Kasmina._Modes([self.slots[n] for n in names], mode)
 
-    def seed_passes(self, slots: list[SeedSlot], x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> None:
+    def seed_passes(self, slots: list[SeedSlot], x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+                    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    teacher: torch.Tensor | None = None) -> None:
         """Own steps of every TRAINING seed, each from the slot input this step's main forward produced
-        (captured first: one seed's pass runs downstream hooks that would overwrite another's)."""
+        (captured first: one seed's pass runs downstream hooks that would overwrite another's). ``scale``: the
+        fp16 loss scaler's, so seed gradients are scaled like the host's; ``teacher``: the main forward's
+        output, distilled into each seed's pass when ``seeds.distill`` is on."""
         inputs = {s.name: s.last_input for s in slots}
+        teacher = teacher if self.scfg.distill.enabled else None
         for slot in slots:
-            self.seed_pass(slot, x, y, loss_fn, h=inputs[slot.name])
+            self.seed_pass(slot, x, y, loss_fn, h=inputs[slot.name], scale=scale, teacher=teacher)
 
     def seed_pass(self, slot: SeedSlot, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-                  h: torch.Tensor | None = None) -> float:
+                  h: torch.Tensor | None = None, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  teacher: torch.Tensor | None = None) -> float:
         """TRAINING seed's own step: task loss with the seed substituted; gradients go to the seed only."""
         t0 = time.perf_counter()
         if slot.resumable and h is not None:
             # the host activation at the slot is known from this step's forward: run only the layers after it
             h = h.detach()
             s = slot.seed_output(h)
-            loss = loss_fn(self.host.forward_from(slot.layer, slot.blend(h, s, 1.0, seed_input=h)), y)
+            out = self.host.forward_from(slot.layer, slot.blend(h, s, 1.0, seed_input=h))
         else:
             with self.modes(Mode.SUBSTITUTE, [slot.name]):
-                loss = loss_fn(self.forward(x), y)
+                out = self.forward(x)
+        loss = loss_fn(out, y)  # G2 judges the task loss; distillation only shapes the gradient
+        total = loss if teacher is None else loss + distill_loss(out, teacher, self.scfg.distill)
         params = slot.params()
-        grads = torch.autograd.grad(loss, params)
+        grads = torch.autograd.grad(total if scale is None else scale(total), params)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         slot.stats.loss_sum += float(loss.detach())
@@ -293,6 +302,7 @@ class Kasmina:
     # ------------------------------------------------------------- automatic
     def after_step(self) -> None:
         for s in self.slots.values():
+            s.observe_blend()  # this step's alpha and gate sparsity, before the ramp moves on
             if s.stage == "BLENDING":
                 s.stats.alpha_step += 1
 
@@ -371,19 +381,27 @@ class Kasmina:
 
     # ---------------------------------------------------------------- helpers
     def _upstream_params(self, slot: SeedSlot, x: torch.Tensor) -> list[nn.Parameter]:
-        """Host parameters the slot's input depends on (where a leak would land)."""
+        """Host parameters the slot's input depends on (where a leak would land), less those the network also
+        uses after the slot (a head tied to the embedding): their gradient from the seed's loss is no leak."""
         if slot.layer not in self._upstream:
             captured: list[torch.Tensor] = []
-            handle = dict(self.host.named_modules())[slot.layer].register_forward_hook(
-                lambda _m, _i, out: captured.append(out))
+            layer = dict(self.host.named_modules())[slot.layer]
+            params = [p for p in self.host.parameters() if p.requires_grad]
+            handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
             try:
                 with self.modes(Mode.BYPASS, self.slots):
                     self.host(x[:2])
+                handle.remove()
+                handle = layer.register_forward_hook(lambda _m, _i, out: out.detach())
+                with self.modes(Mode.BYPASS, self.slots):
+                    after = self.host(x[:2])
             finally:
                 handle.remove()
-            params = [p for p in self.host.parameters() if p.requires_grad]
             grads = torch.autograd.grad(captured[0].sum(), params, allow_unused=True)
-            self._upstream[slot.layer] = [p for p, g in zip(params, grads, strict=True) if g is not None]
+            later = (torch.autograd.grad(after.sum(), params, allow_unused=True) if after.requires_grad
+                     else [None] * len(params))
+            self._upstream[slot.layer] = [p for p, g, d in zip(params, grads, later, strict=True)
+                                          if g is not None and d is None]
         return self._upstream[slot.layer]
 
     def _observer(self, record: TransitionRecord) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper.core.kasmina.blending import BlendSpec, alpha_at, blend
+from esper.core.kasmina.blending import BlendSpec, alpha_at, blend, blend_weights, gate_sparsity
 from esper.core.kasmina.kinds import SlotShape
 from esper.statemachines import SEED, SEED_LIVE, StrictMachine
 from esper.statemachines.machine import Observer
@@ -47,6 +47,10 @@ class SeedStats:
     latency_ms_sum: float = 0.0
     counterfactual: dict[str, float] = field(default_factory=dict)
     embargo_left: int = 0
+    # blend telemetry of the current epoch's training steps (Kasmina arch 1): sums, read and cleared per epoch
+    blend_steps: int = 0
+    alpha_sum: float = 0.0
+    sparsity_sum: float = 0.0
 
     def clear(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -143,6 +147,33 @@ class SeedSlot:
             s = self._seed(out)
             return self.blend(out, s, 1.0, seed_input=out)
         return out
+
+    def observe_blend(self) -> None:
+        """Count one applied training step's blend (Kasmina calls it once per step, before alpha advances):
+        its alpha and, for channel/confidence, the sparsity of the seed's weights on that step's activation."""
+        host = self.last_input
+        if self.stage not in BLENDED or host is None:
+            return
+        alpha = self.alpha
+        weights = blend_weights(host, alpha, self.spec, self.logits, channel_axis=self.shape.channel_axis)
+        self.stats.blend_steps += 1
+        self.stats.alpha_sum += alpha
+        if weights is not None:
+            self.stats.sparsity_sum += gate_sparsity(weights)
+
+    def blend_telemetry(self) -> dict[str, Any] | None:
+        """This epoch's mean alpha and, for channel/confidence blending, mean gate sparsity (the fraction of
+        seed weights under 1e-3) over its training steps with the seed blended in; None when it had none."""
+        n = self.stats.blend_steps
+        if n == 0:
+            return None
+        out: dict[str, Any] = {"seed_id": self.seed_id, "alpha_mean": self.stats.alpha_sum / n, "steps": n}
+        if self.spec.mode in ("channel", "confidence"):
+            out["gate_sparsity"] = self.stats.sparsity_sum / n
+        return out
+
+    def clear_blend_telemetry(self) -> None:
+        self.stats.blend_steps, self.stats.alpha_sum, self.stats.sparsity_sum = 0, 0.0, 0.0
 
     def record(self) -> dict[str, Any]:
         """The slot's seed record (checkpoints, summary, inspect)."""

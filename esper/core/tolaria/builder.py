@@ -3,7 +3,7 @@ patched onto a part after it is made; each gets what it uses in its constructor.
 
 The Stateful parts go into one :class:`Components` registry, in restore order, with the place each one's state
 has in a checkpoint. To add one (a GradScaler, a resumable sampler): build it here and register it with a
-manifest key of its own.
+manifest key of its own (as the fp16 GradScaler, ``precision``, does).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from esper.core.tolaria.emergency import EmergencyManager
 from esper.core.tolaria.injector import FaultEntry, FaultInjector
 from esper.core.tolaria.mediator import Mediator, open_controller
 from esper.core.tolaria.optimizer import OptimizerPart
+from esper.core.tolaria.precision import Precision
 from esper.core.tolaria.profiler import ProfilerWindow
 from esper.core.tolaria.rollback import RollbackManager
 from esper.core.tolaria.safety import Safety
@@ -73,6 +74,7 @@ class Parts:
     probe: tuple[torch.Tensor, torch.Tensor]
     steps_per_epoch: int
     pin_memory: bool  # data.pin_memory, on a CUDA device
+    precision: Precision
 
     def close(self) -> None:
         """Stop the controller worker and the blueprint prefetcher, and let a background checkpoint write end (its
@@ -129,6 +131,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         state = TrainState()
         skips = BatchSkips()
         rng = RngState()
+        precision = Precision(cfg.run.precision, device, emit)
 
         components = Components()  # restore order: the modules before the optimizer that holds their parameters
         components.register("host", ModuleState(host, "host"), Layout(file="model", prefix="host."))
@@ -142,6 +145,9 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         components.register("emergency", emergency, Layout(key="emergency"), keep_on_rollback=True)
         components.register("controller", tamiyo, Layout(key="controller"), keep_on_rollback=True)  # rewound instead
         components.register("rng", rng, Layout(file="rng"))
+        # the loss scale is numerics, not a result: a rollback keeps it (and the count of overflowed steps)
+        components.register("precision", precision, Layout(key="precision", absent=Precision.ABSENT),
+                            keep_on_rollback=True)
 
         injector = FaultInjector([*(FaultEntry.of(f) for f in cfg.faults), *faults], cfg.emergency, emit)
         checkpointer = Checkpointer(cfg, run_dir.checkpoints, run_dir.run_id, components, state, machine, injector,
@@ -166,4 +172,4 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         raise
     return Parts(device, task, host, kasmina, loader, optimizer, schedule, emergency, tamiyo, mediator, state, skips,
                  rng, components, injector, checkpointer, rollback, safety, decisions, profiler, probe, n_steps,
-                 cfg.data.pin_memory and device.type == "cuda")
+                 cfg.data.pin_memory and device.type == "cuda", precision)

@@ -40,10 +40,15 @@ class Silent:
         pass
 
 
-def slot_views(slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each slot as an operator's view shows it (the ``slots`` of ``epoch.completed``: watch, TensorBoard)."""
+def slot_views(slots: list[dict[str, Any]], blend: dict[str, dict[str, Any]] | None = None
+               ) -> list[dict[str, Any]]:
+    """Each slot as an operator's view shows it (the ``slots`` of ``epoch.completed``: watch, TensorBoard, the
+    live table), with the epoch's blend telemetry (``alpha_mean``, ``gate_sparsity``) of a blended seed."""
     keys = ("slot", "layer", "seed_id", "blueprint", "stage", "alpha", "epochs_in_stage")
-    return [{k: s.get(k) for k in keys} for s in slots]
+    blend = blend or {}
+    return [{**{k: s.get(k) for k in keys},
+             **{k: v for k, v in blend.get(str(s.get("slot")), {}).items() if k in ("alpha_mean", "gate_sparsity")}}
+            for s in slots]
 
 
 def utc_now() -> str:
@@ -55,6 +60,9 @@ def metrics_row(epoch: int, global_step: int, stats: EpochStats, task: Task, val
                 decisions: dict[str, int]) -> dict[str, Any]:
     """One epoch's row: ``train_loss``/``train_<metric>`` and ``val_loss``/``val_<metric>`` of the task (C1)."""
     stages = Counter(s.stage for s in kasmina.slots.values())
+    # per seed blended in this epoch: mean alpha, and gate sparsity for channel/confidence (Kasmina arch 1); the
+    # key is there only when one was, so rows of epochs without blending are what they always were
+    blend = {s.name: t for s in kasmina.slots.values() if (t := s.blend_telemetry()) is not None}
     return {
         "epoch": epoch,
         "global_step": global_step,
@@ -66,6 +74,7 @@ def metrics_row(epoch: int, global_step: int, stats: EpochStats, task: Task, val
         "skipped_steps": stats.skipped,
         "emergency_level": level,
         "commands": decisions,
+        **({"blend": blend} if blend else {}),
         "step_time_ms": round(stats.mean_step_ms, 4),  # wall-clock
     }
 
@@ -104,6 +113,7 @@ def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failu
         "faults": parts.faults.fired if parts else [],
         "commands": dict(parts.state.commands) if parts else {},
         "growth": parts.decisions.growth() if parts and parts.decisions else None,
+        "precision": parts.precision.describe() if parts else None,  # fp16: steps the loss scaler skipped
         "checkpoint": str(checkpoint) if checkpoint else None,
         "failure": failure,
         "run_dir": run_dir,

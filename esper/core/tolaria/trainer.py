@@ -233,11 +233,13 @@ class Trainer:
         p.emergency.end_epoch()
         row = records.metrics_row(epoch, p.state.global_step, stats, p.task, val, p.kasmina,
                                   p.optimizer.optimizer, p.emergency.level, decisions)
+        for slot in p.kasmina.slots.values():
+            slot.clear_blend_telemetry()  # the row holds this epoch's; the next starts from zero
         p.state.end_epoch(row)
         self.run_dir.append_metrics(row)
-        slots = p.kasmina.records()
+        slots = records.slot_views(p.kasmina.records(), row.get("blend"))
         self.emit("tolaria", "epoch.completed", "INFO", **{k: v for k, v in row.items() if k != "epoch"},
-                  slots=records.slot_views(slots))
+                  slots=slots)
         self.emit("telemetry", "telemetry.window", "INFO", **self.emitter.reset_window())  # this epoch's (O-4)
         if p.loader is not None:
             p.loader.report_window()  # the blueprint cache's counters of this epoch (O-4)
@@ -316,27 +318,31 @@ class Trainer:
         task = p.task
         opt = p.optimizer.optimizer
         opt.zero_grad(set_to_none=True)
+        amp = p.precision
         try:
-            out = p.kasmina.forward(x)
-            loss = p.faults.corrupt_loss(task.loss(out, y))
+            with amp.autocast():
+                out = p.kasmina.forward(x)
+                loss = p.faults.corrupt_loss(task.loss(out, y))
             value = float(loss.detach())
-            bad = p.emergency.check_loss(value)
+            bad = p.emergency.check_loss(value)  # a non-finite loss is an emergency in every precision
             if bad is not None:
                 return self._bad_step(p, bad, stats)
-            loss.backward()
-            p.kasmina.seed_passes(training_slots, x, y, task.loss)
+            amp.scale(loss).backward()
+            with amp.autocast():
+                p.kasmina.seed_passes(training_slots, x, y, task.loss, scale=amp.scale, teacher=out.detach())
         except SeedForwardError as exc:
             return self._bad_step(p, Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
                                   cull=exc.slot)
         p.faults.after_backward(p.host.parameters())
-        bad = p.emergency.check_grads(p.optimizer.named_params())
+        overflowed = amp.unscale(opt)  # fp16: the scaler skips this step; not an emergency
+        bad = None if overflowed else p.emergency.check_grads(p.optimizer.named_params())
         if bad is not None:
             return self._bad_step(p, bad, stats)
-        if self.cfg.trainer.grad_clip > 0:
+        if self.cfg.trainer.grad_clip > 0 and not overflowed:
             torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]],
                                            self.cfg.trainer.grad_clip)
         p.schedule.apply(opt, p.state.global_step)
-        opt.step()
+        amp.step(opt, overflowed, p.state.global_step)
         p.state.global_step += 1
         if not p.safety.paused:
             p.kasmina.after_step()  # CONSERVATIVE freezes seeds in their stage (alpha included)
@@ -382,7 +388,8 @@ class Trainer:
             with p.kasmina.modes(Mode.BYPASS, bypass):
                 for x, y in val_batches(task, self.cfg.data, p.pin_memory):
                     x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
-                    out = p.kasmina.forward(x)
+                    with p.precision.autocast():
+                        out = p.kasmina.forward(x)
                     n = len(y)
                     sums["loss"] += float(task.loss(out, y)) * n
                     for name, fn in task.metrics.items():

@@ -1,0 +1,95 @@
+"""The run's numeric precision as one Stateful part (``run.precision``): autocast for the forward passes and,
+for fp16, a ``torch.amp.GradScaler`` whose state is checkpointed and restored.
+
+fp16 gradients can overflow while the loss is fine: the scaler then skips the optimizer step and halves its
+scale. Such a step is counted (``overflow_steps``) and reported (``step.overflow``), never an emergency; a
+non-finite *loss* still is (the emergency manager checks it before any scaling). bf16 has fp32's range: no
+scaler. Gradients are unscaled before the emergency manager's gradient check and before clipping, so both
+see true gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from esper.core.device import DTYPES
+from esper.core.errors import CheckpointError
+
+
+class Precision:
+    """Autocast dtype (``None`` for fp32) and the fp16 loss scaler."""
+
+    ABSENT: dict[str, Any] = {"scaler": None, "overflow_steps": 0}  # a checkpoint from before precision existed
+
+    def __init__(self, precision: str, device: torch.device, emit: Callable[..., Any]) -> None:
+        self.mode = precision
+        self.device = device
+        self.dtype = DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.overflow_steps = 0
+        self._emit = emit
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.dtype is None:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            yield
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to differentiate (scaled for fp16)."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Unscale the gradients in place; True when they overflowed (fp16 only: the step will be skipped)."""
+        if self.scaler is None:
+            return False
+        self.scaler.unscale_(optimizer)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def step(self, optimizer: torch.optim.Optimizer, overflowed: bool, global_step: int) -> None:
+        """The optimizer step (the scaler's, which skips it on overflow) and the scale update."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        if overflowed:
+            self.overflow_steps += 1
+            self._emit("tolaria", "step.overflow", "WARNING", global_step=global_step, scale=scale,
+                       new_scale=self.scaler.get_scale(), overflow_steps=self.overflow_steps,
+                       reason="fp16 gradients overflowed: the scaler skipped the step and lowered its scale")
+
+    def describe(self) -> dict[str, Any]:
+        """What summary.json says about the run's precision."""
+        out: dict[str, Any] = {"mode": self.mode, "overflow_steps": self.overflow_steps}
+        if self.scaler is not None:
+            out["scale"] = self.scaler.get_scale()
+        return out
+
+    # Stateful
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": None if self.scaler is None else dict(self.scaler.state_dict()),
+                "overflow_steps": self.overflow_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, steps = state.get("scaler"), state.get("overflow_steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise CheckpointError(f"checkpoint precision.overflow_steps is {steps!r}, expected an int >= 0")
+        if self.scaler is not None and saved is not None:
+            if not isinstance(saved, dict) or not all(isinstance(saved.get(k), int | float) and
+                                                      math.isfinite(saved[k]) and saved[k] >= 0
+                                                      for k in ("scale", "growth_factor", "backoff_factor",
+                                                                "growth_interval", "_growth_tracker")):
+                raise CheckpointError(f"checkpoint precision.scaler is {saved!r}, expected a GradScaler state "
+                                      "with finite, non-negative numbers")
+            self.scaler.load_state_dict(saved)
+        self.overflow_steps = steps

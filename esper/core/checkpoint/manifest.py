@@ -30,6 +30,7 @@ from esper.core.checkpoint.payload import (
     EpochStatsRecord,
     MetricsRow,
     OptimizerRecord,
+    PrecisionRecord,
     SeedRecord,
     TensorSummary,
     TrainerStateName,
@@ -91,6 +92,7 @@ class Manifest(BaseModel):
     history: list[MetricsRow] | None = None
     epoch_stats: EpochStatsRecord | None = None
     data: DataRecord | None = None  # batches skipped on replays (H-6)
+    precision: PrecisionRecord | None = None  # the fp16 loss scaler
     rollbacks: list[dict[str, Any]] | None = None
     commands: dict[str, int] | None = None
     optimizer: OptimizerRecord | None = None

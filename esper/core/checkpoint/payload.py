@@ -69,6 +69,10 @@ class SeedStatsRecord(BaseModel):
     latency_ms_sum: float
     counterfactual: dict[str, float]
     embargo_left: int
+    # the blending epoch's telemetry sums (absent before blend telemetry: zero)
+    blend_steps: int = Field(0, ge=0)
+    alpha_sum: float = 0.0
+    sparsity_sum: float = 0.0
 
 
 class SeedRecord(BaseModel):
@@ -141,6 +145,15 @@ class SkippedBatchRecord(BaseModel):
     global_step: int = Field(ge=0)
 
 
+class PrecisionRecord(BaseModel):
+    """``tolaria.precision.Precision.state_dict()`` (manifest key ``precision``; absent before run.precision)."""
+
+    model_config = _CLOSED
+
+    scaler: dict[str, float | int | bool] | None  # torch.amp.GradScaler.state_dict() under fp16
+    overflow_steps: int = Field(ge=0)
+
+
 class DataRecord(BaseModel):
     """``BatchSkips.state_dict()`` (manifest key ``data``; absent before H-6)."""
 
@@ -200,5 +213,6 @@ class TensorSummary(BaseModel):
 TRAINING_KEYS = ("run_id", "reason", "epoch", "step_in_epoch", "global_step", "trainer_state", "emergency", "seeds",
                  "controller", "metrics", "history", "epoch_stats", "rollbacks", "commands", "optimizer",
                  "config_toml", "config_hash")
-__all__ = ["RUN_ID", "SHA256", "TRAINING_KEYS", "ControllerState", "DataRecord", "EmergencyRecord", "EpochStatsRecord",
-           "MetricsRow", "OptimizerRecord", "SeedRecord", "TensorSummary", "TrainerStateName"]
+__all__ = ["RUN_ID", "SHA256", "TRAINING_KEYS", "ControllerState", "DataRecord", "EmergencyRecord",
+           "PrecisionRecord", "EpochStatsRecord", "MetricsRow", "OptimizerRecord", "SeedRecord", "TensorSummary",
+           "TrainerStateName"]

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
-    SHIPPED_TOML,
+    BASE_TOML,
     EventRecorder,
     esper,
     make_config,
@@ -592,7 +592,7 @@ def _between(events: list[dict[str, Any]], start: int, end: int) -> Iterator[dic
 
 @pytest.mark.slow
 def test_forced_conservative_suspends_every_lifecycle_mutation_until_the_policy_clears(tmp_path: Path) -> None:
-    cfg = drill_config(config_mod.load(SHIPPED_TOML).config,
+    cfg = drill_config(config_mod.load(BASE_TOML).config,
                        ['controller.isolation="inline"', "emergency.slow_step_ms=600000.0",
                         "seeds.max_step_latency_ms=600000.0", "controller.risk.max_step_latency_ms=600000.0"])
     doc = run_drill(cfg, fault=None, level="conservative", at="2:1", run_dir=tmp_path / "run")

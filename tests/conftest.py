@@ -33,6 +33,7 @@ from esper.cli.main import app
 from esper.core.config import EsperConfig, from_dict
 from esper.core.kasmina import Kasmina, SeedSlot
 from esper.core.telemetry import read_events
+from esper.core.tolaria.rollback import FastSnapshot, RollbackError, RollbackManager, StructureChanged
 
 # ------------------------------------------------------------------------------------------------ events
 
@@ -380,3 +381,16 @@ def spawn_esper(*args: str, env: Mapping[str, str] | None = None) -> subprocess.
     """The real console script with text pipes for stdout and stderr (a non-terminal, as in a log)."""
     return subprocess.Popen([str(ESPER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "250", **(env or {})})
+
+
+def break_fast_tier(monkeypatch: Any) -> None:
+    """In-place restore finds a changed structure; the structural restore then fails too: a rollback falls
+    through to the full tier (the last verified checkpoint)."""
+    def in_place(self: FastSnapshot, live: Any) -> None:
+        raise StructureChanged("test: live state no longer matches the snapshot")
+
+    def structural(self: RollbackManager) -> Any:
+        raise RollbackError("test: structural restore failed")
+
+    monkeypatch.setattr(FastSnapshot, "restore_into", in_place)
+    monkeypatch.setattr(RollbackManager, "structural_states", structural)

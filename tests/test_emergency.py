@@ -19,6 +19,7 @@ import torch
 from conftest import (
     BASE_TOML,
     EventRecorder,
+    break_fast_tier,
     esper,
     make_config,
     out,
@@ -42,8 +43,6 @@ from esper.core.tolaria import rollback as rollback_mod
 from esper.core.tolaria.emergency import LEVELS, EmergencyManager, UnknownLevel, level_value
 from esper.core.tolaria.rollback import (
     FastSnapshot,
-    RollbackError,
-    RollbackManager,
     RollbackResult,
     StructureChanged,
     live_tensors,
@@ -409,18 +408,6 @@ def test_a_rollback_across_a_germination_restores_structurally_and_the_seed_is_g
         assert opt_params == {id(q) for q in p.host.parameters()}
     finally:
         tr.close()
-
-
-def break_fast_tier(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-place restore finds a changed structure; the structural restore then fails too."""
-    def in_place(self: FastSnapshot, live: Any) -> None:
-        raise StructureChanged("test: live state no longer matches the snapshot")
-
-    def structural(self: RollbackManager) -> Any:
-        raise RollbackError("test: structural restore failed")
-
-    monkeypatch.setattr(FastSnapshot, "restore_into", in_place)
-    monkeypatch.setattr(RollbackManager, "structural_states", structural)
 
 
 @pytest.mark.slow

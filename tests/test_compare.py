@@ -148,6 +148,12 @@ def test_existing_run_dirs_are_refused(tmp_path: Path) -> None:
     assert sorted(p.name for p in out_dir.iterdir()) == ["host-s2"]
 
 
+def test_an_out_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "cmp").write_text("not a directory")
+    result = compare(tmp_path / "cmp", "--seeds", "1")
+    assert result.exit_code == 3 and "not a directory" in result.stderr
+
+
 @pytest.mark.parametrize("text", ["1..x", "5..1", "", "1,,2", "-1..3", "1..2000"])
 def test_bad_seeds_are_a_usage_error(tmp_path: Path, text: str) -> None:
     result = compare(tmp_path / "cmp", "--seeds", text)

@@ -189,6 +189,8 @@ def compare(base: EsperConfig, seeds: Sequence[int], static_host: Sequence[str],
     if out is None:
         fresh = from_dict(base.to_dict(), ['run.run_id=""'])  # a new id even when the config pins run.run_id
         out = Path(base.run.output_dir) / f"compare-{new_run_id(fresh)}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
     taken = [out / f"{v.name}-s{s}" for v in found for s in seeds if (out / f"{v.name}-s{s}").exists()]
     if taken:
         raise ConfigError(f"--out {out}: run directories already exist ({', '.join(p.name for p in taken[:3])}); "

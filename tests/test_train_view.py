@@ -40,7 +40,7 @@ def test_rich_reporter_renders_every_epoch_on_a_terminal() -> None:
 
 
 def test_default_view_run_completes(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["train", *SYNTH, "--run-dir", str(tmp_path / "run")])
+    result = CliRunner().invoke(app, ["train", "--config", str(BASE_TOML), *SYNTH, "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "COMPLETED" in result.stdout
     assert (tmp_path / "run" / "summary.json").is_file()

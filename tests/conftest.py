@@ -34,6 +34,7 @@ from esper.core.checkpoint import manifest_digest
 from esper.core.config import EsperConfig, from_dict
 from esper.core.kasmina import Kasmina, SeedSlot
 from esper.core.telemetry import read_events
+from esper.core.tolaria.rollback import FastSnapshot, RollbackError, RollbackManager, StructureChanged
 
 # ------------------------------------------------------------------------------------------------ events
 
@@ -166,7 +167,9 @@ def seed_to_probationary(k: Kasmina, name: str, blueprint: str, x: torch.Tensor,
 # --------------------------------------------------------------------------------------- esper, run dirs
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_TOML = REPO / "esper.toml"
+# the built-in defaults (an empty file); the shipped esper.toml is MNIST-1D on a cnn host, tested on its own
+BASE_TOML = REPO / "tests" / "data" / "base.toml"
+SHIPPED = REPO / "esper.toml"
 ESPER = Path(sys.executable).parent / "esper"
 WALL_CLOCK_FIELDS = ("step_time_ms",)
 
@@ -191,8 +194,8 @@ def sets(*items: str) -> list[str]:
 
 
 def esper(*args: str) -> Result:
-    """Invoke the real `esper` app in-process with the shipped config."""
-    return CliRunner().invoke(app, ["--config", str(SHIPPED_TOML), *args], env={"COLUMNS": "250"})
+    """Invoke the real `esper` app in-process with the base config (the built-in defaults)."""
+    return CliRunner().invoke(app, ["--config", str(BASE_TOML), *args], env={"COLUMNS": "250"})
 
 
 def train(run_dir: Path, *items: str, extra: Sequence[str] = ()) -> Result:
@@ -284,7 +287,7 @@ def snapshot(run: Path) -> dict[str, bytes]:
 
 def spawn(run_dir: Path, *items: str, log: Path, flags: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """The real console script in its own session (so a signal to its group is a terminal's Ctrl-C)."""
-    cmd = [str(ESPER), "--config", str(SHIPPED_TOML), "train", "--quiet", "--run-dir", str(run_dir), *sets(*items),
+    cmd = [str(ESPER), "--config", str(BASE_TOML), "train", "--quiet", "--run-dir", str(run_dir), *sets(*items),
            *flags]
     with open(log, "wb") as fh:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
@@ -388,3 +391,16 @@ def spawn_esper(*args: str, env: Mapping[str, str] | None = None) -> subprocess.
     """The real console script with text pipes for stdout and stderr (a non-terminal, as in a log)."""
     return subprocess.Popen([str(ESPER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "250", **(env or {})})
+
+
+def break_fast_tier(monkeypatch: Any) -> None:
+    """In-place restore finds a changed structure; the structural restore then fails too: a rollback falls
+    through to the full tier (the last verified checkpoint)."""
+    def in_place(self: FastSnapshot, live: Any) -> None:
+        raise StructureChanged("test: live state no longer matches the snapshot")
+
+    def structural(self: RollbackManager) -> Any:
+        raise RollbackError("test: structural restore failed")
+
+    monkeypatch.setattr(FastSnapshot, "restore_into", in_place)
+    monkeypatch.setattr(RollbackManager, "structural_states", structural)

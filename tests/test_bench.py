@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import typer
+from conftest import BASE_TOML
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -35,7 +36,7 @@ UNITS = {"ms", "ms/step", "us", "us/step", "MiB"}
 
 
 def _invoke(tmp_path: Path, *extra: str) -> Any:
-    return runner.invoke(app, ["--config", str(REPO / "esper.toml"), "--set", f'run.output_dir="{tmp_path}"',
+    return runner.invoke(app, ["--config", str(BASE_TOML), "--set", f'run.output_dir="{tmp_path}"',
                                *extra])
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ESPER, SHIPPED_TOML, make_config, session_pids, wait_until
+from conftest import BASE_TOML, ESPER, make_config, session_pids, wait_until
 from conftest import events as run_events
 from torch import nn
 
@@ -56,7 +56,7 @@ def cmdline(pid: int) -> str:
 @pytest.mark.slow
 def test_controller_timeout_drill_as_a_process_completes_and_leaves_no_child_behind(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cmd = [str(ESPER), "--config", str(SHIPPED_TOML), "simulate-emergency", "--fault", "controller_timeout",
+    cmd = [str(ESPER), "--config", str(BASE_TOML), "simulate-emergency", "--fault", "controller_timeout",
            "--run-dir", str(run), "--json"]
     stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
     with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
@@ -99,7 +99,7 @@ def esper_threads() -> set[threading.Thread]:
 
 @pytest.mark.slow
 def test_controller_timeout_drill_in_process_leaves_no_thread_or_child_process(tmp_path: Path) -> None:
-    cfg = drill_config(config_mod.load(SHIPPED_TOML).config, [])
+    cfg = drill_config(config_mod.load(BASE_TOML).config, [])
     assert cfg.controller.isolation == "process"
     assert multiprocessing.active_children() == []
     before = esper_threads()

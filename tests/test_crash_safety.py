@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    BASE_TOML,
     SYNTHETIC,
     UNHURRIED,
     checkpoint_dirs,
@@ -207,7 +208,7 @@ def test_keep_last_prunes_through_real_training(tmp_path: Path) -> None:
 
 
 def run_in_process(run: Path, items: list[str]) -> dict[str, Any]:
-    cfg = config_mod.load(Path(__file__).resolve().parents[1] / "esper.toml", items).config
+    cfg = config_mod.load(BASE_TOML, items).config
     return TrainSession.prepare(cfg, run_dir=run).run(None)
 
 

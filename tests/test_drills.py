@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import esper, out, sets, verify
+from conftest import SHIPPED, esper, out, sets, verify
 from conftest import events as run_events
 from typer.testing import CliRunner
 
@@ -292,6 +293,19 @@ def test_drill_for_each_forced_level_matches_its_expected_outcome(level: str, tm
     assert up["seq"] > fired["seq"]
     assert_common(doc, events, {**doc["expected"], "level": level.upper()})
     LEVEL_CHECKS[level](doc, events, run)
+
+
+@pytest.mark.slow
+def test_a_drill_on_the_shipped_config_runs_its_own_small_job(tmp_path: Path) -> None:
+    """The shipped esper.toml trains a cnn on MNIST-1D; a drill over it still runs its small synthetic job on the
+    mlp host (the model keys are the drill's), and matches the catalogue."""
+    run = tmp_path / "run"
+    doc = run_drill_cli(run, "--fault", "nan_loss", "--config", str(SHIPPED))
+    assert doc["fault"] == "nan_loss"
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    assert (cfg["data"]["task"], cfg["host"]["factory"], cfg["data"]["batch_size"]) == ("synthetic", "mlp", 64)
+    assert [s["layer"] for s in cfg["seeds"]["slots"]] == ["hidden1", "hidden2"]
+    assert cfg["trainer"]["optimizer"] == "adamw"  # the rest is the config file's
 
 
 # ------------------------------------------------------------------------------ drills on a slow, busy machine

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
-    SHIPPED_TOML,
+    BASE_TOML,
     EventRecorder,
+    break_fast_tier,
     esper,
     make_config,
     out,
@@ -42,8 +43,6 @@ from esper.core.tolaria import rollback as rollback_mod
 from esper.core.tolaria.emergency import LEVELS, EmergencyManager, UnknownLevel, level_value
 from esper.core.tolaria.rollback import (
     FastSnapshot,
-    RollbackError,
-    RollbackManager,
     RollbackResult,
     StructureChanged,
     live_tensors,
@@ -411,18 +410,6 @@ def test_a_rollback_across_a_germination_restores_structurally_and_the_seed_is_g
         tr.close()
 
 
-def break_fast_tier(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-place restore finds a changed structure; the structural restore then fails too."""
-    def in_place(self: FastSnapshot, live: Any) -> None:
-        raise StructureChanged("test: live state no longer matches the snapshot")
-
-    def structural(self: RollbackManager) -> Any:
-        raise RollbackError("test: structural restore failed")
-
-    monkeypatch.setattr(FastSnapshot, "restore_into", in_place)
-    monkeypatch.setattr(RollbackManager, "structural_states", structural)
-
-
 @pytest.mark.slow
 def test_a_failing_fast_tier_falls_through_to_the_last_verified_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -592,7 +579,7 @@ def _between(events: list[dict[str, Any]], start: int, end: int) -> Iterator[dic
 
 @pytest.mark.slow
 def test_forced_conservative_suspends_every_lifecycle_mutation_until_the_policy_clears(tmp_path: Path) -> None:
-    cfg = drill_config(config_mod.load(SHIPPED_TOML).config,
+    cfg = drill_config(config_mod.load(BASE_TOML).config,
                        ['controller.isolation="inline"', "emergency.slow_step_ms=600000.0",
                         "seeds.max_step_latency_ms=600000.0", "controller.risk.max_step_latency_ms=600000.0"])
     doc = run_drill(cfg, fault=None, level="conservative", at="2:1", run_dir=tmp_path / "run")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import (
     GROWING,
-    SHIPPED_TOML,
+    SHIPPED,
     esper,
     events,
     latest,
@@ -163,6 +163,6 @@ def test_a_hostile_scaler_state_is_refused(tmp_path: Path) -> None:
 
 
 def test_shipped_config_documents_the_new_keys() -> None:
-    text = SHIPPED_TOML.read_text()
+    text = SHIPPED.read_text()
     for key in ("precision =", "device =", "block_size =", "d_model =", "betas ="):
         assert key in text

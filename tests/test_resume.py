@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 from conftest import (
+    BASE_TOML,
     GROWING,
-    SHIPPED_TOML,
     SYNTHETIC,
     UNHURRIED,
     assert_same_tensors,
@@ -123,7 +123,7 @@ class SignalAt:
 
 
 def stop_with_signal(run: Path, items: list[str], reporter: SignalAt) -> dict[str, Any]:
-    cfg = config_mod.load(SHIPPED_TOML, items).config
+    cfg = config_mod.load(BASE_TOML, items).config
     return TrainSession.prepare(cfg, run_dir=run).run(reporter)
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ESPER, GROWING, SHIPPED_TOML, metrics, out, sets, train
+from conftest import BASE_TOML, ESPER, GROWING, metrics, out, sets, train
 
 from esper.core.errors import ExitCode
 
@@ -72,13 +72,13 @@ def test_asking_for_tensorboard_without_the_package_is_exit_3_before_anything_is
     probe = subprocess.run([sys.executable, "-c", find], env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "None"  # the blocker works: the package cannot be found
     run = tmp_path / "run"
-    done = subprocess.run([str(ESPER), "--config", str(SHIPPED_TOML), "train", "--quiet", "--run-dir", str(run),
+    done = subprocess.run([str(ESPER), "--config", str(BASE_TOML), "train", "--quiet", "--run-dir", str(run),
                            *sets(*GROWING, "telemetry.tensorboard=true")], env=env, capture_output=True, text=True)
     assert done.returncode == ExitCode.CONFIG, done.stdout + done.stderr
     assert "telemetry.tensorboard = true needs the optional 'tensorboard' package" in done.stderr
     assert "pip install 'esper[tensorboard]'" in done.stderr and "Traceback" not in done.stderr
     assert not run.exists()
-    off = subprocess.run([str(ESPER), "--config", str(SHIPPED_TOML), "train", "--quiet", "--run-dir", str(run),
+    off = subprocess.run([str(ESPER), "--config", str(BASE_TOML), "train", "--quiet", "--run-dir", str(run),
                           *sets(*GROWING, "trainer.epochs=1", "controller.isolation=inline")],
                          env=env, capture_output=True, text=True)
     assert off.returncode == 0, off.stdout + off.stderr  # off (the default), the missing package is no concern

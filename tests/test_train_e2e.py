@@ -113,15 +113,18 @@ def test_json_stdout_is_exactly_the_summary(tmp_path: Path) -> None:
 
 
 def test_default_config_grows_a_seed_to_fossilized(tmp_path: Path) -> None:
-    """The shipped esper.toml on digits: at least one seed goes DORMANT -> ... -> FOSSILIZED in one unbroken run
-    of the lifecycle, visible in both events.jsonl and summary.json."""
+    """The shipped esper.toml (MNIST-1D, cnn host, conv seeds), cut to its first 12 epochs (the seeds fossilize
+    by epoch 10 at run.seed 42): at least one conv seed goes DORMANT -> ... -> FOSSILIZED in one unbroken run of
+    the lifecycle, visible in both events.jsonl and summary.json."""
     run_dir = tmp_path / "run"
-    proc = esper("train", "--json", "--run-dir", str(run_dir), cwd=REPO, timeout=400)
+    proc = esper("train", "--json", "--run-dir", str(run_dir), "--set", "trainer.epochs=12", cwd=REPO, timeout=400)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary == check_run_dir(run_dir, summary["epochs_completed"])
 
+    assert summary["task"]["name"] == "mnist1d"
     fossilized = [s for s in summary["seeds"] if s["stage"] == "FOSSILIZED"]
+    assert {s["blueprint"] for s in fossilized} == {"conv_block"}
     assert fossilized, [(s["slot"], [h["dest"] for h in s["history"]]) for s in summary["seeds"]]
     for seed in fossilized:
         history = seed["history"]

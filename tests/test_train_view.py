@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ESPER, GROWING, SHIPPED_TOML, sets
+from conftest import BASE_TOML, ESPER, GROWING, sets
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -40,7 +40,7 @@ def test_rich_reporter_renders_every_epoch_on_a_terminal() -> None:
 
 
 def test_default_view_run_completes(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["train", *SYNTH, "--run-dir", str(tmp_path / "run")])
+    result = CliRunner().invoke(app, ["train", "--config", str(BASE_TOML), *SYNTH, "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "COMPLETED" in result.stdout
     assert (tmp_path / "run" / "summary.json").is_file()
@@ -78,7 +78,7 @@ class _Steps:
 
 
 def test_the_loss_shown_per_step_is_the_epochs_running_mean(tmp_path: Path) -> None:
-    cfg = config_mod.load(SHIPPED_TOML, [*GROWING, "trainer.epochs=3", "controller.isolation=inline",
+    cfg = config_mod.load(BASE_TOML, [*GROWING, "trainer.epochs=3", "controller.isolation=inline",
                                          "data.batch_size=48"]).config
     seen = _Steps()
     TrainSession.prepare(cfg, run_dir=tmp_path / "run").run(seen)
@@ -88,7 +88,7 @@ def test_the_loss_shown_per_step_is_the_epochs_running_mean(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_the_live_view_on_a_log_ends_its_line_before_the_summary(tmp_path: Path) -> None:
-    args = [str(ESPER), "--config", str(SHIPPED_TOML), "train", *sets(*GROWING, "trainer.epochs=2",
+    args = [str(ESPER), "--config", str(BASE_TOML), "train", *sets(*GROWING, "trainer.epochs=2",
                                                                         "controller.isolation=inline")]
     split = subprocess.run([*args, "--run-dir", str(tmp_path / "a")], capture_output=True, text=True)
     assert split.returncode == 0, split.stderr

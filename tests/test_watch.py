@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    BASE_TOML,
     GROWING,
-    SHIPPED_TOML,
     esper,
     hold_lock,
     out,
@@ -133,7 +133,7 @@ def test_watch_of_a_resumed_run_follows_the_new_session_not_the_old_summary(tmp_
     stopped = train(run, *items, extra=["--fault", "sigterm@3:1"])
     assert stopped.exit_code == ExitCode.SIGTERM, out(stopped)
     assert json.loads((run / "summary.json").read_text())["status"] == "STOPPED"
-    proc = spawn_esper("--config", str(SHIPPED_TOML), "train", "--quiet", "--resume", str(run), *sets(*items))
+    proc = spawn_esper("--config", str(BASE_TOML), "train", "--quiet", "--resume", str(run), *sets(*items))
     wait_until(lambda: writer_alive(run) or proc.poll() is not None, "the resumed run to take the writer lock",
                timeout=120)
     watcher = _watch(run)

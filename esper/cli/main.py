@@ -8,6 +8,7 @@ from esper import __version__
 from esper.cli import config_cmd, emergency, faults, runbook
 from esper.cli.bench import bench
 from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt
+from esper.cli.compare import compare_cmd
 from esper.cli.drill import simulate_emergency
 from esper.cli.inspect import inspect_checkpoint
 from esper.cli.lifecycle import lifecycle
@@ -59,6 +60,7 @@ app.command("bench")(bench)
 app.command("plot")(plot)
 app.command("watch")(watch)
 app.command("runs")(runs)
+app.command("compare")(compare_cmd)
 
 
 def run() -> None:

@@ -42,9 +42,22 @@ FORCED = {  # what a forced level must lead to
 }
 
 
+# The drill's job is always the synthetic task on the built-in mlp host with its built-in slots and feature
+# blueprints (the schema's defaults), whatever model the config file trains (the shipped one is a cnn on MNIST-1D):
+# a fault's step positions (--at EPOCH:STEP) and expected outcome are defined on that job.
+DRILL_JOB = {"data": ("batch_size", "eval_batch_size", "drop_last", "val_fraction", "synthetic_features",
+                      "synthetic_classes"),
+             "host": ("factory", "hidden", "activation"),
+             "seeds": ("blueprints", "slots", "blend")}
+
+
 def drill_config(base: EsperConfig, overrides: list[str]) -> EsperConfig:
-    """The drill's config: the config file, then the drill's small-run defaults, then the user's ``--set``."""
+    """The drill's config: the config file, then the drill's small job (its model, data and small-run settings),
+    then the user's ``--set``."""
     merged = base.to_dict()
+    defaults = EsperConfig().to_dict()
+    for section, keys in DRILL_JOB.items():
+        merged[section].update({k: defaults[section][k] for k in keys})
     for section, values in DRILL_OVERRIDES.items():
         merged[section].update(values)
     return from_dict(merged, overrides)

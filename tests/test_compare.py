@@ -1,0 +1,172 @@
+"""`esper compare`: grown vs host alone vs a static host over run seeds; every figure is the runs' own summary."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import GROWING, esper, out, sets, summary
+
+from esper.core.compare import parse_seeds
+from esper.core.errors import ConfigError
+
+# grows at once on the synthetic task, so the grown runs really differ from the host alone
+TINY = [*GROWING, "trainer.epochs=3", "controller.isolation=inline"]
+STATIC = "host.hidden=[12, 12]"
+
+
+def compare(out_dir: Path, *args: str, items: list[str] = TINY) -> Any:
+    return esper("compare", "--out", str(out_dir), *args, *sets(*items))
+
+
+def _row(text: str, first: str) -> list[str]:
+    """The cells of the table row whose first cell is ``first``."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells and cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in:\n{text}")
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    out_dir = tmp_path_factory.mktemp("compare") / "cmp"
+    result = compare(out_dir, "--seeds", "1..2", "--static-host", STATIC)
+    return out_dir, result
+
+
+def test_every_run_is_a_real_run_dir_with_its_variant_config(table_run: tuple[Path, Any]) -> None:
+    out_dir, result = table_run
+    assert result.exit_code == 0, out(result)
+    names = sorted(p.name for p in out_dir.iterdir() if p.is_dir())
+    assert names == ["grown-s1", "grown-s2", "host-s1", "host-s2", "static-s1", "static-s2"]
+    for name in names:
+        variant, seed = name.split("-s")
+        cfg = tomllib.loads((out_dir / name / "config.toml").read_text())
+        assert cfg["run"]["seed"] == int(seed) and cfg["run"]["run_id"] == name
+        assert cfg["seeds"]["enabled"] is (variant == "grown")
+        assert cfg["host"]["hidden"] == ([12, 12] if variant == "static" else [6, 6])
+        s = summary(out_dir / name)
+        assert s["status"] == "COMPLETED" and s["epochs_completed"] == 3
+    grown = summary(out_dir / "grown-s1")
+    assert any(seed["blueprint"] for seed in grown["seeds"]), "the grown run germinated nothing"
+    assert grown["final"]["params"] > summary(out_dir / "host-s1")["final"]["params"]
+
+
+def test_table_figures_are_the_runs_summaries(table_run: tuple[Path, Any]) -> None:
+    out_dir, result = table_run
+    text = result.stdout
+    assert "val_accuracy (higher is better) over run seeds 1, 2" in text
+    finals = {(v, s): summary(out_dir / f"{v}-s{s}")["final"] for v in ("grown", "host", "static") for s in (1, 2)}
+    for v in ("grown", "host", "static"):
+        accs = [finals[(v, s)]["val_accuracy"] for s in (1, 2)]
+        losses = [finals[(v, s)]["val_loss"] for s in (1, 2)]
+        params = {finals[(v, s)]["params"] for s in (1, 2)}
+        cells = _row(text, v)
+        assert cells[1:6] == ["2/2", pct(statistics.fmean(accs)), pct(min(accs)), pct(max(accs)),
+                              f"{statistics.fmean(losses):.4f}"]
+        assert cells[6] == (f"{min(params):,}" if len(params) == 1 else f"{min(params):,}-{max(params):,}")
+        assert cells[7].endswith(" s")
+    deltas = []
+    for s in (1, 2):
+        g, h, st = (finals[(v, s)]["val_accuracy"] for v in ("grown", "host", "static"))
+        deltas.append(g - h)
+        assert _row(text, str(s))[1:] == [pct(g), pct(h), pct(st), f"{100 * (g - h):+.2f} pts",
+                                          f"{100 * (g - st):+.2f} pts"]
+    assert _row(text, "min")[-2] == f"{100 * min(deltas):+.2f} pts"
+    assert _row(text, "mean")[-2] == f"{100 * statistics.fmean(deltas):+.2f} pts"
+
+
+def test_compare_json_document_matches_the_runs(table_run: tuple[Path, Any]) -> None:
+    out_dir, _ = table_run
+    doc = json.loads((out_dir / "compare.json").read_text())
+    assert doc["seeds"] == [1, 2] and doc["exit_code"] == 0 and doc["stopped"] is False
+    assert (doc["primary_metric"], doc["direction"]) == ("val_accuracy", "max")
+    assert list(doc["variants"]) == ["grown", "host", "static"]
+    assert doc["variants"]["host"]["overrides"] == ["seeds.enabled=false"]
+    assert doc["variants"]["static"]["overrides"] == [STATIC, "seeds.enabled=false"]
+    for name, v in doc["variants"].items():
+        assert v["completed"] == 2
+        for run in v["runs"]:
+            s = summary(Path(run["run_dir"]))
+            assert Path(run["run_dir"]) == out_dir / f"{name}-s{run['seed']}"
+            assert (run["primary"], run["val_loss"], run["params"]) == (
+                s["final"]["val_accuracy"], s["final"]["val_loss"], s["final"]["params"])
+            assert run["exit_code"] == s["exit_code"] == 0 and run["error"] is None
+        prim = [r["primary"] for r in v["runs"]]
+        assert v["primary"] == {"mean": statistics.fmean(prim), "min": min(prim), "max": max(prim)}
+    g = {r["seed"]: r["primary"] for r in doc["variants"]["grown"]["runs"]}
+    h = {r["seed"]: r["primary"] for r in doc["variants"]["host"]["runs"]}
+    per_seed = {str(k): g[k] - h[k] for k in (1, 2)}
+    assert doc["deltas"]["grown-host"]["per_seed"] == per_seed
+    assert doc["deltas"]["grown-host"]["min"] == min(per_seed.values())
+    assert set(doc["deltas"]) == {"grown-host", "grown-static"}
+
+
+def test_json_prints_one_document_and_a_failed_run_sets_the_exit_code(tmp_path: Path) -> None:
+    """The static host's factory returns no module: its run fails at build (exit 3), its row says so, the other
+    runs complete, and compare exits with the worst run's code."""
+    out_dir = tmp_path / "cmp"
+    result = compare(out_dir, "--seeds", "1", "--json", "--static-host", 'host.factory="plugins_fixture:not_a_module"',
+                     items=[*TINY, "trainer.epochs=1"])
+    assert result.exit_code == 3, out(result)
+    doc = json.loads(result.stdout)
+    assert doc == json.loads((out_dir / "compare.json").read_text())
+    runs = {name: v["runs"] for name, v in doc["variants"].items()}
+    assert [r["exit_code"] for r in runs["grown"] + runs["host"]] == [0, 0]
+    (bad,) = runs["static"]
+    assert bad["exit_code"] == 3 and bad["status"] == "FAILED" and bad["primary"] is None
+    assert "plugins_fixture:not_a_module" in bad["error"]
+    assert doc["variants"]["static"]["completed"] == 0 and doc["variants"]["static"]["primary"]["mean"] is None
+    assert doc["deltas"]["grown-static"]["per_seed"] == {} and doc["deltas"]["grown-static"]["min"] is None
+    assert summary(out_dir / "static-s1")["exit_code"] == 3
+    assert "FAILED (exit 3)" in result.stderr or "FAILED, exit 3" in result.stderr
+
+
+def test_bad_static_host_key_is_exit_3_naming_it_before_any_run(tmp_path: Path) -> None:
+    out_dir = tmp_path / "cmp"
+    result = compare(out_dir, "--seeds", "1..2", "--static-host", "host.hiden=[12]")
+    assert result.exit_code == 3
+    assert "--static-host" in result.stderr and "host.hiden: unknown key" in result.stderr
+    assert "did you mean 'host.hidden'?" in result.stderr
+    assert not out_dir.exists()
+
+
+def test_existing_run_dirs_are_refused(tmp_path: Path) -> None:
+    out_dir = tmp_path / "cmp"
+    (out_dir / "host-s2").mkdir(parents=True)
+    result = compare(out_dir, "--seeds", "1..2")
+    assert result.exit_code == 3 and "host-s2" in result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["host-s2"]
+
+
+def test_an_out_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "cmp").write_text("not a directory")
+    result = compare(tmp_path / "cmp", "--seeds", "1")
+    assert result.exit_code == 3 and "not a directory" in result.stderr
+
+
+@pytest.mark.parametrize("text", ["1..x", "5..1", "", "1,,2", "-1..3", "1..2000"])
+def test_bad_seeds_are_a_usage_error(tmp_path: Path, text: str) -> None:
+    result = compare(tmp_path / "cmp", "--seeds", text)
+    assert result.exit_code == 2, out(result)
+    assert "--seeds" in result.stderr
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_parse_seeds() -> None:
+    assert parse_seeds("1..5") == [1, 2, 3, 4, 5]
+    assert parse_seeds(" 3..3 ") == [3]
+    assert parse_seeds("1,3,7") == [1, 3, 7]
+    assert parse_seeds("7,3,7,1") == [7, 3, 1]
+    for bad in ("3..1", "a", "1-3", "1..", "1;2"):
+        with pytest.raises(ConfigError):
+            parse_seeds(bad)

@@ -112,8 +112,8 @@ def test_compare_json_document_matches_the_runs(table_run: tuple[Path, Any]) -> 
 
 
 def test_json_prints_one_document_and_a_failed_run_sets_the_exit_code(tmp_path: Path) -> None:
-    """The static host's factory returns no module: its run fails at build (exit 3), its row says so, the other
-    runs complete, and compare exits with the worst run's code."""
+    """The static host's factory returns no module: its run is refused at build (exit 3, before it has a run
+    directory), its row says so, the other runs complete, and compare exits with the worst run's code."""
     out_dir = tmp_path / "cmp"
     result = compare(out_dir, "--seeds", "1", "--json", "--static-host", 'host.factory="plugins_fixture:not_a_module"',
                      items=[*TINY, "trainer.epochs=1"])
@@ -123,12 +123,12 @@ def test_json_prints_one_document_and_a_failed_run_sets_the_exit_code(tmp_path: 
     runs = {name: v["runs"] for name, v in doc["variants"].items()}
     assert [r["exit_code"] for r in runs["grown"] + runs["host"]] == [0, 0]
     (bad,) = runs["static"]
-    assert bad["exit_code"] == 3 and bad["status"] == "FAILED" and bad["primary"] is None
+    assert bad["exit_code"] == 3 and bad["status"] == "ERROR" and bad["primary"] is None
     assert "plugins_fixture:not_a_module" in bad["error"]
     assert doc["variants"]["static"]["completed"] == 0 and doc["variants"]["static"]["primary"]["mean"] is None
     assert doc["deltas"]["grown-static"]["per_seed"] == {} and doc["deltas"]["grown-static"]["min"] is None
-    assert summary(out_dir / "static-s1")["exit_code"] == 3
-    assert "FAILED (exit 3)" in result.stderr or "FAILED, exit 3" in result.stderr
+    assert not (out_dir / "static-s1" / "summary.json").exists()
+    assert "ERROR (exit 3)" in result.stderr or "ERROR, exit 3" in result.stderr
 
 
 def test_bad_static_host_key_is_exit_3_naming_it_before_any_run(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ Kasmina's slots are forward hooks on the host and TRAINING seeds take their own 
 (``Kasmina.seed_passes``) after the host's, so one step runs more than one backward over a parameter set that
 changes with every germinate, cull and fossilize. DDP's reducer fires during one backward and must be rebuilt
 (and its buckets re-planned) at each structural change; a single coalesced all-reduce after all the step's
-backward passes is exact for this loop, has one collective per step and needs nothing rebuilt: the registered
-order is re-checked across ranks (names + shapes + which have a gradient, digest all-gathered) whenever it
-changes, and a mismatch is HALT naming the ranks.
+backward passes is exact for this loop, costs one gradient collective per step and needs nothing rebuilt: the
+registered order (names + shapes + which have a gradient) is compared across ranks at every step by a one-integer
+all-reduce of its digest, and a mismatch is all-gathered and HALT naming the ranks.
 
 Emergencies agree by construction: the step's loss is reduced before it is checked (a NaN on any rank is a NaN
 in the sum on every rank) and the gradient is reduced before ``check_grads`` reads it, so every rank sees the same
@@ -59,6 +59,7 @@ class DataParallel:
         self.world = world or current()
         self.halt = halt
         self._layout: tuple[Any, ...] | None = None
+        self._code = 0  # the layout's digest as an integer (60 bits)
         self._weight = 1.0  # this rank's share of the global batch (its gradient's weight in the sum)
 
     @property
@@ -93,8 +94,13 @@ class DataParallel:
             return
         layout = tuple((name, tuple(p.shape), p.grad is not None) for name, p in named)
         if layout != self._layout:
-            self.check_layout(layout)
-            self._layout = layout
+            self._layout, self._code = layout, int(_digest(layout)[:15], 16)
+        # every step, on every rank (a rank whose layout alone changed must not wait in a collective the others
+        # never enter): max and -min of the layout digests agree only if every rank has the same one
+        codes = torch.tensor([self._code, -self._code], dtype=torch.int64)
+        tdist.all_reduce(codes, op=tdist.ReduceOp.MAX)
+        if int(codes[0]) != -int(codes[1]) and not self.check_layout(layout):
+            return  # never a collective over buffers that differ (the HALT has been raised)
         grads = [p.grad for _, p in named if p.grad is not None]
         if not grads:
             return
@@ -105,13 +111,14 @@ class DataParallel:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def check_layout(self, layout: tuple[Any, ...]) -> None:
+    def check_layout(self, layout: tuple[Any, ...]) -> bool:
         """Every rank registers the same parameters in the same order (after every structural change)."""
         digests = gather(_digest(layout), self.world)
         bad = disagreeing(digests)
         if bad:
             self.halt("rank_divergence", f"ranks {bad} register other parameters than rank 0 "
                       f"(digests {digests})", {"ranks": bad, "what": "parameters"})
+        return not bad
 
     def fingerprint(self, records: list[dict[str, Any]], named: Sequence[tuple[str, nn.Parameter]]) -> dict[str, Any]:
         """This rank's lifecycle fingerprint: stages, alphas, blueprints, parameter count, a digest of every

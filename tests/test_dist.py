@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import ESPER, GROWING, SHIPPED_TOML, WALL_CLOCK_FIELDS, events, make_config, sets, tensors
+
 from esper.cli.launch import worker_argv
 from esper.core.data.loader import EpochBatches, epoch_order
 from esper.core.dist import DataParallel, World, check_config
@@ -219,12 +219,12 @@ def test_two_ranks_match_one_process_for_the_same_global_batch(two: Path, tmp_pa
 def test_resume_at_two_ranks_is_bit_identical_and_at_one_keeps_the_lifecycle(two: Path, tmp_path: Path) -> None:
     start = two / "checkpoints" / "epoch-0002"
     r22, r21 = tmp_path / "r22", tmp_path / "r21"
-    done = _torchrun("train", "--quiet", "--resume", str(start), "--run-dir", str(r22))
+    done = _torchrun("train", "--quiet", "--resume", str(start), "--run-dir", str(r22), *sets(*JOB))
     assert done.returncode == 0, done.stdout + done.stderr
     final = tensors(two / "checkpoints" / "epoch-0003", "model")
     again = tensors(r22 / "checkpoints" / "epoch-0003", "model")
     assert sorted(final) == sorted(again) and all(torch.equal(final[k], again[k]) for k in final)
-    done = _esper("train", "--quiet", "--resume", str(start), "--run-dir", str(r21))
+    done = _esper("train", "--quiet", "--resume", str(start), "--run-dir", str(r21), *sets(*JOB))
     assert done.returncode == 0, done.stdout + done.stderr
     last2, last1 = _rows(two / "metrics.jsonl")[-1], _rows(r21 / "metrics.jsonl")[-1]
     assert (last1["seeds_by_stage"], last1["params"]) == (last2["seeds_by_stage"], last2["params"])
@@ -244,3 +244,47 @@ def test_a_rank_that_diverges_halts_every_rank(tmp_path: Path) -> None:
     assert json.loads((run / "summary.json").read_text())["status"] == "HALTED"
     assert json.loads((run / "rank-1" / "summary.json").read_text())["status"] == "HALTED"
     assert halts or crit
+
+
+def _rank_pid(run: Path, rank: int) -> int | None:
+    """The worker process training ``run`` as ``rank`` (its environment says which rank torchrun made it)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run).encode() in cmdline and f"RANK={rank}".encode() in environ and b"esper" in b" ".join(cmdline):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_group_which_resumes_from_latest(tmp_path: Path) -> None:
+    from conftest import wait_for
+
+    from esper.core.checkpoint import latest_checkpoint, verify_checkpoint
+
+    run, log = tmp_path / "elastic", tmp_path / "elastic.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([str(ESPER), "--config", str(SHIPPED_TOML), "train", "--nproc", "2",
+                                 "--max-restarts", "1", "--quiet", "--run-dir", str(run),
+                                 *sets(*JOB, "trainer.epochs=4")], stdout=fh, stderr=subprocess.STDOUT, env=_env())
+    try:
+        wait_for(lambda: (run / "checkpoints" / "latest").exists() and _rank_pid(run, 1) is not None, proc, log,
+                 "the first checkpoint")
+        pid = _rank_pid(run, 1)
+        assert pid is not None
+        os.kill(pid, 9)
+        assert proc.wait(300) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    restarted = events(run, "run.restarted")
+    assert len(restarted) == 1 and restarted[0]["attributes"]["restart"] == 1
+    assert json.loads((run / "summary.json").read_text())["status"] == "COMPLETED"
+    latest = latest_checkpoint(run / "checkpoints")
+    assert latest is not None and latest.name == "epoch-0004" and verify_checkpoint(latest).ok
+    assert [r["epoch"] for r in _rows(run / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper.core.checkpoint import LoadedCheckpoint
+from esper.core.checkpoint import LoadedCheckpoint, latest_checkpoint
 from esper.core.config import EsperConfig, from_dict
-from esper.core.dist import broadcast, current
+from esper.core.dist import broadcast, current, restart_count
 from esper.core.errors import EsperError, ExitCode
 from esper.core.rundir import RunDir
 from esper.core.session import Resume, TrainSession
@@ -59,10 +59,10 @@ def prepare(own: EsperConfig, **options: Any) -> TrainSession | FollowerSession:
     """``TrainSession.prepare(own, **options)`` on rank 0, followed by every other rank."""
     world = current()
     if not world.active:
-        return TrainSession.prepare(own, **options)
+        return _prepare(own, options)
     if world.writer:
         try:
-            session = TrainSession.prepare(own, **options)
+            session = _prepare(own, options)
         except BaseException as exc:
             code = exc.exit_code if isinstance(exc, EsperError) else ExitCode.INTERNAL
             broadcast(("error", f"{type(exc).__name__}: {exc}", int(code)), world)
@@ -78,3 +78,17 @@ def prepare(own: EsperConfig, **options: Any) -> TrainSession | FollowerSession:
     resume = Resume.load(Path(ckpt)).checkpoint if ckpt is not None else None
     return FollowerSession(from_dict(cfg), RunDir(rank_dir(Path(path), world.rank), run_id), resume,
                            tuple(FaultEntry(*f) for f in injected))
+
+
+def _prepare(own: EsperConfig, options: dict[str, Any]) -> TrainSession:
+    """An elastic restart of the group (torchelastic's restart count > 0) runs the same command line again: the
+    run it names resumes from its ``latest`` by itself, and says so (``run.restarted``)."""
+    restarts = restart_count()
+    run_dir = options.get("run_dir")
+    latest = latest_checkpoint(Path(run_dir) / "checkpoints") if run_dir is not None and restarts else None
+    if latest is None or options.get("resume") is not None:
+        return TrainSession.prepare(own, **options)
+    session = TrainSession.prepare(own, **{**options, "resume": Path(run_dir)})
+    session.notices.append(("run.restarted", "CRITICAL", {"restart": restarts, "checkpoint": str(latest),
+                                                          "world_size": current().size}))
+    return session

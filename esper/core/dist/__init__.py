@@ -2,7 +2,7 @@
 cross-rank checks (parameter layout, lifecycle fingerprint). See README "Scale out"."""
 
 from esper.core.dist.parallel import DataParallel, weights_digest
-from esper.core.dist.world import World, broadcast, check_config, current, env_world, gather, joined
+from esper.core.dist.world import World, broadcast, check_config, current, env_world, gather, joined, restart_count
 
 __all__ = ["DataParallel", "World", "broadcast", "check_config", "current", "env_world", "gather", "joined",
-           "weights_digest"]
+           "restart_count", "weights_digest"]

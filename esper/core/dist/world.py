@@ -72,6 +72,12 @@ def env_world() -> tuple[int, int, int]:
     return rank, size, read("LOCAL_RANK", 0)
 
 
+def restart_count() -> int:
+    """How many times torch's elastic agent has restarted this group (0 on its first attempt, and outside it)."""
+    raw = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(raw) if raw.isdigit() else 0
+
+
 def resolve_backend(cfg: DistConfig, device: str) -> str:
     """``auto``: nccl for a cuda run, gloo on cpu; nccl on a cpu run is a config error (it has no cpu path)."""
     if cfg.backend == "auto":

@@ -108,7 +108,16 @@ def joined(cfg: EsperConfig) -> Iterator[World]:
     check_config(cfg, size)
     if backend == "nccl":
         torch.cuda.set_device(local)
-    tdist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
+    timeout = timedelta(seconds=cfg.dist.timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # the elastic agent's store outlives a restart of the group (torch shares the rendezvous TCP store
+        # across rounds) and the default group's keys carry no attempt: a restarted group would read the dead
+        # attempt's addresses. One prefix per attempt keeps every attempt's keys apart.
+        store = tdist.PrefixStore(f"esper/attempt-{restart_count()}", tdist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False, timeout=timeout))
+        tdist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+    else:
+        tdist.init_process_group(backend, timeout=timeout)
     _current = World(rank, size, local, backend)
     try:
         yield _current

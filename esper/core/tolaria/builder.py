@@ -156,7 +156,10 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
                                   FieldReportLog(run_dir.field_reports), injector, probe, task, safety.handle,
                                   emit)
         profiler = ProfilerWindow(cfg.trainer.profiler, run_dir.path, emit)
-        parallel = DataParallel(lambda cause, detail, attrs: safety.handle(Signal("HALT", cause, detail, attrs)))
+        def diverged(cause: str, detail: str, attrs: dict[str, Any]) -> None:
+            emit("tolaria", "rank.divergence", "CRITICAL", detail=detail, **attrs)  # names the ranks
+            safety.handle(Signal("HALT", cause, detail, attrs))
+        parallel = DataParallel(diverged)
     except BaseException:
         # nothing of a run that failed to build outlives it (prefetch threads, the controller worker)
         if loader is not None:

@@ -135,6 +135,7 @@ def _collectives(rank: int, port: int, out: str) -> None:
     tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_reductions_and_checks_across_two_gloo_ranks(tmp_path: Path) -> None:
     mp.spawn(_collectives, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     res = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]

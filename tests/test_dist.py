@@ -214,6 +214,15 @@ def test_two_ranks_match_one_process_for_the_same_global_batch(two: Path, tmp_pa
     w1, w2 = tensors(one / "checkpoints" / "epoch-0003", "model"), tensors(two / "checkpoints" / "epoch-0003", "model")
     assert sorted(w1) == sorted(w2)
     assert all(torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5) for k in w1)
+    # and a checkpoint of the 1-process run resumes at 2 ranks (1 -> 2) to the same lifecycle
+    r12 = tmp_path / "r12"
+    done = _torchrun("train", "--quiet", "--resume", str(one / "checkpoints" / "epoch-0002"), "--run-dir", str(r12),
+                     *sets(*JOB))
+    assert done.returncode == 0, done.stdout + done.stderr
+    last1, last12 = rows1[-1], _rows(r12 / "metrics.jsonl")[-1]
+    assert (last12["seeds_by_stage"], last12["params"]) == (last1["seeds_by_stage"], last1["params"])
+    assert last12["val_loss"] == pytest.approx(last1["val_loss"], rel=1e-4)
+    assert _rows(r12 / "rank-1" / "metrics.jsonl")[-1] == last12
 
 
 @pytest.mark.slow

@@ -279,3 +279,18 @@ def propose_conv_block(controller: ControllerConfig, seeds: SeedsConfig) -> Prop
 def raising_task(cfg: EsperConfig) -> Task:
     """A task factory that raises (a missing data file, a bug): exit 3 naming the key, never a traceback."""
     raise FileNotFoundError("train.csv: no such file")
+
+
+def rank_skewed_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """The built-in mlp with one weight nudged on every rank but 0 (torchrun's ``RANK``): a host factory that is
+    not the same in every process, which the epoch fingerprint must catch."""
+    import os
+
+    from esper.core.host import build_host
+
+    host = build_host(cfg.model_copy(update={"host": cfg.host.model_copy(update={"factory": "mlp"})}), input_shape,
+                      n_outputs)
+    if os.environ.get("RANK", "0") != "0":
+        with torch.no_grad():
+            next(host.parameters()).view(-1)[0] += 1.0
+    return host

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,9 +20,12 @@ from esper.cli.common import (
     stderr,
     stdout,
 )
+from esper.core.bench.p7 import run_p7
 from esper.core.bench.run import run_bench
 from esper.core.bench.stats import BenchPlan
 
+ScaleOutOpt = Annotated[bool, typer.Option(
+    "--scale-out", help="Only P-7: steps/s at 1 and 2 processes for the same global batch (real runs, minutes).")]
 QuickOpt = Annotated[bool, typer.Option("--quick", help="Reduced run (well under a minute) for CI smoke tests.")]
 
 
@@ -76,9 +81,19 @@ def bench(
     sets: SetOpt = None,
     quick: QuickOpt = False,
     as_json: JsonOpt = False,
+    scale_out: ScaleOutOpt = False,
 ) -> None:
     """Measure Esper's overheads against plain-PyTorch baselines, alternating in one process (SPEC §9)."""
     resolved = load_config(ctx, config, sets)
+    if scale_out:
+        with tempfile.TemporaryDirectory(prefix=".bench-p7-", dir=".") as scratch:
+            doc = run_p7(resolved.config, Path(scratch))
+        if as_json:
+            print_json(doc)
+        else:
+            stdout().print(f"P-7 {doc['name']}: {doc['median']['1']:.1f} -> {doc['median']['2']:.1f} steps/s, "
+                           f"ratio {doc['ratio']:.2f}x (median of {doc['pairs']} pairs)", highlight=False)
+        return
     plan = BenchPlan.from_config(resolved.config.bench, quick=quick)
     err = stderr()
     quiet = global_options(ctx).quiet

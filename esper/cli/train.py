@@ -22,13 +22,20 @@ from esper.cli.common import (
     stderr,
     stdout,
 )
+from esper.cli.launch import launch
 from esper.cli.view import RunView, last_text, plain_line, render_summary
+from esper.core import scaleout
 from esper.core.config import ENV_VAR, operator_config
+from esper.core.dist import joined
 from esper.core.session import TrainSession
 
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: run.output_dir/RUN_ID).")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint dir, run dir or manifest to resume.")]
 FaultOpt = Annotated[list[str] | None, typer.Option("--fault", help="Inject NAME@EPOCH[:STEP] (repeatable).")]
+NprocOpt = Annotated[int | None, typer.Option(
+    "--nproc", help="Train data-parallel on N processes of this machine (torch's elastic launcher, gloo on cpu).")]
+RestartsOpt = Annotated[int, typer.Option(
+    "--max-restarts", help="With --nproc: restart the whole group this many times after a worker dies.")]
 AllowOpt = Annotated[list[str] | None, typer.Option(
     "--allow-config-change", help="On resume, accept these changed config keys (repeatable dotted keys).")]
 
@@ -115,6 +122,8 @@ def train(
     allow_config_change: AllowOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = None,
+    max_restarts: RestartsOpt = 0,
 ) -> None:
     """Train the host and grow seeds as configured; writes the run directory (one writer at a time: exit 8).
 
@@ -124,14 +133,23 @@ def train(
     a checkpoint never names code to run (exit 4). A config that differs from the checkpoint's is refused
     unless --allow-config-change names every changed key (exit 3).
     """
+    if nproc is not None:
+        raise typer.Exit(launch(nproc, max_restarts))
     g = global_options(ctx)
     quiet = quiet or g.quiet
     overrides = [*g.sets, *(sets or [])]
     plain = resume is not None and config is None and g.config is None and not os.environ.get(ENV_VAR)
     own = operator_config(overrides) if plain else load_config(ctx, config, sets).config
-    session = TrainSession.prepare(own, run_dir=run_dir, resume=resume, base="checkpoint" if plain else "config",
+    with joined(own) as world:  # a no-op outside torchrun
+        session = scaleout.prepare(own, run_dir=run_dir, resume=resume, base="checkpoint" if plain else "config",
                                    overrides=overrides, faults=list(fault or []),
                                    allow_config_change=list(allow_config_change or []))
+        if not world.writer:  # rank > 0: no view, no summary on the terminal (rank 0 speaks for the run)
+            raise typer.Exit(session.run(reporter=None)["exit_code"])
+        _run(session, as_json, quiet)
+
+
+def _run(session: TrainSession | scaleout.FollowerSession, as_json: bool, quiet: bool) -> None:
     epochs = session.cfg.trainer.epochs
     if as_json:
         summary = session.run(reporter=None)

@@ -317,6 +317,12 @@ class EmergencyConfig(_Section):
     slow_step_ms: float = Field(2000.0, gt=0.0, description="a step slower than this raises NOTICE")
 
 
+class DistConfig(_Section):
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend under torchrun; "
+                                                     "auto: nccl on cuda, gloo on cpu")
+    timeout_s: float = Field(300.0, gt=0.0, le=86_400.0, description="collective and rendezvous timeout (s)")
+
+
 class TelemetryConfig(_Section):
     batch_size: int = Field(64, ge=1, description="events buffered before a write (CRITICAL bypasses)")
     rate_limit_per_s: int = Field(2000, ge=1, description="INFO/WARNING events per second before dropping")
@@ -372,6 +378,7 @@ class EsperConfig(_Section):
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     emergency: EmergencyConfig = Field(default_factory=EmergencyConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
     faults: list[FaultConfig] = Field(default_factory=list, max_length=1000)
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
@@ -385,9 +392,10 @@ class EsperConfig(_Section):
         """sha256 of the canonical JSON form: equal configs hash equal whatever their file layout.
 
         ``faults`` are drill injections, not part of what is trained, so they do not enter the hash: a run
-        halted by an injected fault resumes with the plain config.
+        halted by an injected fault resumes with the plain config. Nor does ``dist`` (how many processes train
+        it is not what is trained: a run resumes at another world size).
         """
-        body = {k: v for k, v in self.to_dict().items() if k != "faults"}
+        body = {k: v for k, v in self.to_dict().items() if k not in ("faults", "dist")}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

@@ -114,6 +114,7 @@ class TrainSession:
     config_changes: list[str] = field(default_factory=list)
     created: bool = False  # this session made the directory (removed again if the run never starts)
     injected: tuple[FaultEntry, ...] = ()
+    notices: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (event, level, attrs) at commit
 
     @classmethod
     def prepare(cls, cfg: EsperConfig, *, run_dir: Path | None, resume: Path | Resume | None = None,
@@ -191,6 +192,8 @@ class TrainSession:
                 self.created = False  # the run has started: its directory is its record from now on
                 if self.config_changes:
                     emitter.emit("cli", "config.changed_on_resume", "WARNING", keys=self.config_changes)
+                for event, level, attributes in self.notices:
+                    emitter.emit("cli", event, level, **attributes)
 
             board = tensorboard.attach(self.cfg.telemetry, rd.path, emitter)
             try:

@@ -21,6 +21,12 @@ from torch.utils.data import DataLoader, Sampler
 from esper.core import rng
 from esper.core.config import DataConfig
 from esper.core.data.task import Task, collate
+from esper.core.dist.world import current
+from esper.core.errors import ConfigError
+
+
+class DataShardError(ConfigError):
+    """A global batch too small to give every rank a sample."""
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -43,9 +49,10 @@ class EpochBatches(Sampler[list[int]]):
     """The batches of one epoch from batch ``start`` on, leaving out the batch indices in ``skip``."""
 
     def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, epoch: int, start: int = 0,
-                 skip: frozenset[int] = frozenset()) -> None:
+                 skip: frozenset[int] = frozenset(), shard: tuple[int, int] = (0, 1)) -> None:
         self.n, self.batch_size, self.drop_last = n, batch_size, drop_last
         self.seed, self.epoch, self.start, self.skip = seed, epoch, start, skip
+        self.rank, self.ranks = shard  # this rank takes its contiguous share of every global batch
 
     @property
     def positions(self) -> list[int]:
@@ -56,7 +63,17 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(self.n, self.seed, self.epoch).tolist()
         for k in self.positions:
-            yield order[k * self.batch_size:(k + 1) * self.batch_size]
+            batch = order[k * self.batch_size:(k + 1) * self.batch_size]
+            if self.ranks > 1:
+                # equal shards of a full batch (batch_size divides by the world size); a short last batch
+                # (drop_last = false) is split as evenly as it goes, the gradient weights follow the sizes
+                size, extra = divmod(len(batch), self.ranks)
+                lo = self.rank * size + min(self.rank, extra)
+                batch = batch[lo:lo + size + (self.rank < extra)]
+                if not batch:
+                    raise DataShardError(f"epoch {self.epoch} batch {k} has {len(batch)} samples: fewer than "
+                                         f"the {self.ranks} ranks (set data.drop_last = true)")
+            yield batch
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -71,8 +88,11 @@ def _loader(ds: Any, cfg: DataConfig, pin: bool, generator: torch.Generator, **s
 
 def train_batches(task: Task, cfg: DataConfig, seed: int, epoch: int, start: int, skip: frozenset[int],
                   pin: bool = False) -> DataLoader[Any]:
-    """The loader of epoch ``epoch`` from batch ``start`` on, less the batches in ``skip``."""
-    sampler = EpochBatches(len(task.train), cfg.batch_size, cfg.drop_last, seed, epoch, start, skip)  # type: ignore[arg-type]
+    """The loader of epoch ``epoch`` from batch ``start`` on, less the batches in ``skip``; under torchrun,
+    this rank's shard of each (global) batch."""
+    world = current()
+    sampler = EpochBatches(len(task.train), cfg.batch_size, cfg.drop_last, seed, epoch, start, skip,  # type: ignore[arg-type]
+                           (world.rank, world.size))
     gen = torch.Generator().manual_seed(_worker_seed(seed, epoch))
     return _loader(task.train, cfg, pin, gen, batch_sampler=sampler)
 

@@ -18,6 +18,7 @@ from torch import nn
 from esper.core.config import EsperConfig
 from esper.core.data import BatchSkips, Task, build_task, fetch, steps_per_epoch
 from esper.core.device import resolve_device
+from esper.core.dist import DataParallel
 from esper.core.host import build_host, check_output, probe_host
 from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina
 from esper.core.optim import LRSchedule
@@ -28,12 +29,13 @@ from esper.core.tamiyo import worker as tamiyo_worker
 from esper.core.tolaria.checkpointer import Checkpointer
 from esper.core.tolaria.components import Components, Layout, ModuleState
 from esper.core.tolaria.decisions import Decisions
-from esper.core.tolaria.emergency import EmergencyManager
+from esper.core.tolaria.emergency import EmergencyManager, Signal
 from esper.core.tolaria.injector import FaultEntry, FaultInjector
 from esper.core.tolaria.mediator import Mediator, open_controller
 from esper.core.tolaria.optimizer import OptimizerPart
 from esper.core.tolaria.precision import Precision
 from esper.core.tolaria.profiler import ProfilerWindow
+from esper.core.tolaria.ranks import RankMediator, open_mediator
 from esper.core.tolaria.rollback import RollbackManager
 from esper.core.tolaria.safety import Safety
 from esper.core.tolaria.train_state import TrainState
@@ -60,7 +62,7 @@ class Parts:
     schedule: LRSchedule
     emergency: EmergencyManager
     controller: Tamiyo | None
-    mediator: Mediator | None
+    mediator: Mediator | RankMediator | None
     state: TrainState
     skips: BatchSkips
     rng: RngState
@@ -75,6 +77,7 @@ class Parts:
     steps_per_epoch: int
     pin_memory: bool  # data.pin_memory, on a CUDA device
     precision: Precision
+    parallel: DataParallel  # the reductions and cross-rank checks under torchrun (no-ops in a world of one)
 
     def close(self) -> None:
         """Stop the controller worker and the blueprint prefetcher, and let a background checkpoint write end (its
@@ -111,7 +114,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
             workers=cfg.seeds.prefetch_workers, timeout_ms=cfg.seeds.load_timeout_ms, compile=cfg.seeds.compile,
             compile_timeout_ms=cfg.seeds.compile_timeout_ms,
             emit=emit)
-    mediator: Mediator | None = None
+    mediator: Mediator | RankMediator | None = None
     try:
         kasmina = Kasmina(kcfg, host, host_probe, emit, registry=registry, build=loader.get if loader else None)
         if loader is not None:
@@ -125,9 +128,9 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         tamiyo = None
         if controller is not None and seeds_cfg.slots:
             tamiyo = controller(cfg, run_dir.run_id)
-            endpoint = open_controller(cfg.controller.isolation, tamiyo_worker.FACTORY,
-                                       tamiyo_worker.factory_args(cfg.controller, cfg.seeds, run_dir.run_id))
-            mediator = Mediator(cfg.controller.timeout_ms, emit, controller=endpoint)
+            mediator = open_mediator(lambda: Mediator(cfg.controller.timeout_ms, emit, controller=open_controller(
+                cfg.controller.isolation, tamiyo_worker.FACTORY,
+                tamiyo_worker.factory_args(cfg.controller, cfg.seeds, run_dir.run_id))))
         state = TrainState()
         skips = BatchSkips()
         rng = RngState()
@@ -163,6 +166,10 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
                                   FieldReportLog(run_dir.field_reports), injector, probe, task, safety.handle,
                                   emit)
         profiler = ProfilerWindow(cfg.trainer.profiler, run_dir.path, emit)
+        def diverged(cause: str, detail: str, attrs: dict[str, Any]) -> None:
+            emit("tolaria", "rank.divergence", "CRITICAL", detail=detail, **attrs)  # names the ranks
+            safety.handle(Signal("HALT", cause, detail, attrs))
+        parallel = DataParallel(diverged)
     except BaseException:
         # nothing of a run that failed to build outlives it (prefetch threads, the controller worker)
         if loader is not None:
@@ -172,4 +179,4 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         raise
     return Parts(device, task, host, kasmina, loader, optimizer, schedule, emergency, tamiyo, mediator, state, skips,
                  rng, components, injector, checkpointer, rollback, safety, decisions, profiler, probe, n_steps,
-                 cfg.data.pin_memory and device.type == "cuda", precision)
+                 cfg.data.pin_memory and device.type == "cuda", precision, parallel)

@@ -29,6 +29,7 @@ from esper.core.checkpoint import (
 )
 from esper.core.checkpoint.background import BackgroundWriter
 from esper.core.config import EsperConfig
+from esper.core.dist import broadcast, current
 from esper.core.rundir import is_disk_error
 from esper.core.tolaria.components import Components
 from esper.core.tolaria.emergency import Signal
@@ -78,6 +79,17 @@ class Checkpointer:
         return tensors, {**{k: payload[k] for k in order}, **payload}
 
     def save(self, reason: str) -> Signal | None:
+        """Rank 0 writes (see :meth:`write`); under torchrun the other ranks wait for its verified commit and
+        take its outcome: the same ``last`` checkpoint and the same signal, so every rank acts alike."""
+        world = current()
+        if not world.active:
+            return self.write(reason)
+        outcome = (self.write(reason), str(self.last) if self.last else None) if world.writer else None
+        signal, last = broadcast(outcome, world)
+        self.last = Path(last) if last else None
+        return signal
+
+    def write(self, reason: str) -> Signal | None:
         """Write a verified checkpoint of the live state. A failure is a CRITICAL event and comes back as a
         NOTICE, or as HALT once ``max_checkpoint_failures`` writes in a row failed (but never for the
         emergency checkpoint a HALT is already writing). With ``checkpoint.async`` a periodic checkpoint is

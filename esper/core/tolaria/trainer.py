@@ -231,6 +231,7 @@ class Trainer:
             if p.decisions is not None:
                 decisions = p.decisions.decide(epoch, stats, val)
         p.emergency.end_epoch()
+        p.parallel.check_epoch(epoch, p.kasmina.records(), p.optimizer.named_params())  # every rank alike, or HALT
         row = records.metrics_row(epoch, p.state.global_step, stats, p.task, val, p.kasmina,
                                   p.optimizer.optimizer, p.emergency.level, decisions)
         for slot in p.kasmina.slots.values():
@@ -323,7 +324,7 @@ class Trainer:
             with amp.autocast():
                 out = p.kasmina.forward(x)
                 loss = p.faults.corrupt_loss(task.loss(out, y))
-            value = float(loss.detach())
+            value, n = p.parallel.loss(loss, len(y), self.stop)  # the global batch's, under torchrun
             bad = p.emergency.check_loss(value)  # a non-finite loss is an emergency in every precision
             if bad is not None:
                 return self._bad_step(p, bad, stats)
@@ -334,6 +335,7 @@ class Trainer:
             return self._bad_step(p, Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
                                   cull=exc.slot)
         p.faults.after_backward(p.host.parameters())
+        p.parallel.grads(p.optimizer.named_params())  # reduced while still scaled: every rank sees one overflow
         overflowed = amp.unscale(opt)  # fp16: the scaler skips this step; not an emergency
         bad = None if overflowed else p.emergency.check_grads(p.optimizer.named_params())
         if bad is not None:
@@ -348,9 +350,9 @@ class Trainer:
             p.kasmina.after_step()  # CONSERVATIVE freezes seeds in their stage (alpha included)
         p.emergency.accept_loss(value)
         with torch.no_grad():
-            metrics = {name: float(fn(out, y)) for name, fn in task.metrics.items()}
+            metrics = p.parallel.metrics({name: float(fn(out, y)) for name, fn in task.metrics.items()}, len(y))
         ms = (time.perf_counter() - t0) * 1000.0
-        stats.add(value, metrics, len(y), ms)
+        stats.add(value, metrics, n, ms)
         self.reporter.step(stats.loss_sum / stats.seen)  # the epoch's running mean, not this batch's loss
         if ms > self.cfg.emergency.slow_step_ms:
             p.safety.handle(Signal("NOTICE", "slow_step", f"step took {ms:.0f} ms > "

@@ -1,0 +1,299 @@
+"""Scale out on torch.distributed (issue 16): the sharded sampler, the data-parallel reductions in real gloo
+process groups, and real `esper train --nproc 2` / torchrun runs of a tiny synthetic job (2 ranks, CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import ESPER, GROWING, SHIPPED_TOML, WALL_CLOCK_FIELDS, events, make_config, sets, tensors
+
+from esper.cli.launch import worker_argv
+from esper.core.data.loader import EpochBatches, epoch_order
+from esper.core.dist import DataParallel, World, check_config
+from esper.core.dist.world import resolve_backend
+from esper.core.errors import ConfigError
+from esper.core.tolaria.signals import StopRequest
+
+TESTS = Path(__file__).parent
+
+
+# ----------------------------------------------------------------------------------------- no processes
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_shards_make_the_same_global_batches_for_any_world_size(ranks: int, drop_last: bool) -> None:
+    n, bs = 70, 8  # 8 full batches and a short one of 6
+    shards = [list(EpochBatches(n, bs, drop_last, 7, 3, start=1, skip=frozenset({4}), shard=(r, ranks)))
+              for r in range(ranks)]
+    glued = [sum((s[k] for s in shards), []) for k in range(len(shards[0]))]
+    assert glued == list(EpochBatches(n, bs, drop_last, 7, 3, start=1, skip=frozenset({4})))
+    order = epoch_order(n, 7, 3).tolist()
+    assert glued[0] == order[bs:2 * bs]  # batch 1 (start=1) is the same samples, whatever the world
+    assert all(len(s[0]) == bs // ranks for s in shards)
+
+
+def test_a_last_batch_smaller_than_the_world_is_refused() -> None:
+    # 17 samples, batches of 8, no drop: the last batch holds one sample for 2 ranks
+    with pytest.raises(ConfigError, match="fewer than the 2 ranks"):
+        list(EpochBatches(17, 8, False, 1, 1, shard=(1, 2)))
+
+
+def test_batch_size_must_divide_by_the_world_size() -> None:
+    check_config(make_config("data.batch_size=64"), 4)
+    with pytest.raises(ConfigError, match="does not divide by the world size 3") as err:
+        check_config(make_config("data.batch_size=64"), 3)
+    assert err.value.key == "data.batch_size"
+
+
+def test_backend_resolution() -> None:
+    cfg = make_config()
+    assert resolve_backend(cfg.dist, "cpu") == "gloo"
+    assert resolve_backend(cfg.dist, "cuda") == "nccl"
+    with pytest.raises(ConfigError, match="needs run.device = 'cuda'"):
+        resolve_backend(make_config("dist.backend=nccl").dist, "cpu")
+
+
+def test_dist_keys_are_checked_and_not_part_of_what_is_trained() -> None:
+    with pytest.raises(ConfigError):
+        make_config("dist.backend=mpi")
+    with pytest.raises(ConfigError):
+        make_config("dist.timeout_s=0")
+    assert make_config("dist.timeout_s=5").config_hash() == make_config().config_hash()
+
+
+def test_the_launcher_forwards_everything_but_its_own_options() -> None:
+    argv = ["--config", "x.toml", "train", "--nproc", "2", "--max-restarts=1", "--quiet", "--set", "a=1"]
+    assert worker_argv(argv) == ["--config", "x.toml", "train", "--quiet", "--set", "a=1"]
+
+
+def test_a_world_of_one_changes_nothing() -> None:
+    halts: list[Any] = []
+    par = DataParallel(lambda *a: halts.append(a), World())
+    loss = torch.tensor(0.123456789, dtype=torch.float32)
+    assert par.loss(loss, 5) == (float(loss), 5)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    par.grads([("w", p)])
+    par.check_epoch(1, [], [("w", p)])
+    assert p.grad.tolist() == [1.0, 2.0, 3.0] and halts == []
+
+
+# ------------------------------------------------------------------------------- real gloo process groups
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _collectives(rank: int, port: int, out: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    halts: list[tuple[str, str, dict[str, Any]]] = []
+    par = DataParallel(lambda cause, detail, attrs: halts.append((cause, detail, attrs)), World(rank, 2, rank, "gloo"))
+    res: dict[str, Any] = {}
+    # rank 0: 3 samples at mean loss 1.0; rank 1: 1 sample at 5.0 -> the global batch's mean is 2.0 over 4
+    stop = StopRequest()
+    if rank == 1:
+        stop.signal = 15
+    res["loss"] = par.loss(torch.tensor(1.0 if rank == 0 else 5.0), 3 if rank == 0 else 1, stop)
+    res["stopped"] = stop.requested
+    # the gradient of the global mean: weights 3/4 and 1/4
+    p = torch.nn.Parameter(torch.zeros(2))
+    q = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([4.0, 8.0]) if rank == 0 else torch.tensor([8.0, 0.0])
+    q.grad = torch.tensor([1.0 if rank == 0 else -3.0])
+    par.grads([("p", p), ("q", q)])
+    res["grads"] = [p.grad.tolist(), q.grad.tolist()]
+    res["metrics"] = par.metrics({"accuracy": 1.0 if rank == 0 else 0.0}, 3 if rank == 0 else 1)
+    # one rank's NaN is every rank's
+    res["nan"] = par.loss(torch.tensor(float("nan") if rank == 1 else 1.0), 2)[0]
+    # a rank that registers other parameters: HALT naming it, on every rank
+    extra = [("r", torch.nn.Parameter(torch.zeros(1)))] if rank == 1 else []
+    for _, t in extra:
+        t.grad = torch.zeros(1)
+    par.grads([("p", p), ("q", q), *extra])
+    # a rank whose weights differ at an epoch's end
+    with torch.no_grad():
+        p.add_(rank)
+    par.check_epoch(4, [{"slot": "s1", "stage": "TRAINING", "alpha": 0.5, "utc": str(rank)}], [("p", p), ("q", q)])
+    res["halts"] = [(c, a["ranks"], a["what"]) for c, _, a in halts]
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(res))
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_reductions_and_checks_across_two_gloo_ranks(tmp_path: Path) -> None:
+    mp.spawn(_collectives, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    res = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    for r in res:
+        assert r["loss"] == [2.0, 4]
+        assert r["stopped"] is True  # rank 1's stop request reached rank 0
+        assert r["grads"] == [[5.0, 6.0], [0.0]]  # 3/4 * rank 0's + 1/4 * rank 1's
+        assert r["metrics"] == {"accuracy": 0.75}
+        assert math.isnan(r["nan"])
+        # the extra parameter is caught before any gradient is summed; the weights at the epoch's end (the
+        # slot's timestamp is not part of the fingerprint)
+        assert r["halts"] == [["rank_divergence", [1], "parameters"], ["rank_divergence", [1], ["weights"]]]
+
+
+# ------------------------------------------------------------------------------ real runs of the real CLI
+
+
+JOB = [*GROWING, "trainer.epochs=3"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def _esper(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ESPER), "--config", str(SHIPPED_TOML), *args], capture_output=True, text=True,
+                          env=_env(), timeout=timeout)
+
+
+def _torchrun(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "esper",
+           "--config", str(SHIPPED_TOML), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_FIELDS}
+            for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The job trained on 2 ranks through `esper train --nproc 2`."""
+    run = tmp_path_factory.mktemp("dist") / "two"
+    done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(run), *sets(*JOB))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return run
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_the_same_lifecycle_and_weights_after_every_epoch(two: Path) -> None:
+    rows0, rows1 = _rows(two / "metrics.jsonl"), _rows(two / "rank-1" / "metrics.jsonl")
+    assert len(rows0) == 3 and rows0 == rows1  # every figure, seed stages and command counts included
+    assert sum(r["commands"]["accepted"] for r in rows0) >= 1  # the controller grew seeds: a lifecycle to agree on
+    rank1 = [e for e in events(two / "rank-1") if e["event"] in ("command.accepted", "seed.transition")]
+    rank0 = [e for e in events(two) if e["event"] in ("command.accepted", "seed.transition")]
+    assert [(e["event"], e["epoch"], e["step"]) for e in rank1] == [(e["event"], e["epoch"], e["step"]) for e in rank0]
+    assert not (two / "rank-1" / "checkpoints").exists()  # rank 0 alone writes checkpoints
+    assert (two / "checkpoints" / "latest").read_text().strip() == "epoch-0003"
+    s0 = json.loads((two / "summary.json").read_text())
+    s1 = json.loads((two / "rank-1" / "summary.json").read_text())
+    assert s0["status"] == s1["status"] == "COMPLETED" and s0["final"] == s1["final"]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_for_the_same_global_batch(two: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    done = _esper("train", "--quiet", "--run-dir", str(one), *sets(*JOB))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows1, rows2 = _rows(one / "metrics.jsonl"), _rows(two / "metrics.jsonl")
+    for a, b in zip(rows1, rows2, strict=True):
+        assert (a["seeds_by_stage"], a["params"], a["commands"]) == (b["seeds_by_stage"], b["params"], b["commands"])
+        for k in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k  # float32 sums in another order
+    w1, w2 = tensors(one / "checkpoints" / "epoch-0003", "model"), tensors(two / "checkpoints" / "epoch-0003", "model")
+    assert sorted(w1) == sorted(w2)
+    assert all(torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5) for k in w1)
+    # and a checkpoint of the 1-process run resumes at 2 ranks (1 -> 2) to the same lifecycle
+    r12 = tmp_path / "r12"
+    done = _torchrun("train", "--quiet", "--resume", str(one / "checkpoints" / "epoch-0002"), "--run-dir", str(r12),
+                     *sets(*JOB))
+    assert done.returncode == 0, done.stdout + done.stderr
+    last1, last12 = rows1[-1], _rows(r12 / "metrics.jsonl")[-1]
+    assert (last12["seeds_by_stage"], last12["params"]) == (last1["seeds_by_stage"], last1["params"])
+    assert last12["val_loss"] == pytest.approx(last1["val_loss"], rel=1e-4)
+    assert _rows(r12 / "rank-1" / "metrics.jsonl")[-1] == last12
+
+
+@pytest.mark.slow
+def test_resume_at_two_ranks_is_bit_identical_and_at_one_keeps_the_lifecycle(two: Path, tmp_path: Path) -> None:
+    start = two / "checkpoints" / "epoch-0002"
+    r22, r21 = tmp_path / "r22", tmp_path / "r21"
+    done = _torchrun("train", "--quiet", "--resume", str(start), "--run-dir", str(r22), *sets(*JOB))
+    assert done.returncode == 0, done.stdout + done.stderr
+    final = tensors(two / "checkpoints" / "epoch-0003", "model")
+    again = tensors(r22 / "checkpoints" / "epoch-0003", "model")
+    assert sorted(final) == sorted(again) and all(torch.equal(final[k], again[k]) for k in final)
+    done = _esper("train", "--quiet", "--resume", str(start), "--run-dir", str(r21), *sets(*JOB))
+    assert done.returncode == 0, done.stdout + done.stderr
+    last2, last1 = _rows(two / "metrics.jsonl")[-1], _rows(r21 / "metrics.jsonl")[-1]
+    assert (last1["seeds_by_stage"], last1["params"]) == (last2["seeds_by_stage"], last2["params"])
+    assert last1["val_loss"] == pytest.approx(last2["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_rank_that_diverges_halts_every_rank(tmp_path: Path) -> None:
+    run = tmp_path / "skewed"
+    done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(run),
+                  *sets(*JOB, "host.factory=plugins_fixture:rank_skewed_host", "trainer.epochs=2"))
+    assert done.returncode == 6, done.stdout + done.stderr  # HALTED, rank 0's exit code
+    for where in (run, run / "rank-1"):
+        (div,) = events(where, "rank.divergence")
+        assert div["level"] == "CRITICAL" and div["epoch"] == 1
+        assert div["attributes"]["ranks"] == [1] and div["attributes"]["what"] == ["weights"]
+        assert json.loads((where / "summary.json").read_text())["status"] == "HALTED"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "epoch-0000-emergency"
+
+
+def _rank_pid(run: Path, rank: int) -> int | None:
+    """The worker process training ``run`` as ``rank`` (its environment says which rank torchrun made it)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run).encode() in cmdline and f"RANK={rank}".encode() in environ and b"esper" in b" ".join(cmdline):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_group_which_resumes_from_latest(tmp_path: Path) -> None:
+    from conftest import wait_for
+
+    from esper.core.checkpoint import latest_checkpoint, verify_checkpoint
+
+    run, log = tmp_path / "elastic", tmp_path / "elastic.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([str(ESPER), "--config", str(SHIPPED_TOML), "train", "--nproc", "2",
+                                 "--max-restarts", "1", "--quiet", "--run-dir", str(run),
+                                 *sets(*JOB, "trainer.epochs=4")], stdout=fh, stderr=subprocess.STDOUT, env=_env())
+    try:
+        wait_for(lambda: (run / "checkpoints" / "latest").exists() and _rank_pid(run, 1) is not None, proc, log,
+                 "the first checkpoint")
+        pid = _rank_pid(run, 1)
+        assert pid is not None
+        os.kill(pid, 9)
+        assert proc.wait(300) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    restarted = events(run, "run.restarted")
+    assert len(restarted) == 1 and restarted[0]["attributes"]["restart"] == 1
+    assert json.loads((run / "summary.json").read_text())["status"] == "COMPLETED"
+    latest = latest_checkpoint(run / "checkpoints")
+    assert latest is not None and latest.name == "epoch-0004" and verify_checkpoint(latest).ok
+    assert [r["epoch"] for r in _rows(run / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -32,8 +32,8 @@ from typer.testing import CliRunner, Result
 from esper.cli.main import app
 from esper.core.checkpoint import manifest_digest
 from esper.core.config import EsperConfig, from_dict
+from esper.core.event_log import read_events
 from esper.core.kasmina import Kasmina, SeedSlot
-from esper.core.telemetry import read_events
 from esper.core.tolaria.rollback import FastSnapshot, RollbackError, RollbackManager, StructureChanged
 
 # ------------------------------------------------------------------------------------------------ events

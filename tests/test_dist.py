@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import ESPER, GROWING, SHIPPED_TOML, WALL_CLOCK_FIELDS, events, make_config, sets, tensors
+from conftest import BASE_TOML, ESPER, GROWING, WALL_CLOCK_FIELDS, events, make_config, sets, tensors
 
 from esper.cli.launch import worker_argv
 from esper.core.data.loader import EpochBatches, epoch_order
@@ -162,13 +162,13 @@ def _env() -> dict[str, str]:
 
 
 def _esper(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(ESPER), "--config", str(SHIPPED_TOML), *args], capture_output=True, text=True,
+    return subprocess.run([str(ESPER), "--config", str(BASE_TOML), *args], capture_output=True, text=True,
                           env=_env(), timeout=timeout)
 
 
 def _torchrun(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "esper",
-           "--config", str(SHIPPED_TOML), *args]
+           "--config", str(BASE_TOML), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
 
 
@@ -278,7 +278,7 @@ def test_a_killed_rank_restarts_the_group_which_resumes_from_latest(tmp_path: Pa
 
     run, log = tmp_path / "elastic", tmp_path / "elastic.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([str(ESPER), "--config", str(SHIPPED_TOML), "train", "--nproc", "2",
+        proc = subprocess.Popen([str(ESPER), "--config", str(BASE_TOML), "train", "--nproc", "2",
                                  "--max-restarts", "1", "--quiet", "--run-dir", str(run),
                                  *sets(*JOB, "trainer.epochs=4")], stdout=fh, stderr=subprocess.STDOUT, env=_env())
     try:

@@ -78,8 +78,14 @@ def test_exact_resume_field_reports_and_inspect_on_every_host(host: str, tmp_pat
     assert metrics_without_wall_clock(straight) == metrics_without_wall_clock(split)
     assert stages(straight) == stages(split)
     assert any("PROBATIONARY" in dests for _, _, _, dests in stages(straight)), stages(straight)
-    reports = field_reports(straight)
-    assert reports and reports == field_reports(split)
+    # a completed session files the windows still open as short reports (T-12): the split's first session ended
+    # at epoch 3, so it has those as well; every full report and the straight run's short ones are the same
+    reports, resumed = field_reports(straight), field_reports(split)
+    full = [r for r in reports if not r["short_window"]]
+    assert full and full == [r for r in resumed if not r["short_window"]]
+    extra = [r for r in resumed if r["short_window"] and r not in reports]
+    assert [r for r in resumed if r not in extra] == reports
+    assert all(r["applied_epoch"] <= 3 for r in extra)
     g0 = next(e for e in events(straight, "gate.result") if e["attributes"]["gate"] == "G0")
     assert g0["attributes"]["attributes"]["slot_shape"].startswith(KINDS[host] + " [N, ")
 

@@ -16,6 +16,7 @@ import pytest
 from esper.core import telemetry as tm
 from esper.core.config import TelemetryConfig
 from esper.core.errors import EsperError
+from esper.core.event_log import read_events
 from esper.core.telemetry import (
     REQUIRED_FIELDS,
     Emitter,
@@ -23,7 +24,6 @@ from esper.core.telemetry import (
     TelemetryDeliveryError,
     TelemetryError,
     TelemetryWriteError,
-    read_events,
 )
 
 

@@ -34,7 +34,8 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
 
 
 def launch(nproc: int, max_restarts: int, argv: Sequence[str] | None = None) -> int:
-    """Start ``nproc`` ranks of ``python -m esper <argv>``; returns the exit code (rank 0's on failure)."""
+    """Start ``nproc`` ranks of ``python -m esper <argv>``; returns the exit code (rank 0's on failure, else that
+    of the first rank that exited by itself)."""
     if nproc < 1:
         raise UsageError(f"--nproc {nproc}: at least 1", key="--nproc")
     if max_restarts < 0:
@@ -46,6 +47,8 @@ def launch(nproc: int, max_restarts: int, argv: Sequence[str] | None = None) -> 
         elastic_run(launcher)
     except ChildFailedError as exc:
         codes = {f.local_rank: f.exitcode for f in exc.failures.values()}
-        first = codes.get(0, next(iter(codes.values())))
-        return first if first > 0 else int(ExitCode.INTERNAL)  # a signal death is a negative exit code
+        # rank 0's own exit code; when the launcher signalled it (a negative code) because another rank ended
+        # first, that rank's code is the run's (a HALT on rank 1 is the group's HALT)
+        ordered = [codes[r] for r in sorted(codes, key=lambda r: (r != 0, r))]
+        return next((c for c in ordered if c > 0), int(ExitCode.INTERNAL))
     return int(ExitCode.OK)

@@ -15,34 +15,25 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from esper.core import bounded
+from esper.core.config_base import _NAME, CODE, MAX_TIMEOUT_MS, PATH, _Section, is_factory_ref
 from esper.core.config_errors import describe
+from esper.core.config_ops import (
+    BenchConfig,
+    CheckpointConfig,
+    DistConfig,
+    EmergencyConfig,
+    FaultConfig,
+    RollbackConfig,
+    TelemetryConfig,
+)
 from esper.core.errors import ConfigError
-from esper.core.faults import CATALOGUE, parse_at, unknown_fault
 from esper.core.tomlfile import parse_toml, read_toml
 
 ENV_VAR = "ESPER_CONFIG"
 DEFAULT_PATH = Path("esper.toml")
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-# What a key's value means to the code that uses it (S-1): a ``module:function`` Esper imports and calls, or a
-# file-system path it writes. ``esper.core.trust`` finds every such key from these marks, so a key added later
-# is covered by marking it; a checkpoint's config may never supply one the operator's config does not name.
-CODE = {"trust": "code"}
-PATH = {"trust": "path"}
-_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"  # slot and blueprint names: also tensor-key and event-name parts
-MAX_TIMEOUT_MS = 3_600_000  # an hour: every budget is finite, and well inside what a thread wait accepts
-
-
-def is_factory_ref(text: str) -> bool:
-    """Whether ``text`` has the ``module:function`` form used for plug-ins."""
-    return bool(_FACTORY.match(text))
-
-
-class _Section(BaseModel):
-    # inf/nan would pass one-sided bounds (lr = inf) or none at all, and poison every comparison downstream.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(_Section):
@@ -291,78 +282,6 @@ class TrainerConfig(_Section):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
-
-
-class CheckpointConfig(_Section):
-    model_config = ConfigDict(**_Section.model_config, serialize_by_alias=True)
-
-    every_epochs: int = Field(1, ge=1, description="write a checkpoint every N epochs")
-    keep_last: int = Field(3, ge=1, description="verified checkpoints kept on disk")
-    commit_delay_ms: int = Field(0, ge=0, le=60_000, description="drills only: pause before committing a checkpoint")
-    async_: bool = Field(False, alias="async", description="write periodic checkpoints on a background thread from "
-                         "preallocated CPU buffers: the loop stalls only for the copy (same atomic commit and latest)")
-
-
-class RollbackConfig(_Section):
-    fast_sla_ms: float = Field(500.0, gt=0.0, le=MAX_TIMEOUT_MS, description="fast (in-memory) rollback SLA")
-    full_sla_ms: float = Field(12000.0, gt=0.0, le=MAX_TIMEOUT_MS, description="full (checkpoint) rollback SLA")
-
-
-class EmergencyConfig(_Section):
-    recovery_epochs: int = Field(2, ge=1, description="healthy epochs before a policy downgrade")
-    loss_explosion_factor: float = Field(10.0, gt=1.0, description="loss > factor x EWMA escalates")
-    ewma_alpha: float = Field(0.1, gt=0.0, le=1.0, description="EWMA smoothing of the training loss")
-    max_consecutive_rollbacks: int = Field(2, ge=1, description="rollbacks without a healthy epoch -> CONSERVATIVE")
-    max_checkpoint_failures: int = Field(2, ge=1, description="failed checkpoint writes in a row -> HALT")
-    slow_step_ms: float = Field(2000.0, gt=0.0, description="a step slower than this raises NOTICE")
-
-
-class DistConfig(_Section):
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend under torchrun; "
-                                                     "auto: nccl on cuda, gloo on cpu")
-    timeout_s: float = Field(300.0, gt=0.0, le=86_400.0, description="collective and rendezvous timeout (s)")
-
-
-class TelemetryConfig(_Section):
-    batch_size: int = Field(64, ge=1, description="events buffered before a write (CRITICAL bypasses)")
-    rate_limit_per_s: int = Field(2000, ge=1, description="INFO/WARNING events per second before dropping")
-    critical_retries: int = Field(3, ge=0, le=100, description="write retries for a CRITICAL event before escalation")
-    tensorboard: bool = Field(False, description="also write scalars + lifecycle events to RUN/tensorboard/ "
-                              "(needs the tensorboard extra)")
-
-
-class FaultConfig(_Section):
-    name: str = Field(description="a fault of `esper faults list`")
-    at: str = Field(description="EPOCH[:STEP] where it fires")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if v not in CATALOGUE:
-            raise ValueError(unknown_fault(v))
-        return v
-
-    @field_validator("at")
-    @classmethod
-    def _at(cls, v: str) -> str:
-        parse_at(v)
-        return v
-
-
-class BenchConfig(_Section):
-    warmup: int = Field(3, ge=0, description="untimed rounds before measuring")
-    repeats: int = Field(7, ge=1, description="timed ABAB pairs per measurement")
-    rollback_sizes: list[int] = Field(default_factory=lambda: [0, 10_000_000, 100_000_000], max_length=16,
-                                      description="parameter counts for P-2 (0 = the default model)")
-    checkpoint_sizes: list[int] = Field(default_factory=lambda: [0, 10_000_000, 100_000_000], max_length=16,
-                                        description="parameter counts for P-3/P-4 (0 = the default model)")
-
-    @field_validator("rollback_sizes", "checkpoint_sizes")
-    @classmethod
-    def _sizes(cls, v: list[int]) -> list[int]:
-        if any(not 0 <= n <= 1_000_000_000 for n in v):
-            raise ValueError(f"every size must be in [0, 1000000000], got {v}")
-        return v
 
 
 class EsperConfig(_Section):

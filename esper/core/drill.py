@@ -10,10 +10,10 @@ from typing import Any
 from esper.core.checkpoint import latest_checkpoint, verify_checkpoint
 from esper.core.config import EsperConfig, from_dict
 from esper.core.errors import ConfigError, UsageError
+from esper.core.event_log import read_events
 from esper.core.faults import CATALOGUE, FaultSpec, parse_at, unknown_fault
 from esper.core.rundir import RunDir
 from esper.core.session import TrainSession
-from esper.core.telemetry import read_events
 from esper.core.tolaria import LEVELS, force_level
 
 # A small, fast run in which every fault has something to act on: a seed germinates at the first epoch end

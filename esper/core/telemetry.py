@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -426,28 +426,3 @@ class Emitter:
         except OSError:
             # The handle already failed a write and is being replaced; its close error adds nothing.
             self._count("write_errors")
-
-
-@dataclass(frozen=True)
-class ReadResult:
-    """Records read from an events file and the problems found (``line N: ...``)."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-
-def read_events(path: Path) -> ReadResult:
-    """Read ``events.jsonl``; torn or garbled lines are reported by line number, later lines kept (O-3)."""
-    try:
-        lines, skipped = jsonl.read(path)
-    except OSError as e:
-        raise TelemetryError(f"cannot read events file {path}: {e}") from e
-    problems = {s.number: f"{s.where()}: {s.detail}" for s in skipped}
-    records: list[dict[str, Any]] = []
-    for line in lines:
-        missing = [k for k in REQUIRED_FIELDS if k not in line.record]
-        if missing:
-            problems[line.number] = f"line {line.number}: missing field(s) {', '.join(missing)}"
-        else:
-            records.append(line.record)
-    return ReadResult(records, [problems[n] for n in sorted(problems)])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from esper.core.config import EsperConfig
-from esper.core.telemetry import read_events
+from esper.core.event_log import read_events
 
 
 def _pace(run: Path) -> float:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
+from torch import nn
 
 
 class IsolationMonitor:
@@ -41,3 +43,27 @@ class IsolationMonitor:
         if na == 0.0 or nb == 0.0:
             return 0.0
         return abs(float(a @ b) / (na * nb))
+
+
+def upstream_params(host: nn.Module, layer: str, x: torch.Tensor,
+                    bypassed: Callable[[], AbstractContextManager[object]]) -> list[nn.Parameter]:
+    """Host parameters the output of ``layer`` depends on (where a seed's leak would land), less those the
+    network also uses after it (a head tied to the embedding): their gradient from the seed's loss is no leak.
+    ``bypassed()`` runs the host with every slot bypassed; ``x`` is a small probe batch."""
+    captured: list[torch.Tensor] = []
+    module = dict(host.named_modules())[layer]
+    params = [p for p in host.parameters() if p.requires_grad]
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with bypassed():
+            host(x)
+        handle.remove()
+        handle = module.register_forward_hook(lambda _m, _i, out: out.detach())
+        with bypassed():
+            after = host(x)
+    finally:
+        handle.remove()
+    grads = torch.autograd.grad(captured[0].sum(), params, allow_unused=True)
+    later = (torch.autograd.grad(after.sum(), params, allow_unused=True) if after.requires_grad
+             else [None] * len(params))
+    return [p for p, g, d in zip(params, grads, later, strict=True) if g is not None and d is None]

@@ -21,7 +21,7 @@ from esper.core.kasmina.blending import BlendSpec, parse_blend
 from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
 from esper.core.kasmina.checks import check_slots, slot_shapes
 from esper.core.kasmina.distill import distill_loss
-from esper.core.kasmina.isolation import IsolationMonitor
+from esper.core.kasmina.isolation import IsolationMonitor, upstream_params
 from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.slot import LIVE, Mode, SeedSlot, SeedStats
 from esper.core.optim import ParamGroupSpec
@@ -381,27 +381,9 @@ class Kasmina:
 
     # ---------------------------------------------------------------- helpers
     def _upstream_params(self, slot: SeedSlot, x: torch.Tensor) -> list[nn.Parameter]:
-        """Host parameters the slot's input depends on (where a leak would land), less those the network also
-        uses after the slot (a head tied to the embedding): their gradient from the seed's loss is no leak."""
         if slot.layer not in self._upstream:
-            captured: list[torch.Tensor] = []
-            layer = dict(self.host.named_modules())[slot.layer]
-            params = [p for p in self.host.parameters() if p.requires_grad]
-            handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
-            try:
-                with self.modes(Mode.BYPASS, self.slots):
-                    self.host(x[:2])
-                handle.remove()
-                handle = layer.register_forward_hook(lambda _m, _i, out: out.detach())
-                with self.modes(Mode.BYPASS, self.slots):
-                    after = self.host(x[:2])
-            finally:
-                handle.remove()
-            grads = torch.autograd.grad(captured[0].sum(), params, allow_unused=True)
-            later = (torch.autograd.grad(after.sum(), params, allow_unused=True) if after.requires_grad
-                     else [None] * len(params))
-            self._upstream[slot.layer] = [p for p, g, d in zip(params, grads, later, strict=True)
-                                          if g is not None and d is None]
+            self._upstream[slot.layer] = upstream_params(self.host, slot.layer, x[:2],
+                                                         lambda: self.modes(Mode.BYPASS, self.slots))
         return self._upstream[slot.layer]
 
     def _observer(self, record: TransitionRecord) -> None:

@@ -16,14 +16,16 @@ from typing import Any
 import torch
 
 import esper
+import esper.core.tolaria.operator as operator
+import esper.core.tolaria.passes as passes
 import esper.core.tolaria.records as records
 from esper.core import requests
 from esper.core.bounded import clip
 from esper.core.checkpoint import LoadedCheckpoint
 from esper.core.config import EsperConfig
-from esper.core.data import Task, build_task, steps_per_epoch, train_batches, val_batches
+from esper.core.data import Task, build_task, steps_per_epoch
 from esper.core.errors import CheckpointError, DiskFault, ExitCode
-from esper.core.kasmina import Mode, SeedForwardError, SeedSlot
+from esper.core.kasmina import SeedForwardError, SeedSlot
 from esper.core.rundir import RunDir, disk_fault, is_disk_error
 from esper.core.telemetry import Emitter, TelemetryDeliveryError, TelemetryError, TelemetryWriteError
 from esper.core.tolaria.builder import ControllerFactory, Parts, build_parts, controller_factory
@@ -149,29 +151,10 @@ class Trainer:
         p.checkpointer.last = resume.path
 
     def _serve_requests(self, p: Parts, *, stale: bool = False) -> None:
-        """Operator requests waiting in the run directory (``esper emergency clear``), at a step boundary: each is
-        applied through the emergency table's own transition, or refused, and answered with an event."""
-        if not requests.pending(self.run_dir.path):
-            return
-        for name, req, why in requests.take(self.run_dir.path):
-            before = p.emergency.level
-            answer: dict[str, Any] = {"request_id": req.request_id if req else None, "file": name,
-                                      "kind": req.kind if req else None, "level_before": before, "level_after": before}
-            if req is None:
-                outcome, detail = "invalid", why
-            elif stale:
-                outcome, detail = "stale", "written before this process started; never applied"
-            elif req.run_id != self.run_id:
-                outcome, detail = "rejected", f"the request is for run {req.run_id!r}, not this one"
-            elif not p.emergency.machine.may("clear"):
-                outcome, detail = "rejected", f"the emergency level is {before}: there is nothing to clear"
-            else:
-                p.emergency.operator_clear(f"operator: {req.reason}")
-                outcome, detail = "applied", f"cleared by the operator: {req.reason}"
-                answer["level_after"] = p.emergency.level
-            self.emit("cli", requests.EVENT, "CRITICAL" if outcome == "applied" else "WARNING", outcome=outcome,
-                      detail=detail, reason=req.reason if req else None, **answer)
-        self.emitter.flush()  # the requester is waiting for the answer
+        """Operator requests waiting in the run directory (``esper emergency clear``), at a step boundary."""
+        if requests.pending(self.run_dir.path):
+            operator.serve(self.run_dir.path, self.run_id, p.emergency, self.emit, stale=stale)
+            self.emitter.flush()  # the requester is waiting for the answer
 
     def _finish_reports(self, p: Parts) -> None:
         """A completed run files the field reports its last commands' windows never reached (T-12), marked as
@@ -257,25 +240,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- epochs
     def _batches(self, p: Parts, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from batch ``start`` on; the faults due at each step are armed as it begins. A
-        batch in the skip record is passed over (announced, never read): the position moves past it."""
-        skipped = p.skips.steps(epoch)
-        data = iter(train_batches(p.task, self.cfg.data, self.cfg.run.seed, epoch, start, skipped, p.pin_memory))
-        try:
-            for index in range(start, p.steps_per_epoch):
-                self.emitter.set_context(epoch=epoch, step=p.state.global_step)
-                if index in skipped:
-                    self.emit("tolaria", "batch.skipped", "WARNING", **p.skips.cause(epoch, index).to_dict(),
-                              reason="it raised an ELEVATED rollback: left out of every replay")
-                    p.state.step_in_epoch = index + 1
-                    continue
-                p.state.step_in_epoch = index  # the batch of this step (where a bad step's skip points)
-                p.faults.arm(epoch, index, p.state.global_step)
-                p.faults.before_batch(epoch, index)
-                x, y = next(data)
-                yield index, x, y
-        finally:
-            del data  # a loader's worker processes end with its iterator
+        return passes.epoch_batches(p, self.cfg.data, self.cfg.run.seed, epoch, start, self.emitter, self.emit)
 
     def _train_epoch(self, p: Parts, epoch: int, skip: int) -> EpochStats | None:
         p.host.train()
@@ -377,29 +342,9 @@ class Trainer:
         p.safety.handle(p.checkpointer.save("graceful_stop"))
         self.machine.fire("stop", reason=f"{name} after a graceful checkpoint")
 
-    @torch.no_grad()
     def evaluate(self, bypass: frozenset[str]) -> dict[str, float]:
-        """``val_loss`` and ``val_<metric>`` over the validation loader, optionally with some slots bypassed
-        (the counterfactual): sample-weighted means of the batch means."""
-        p = self._parts()
-        task = p.task
-        sums = dict.fromkeys(["loss", *task.metrics], 0.0)
-        seen = 0
-        p.host.eval()
-        try:
-            with p.kasmina.modes(Mode.BYPASS, bypass):
-                for x, y in val_batches(task, self.cfg.data, p.pin_memory):
-                    x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
-                    with p.precision.autocast():
-                        out = p.kasmina.forward(x)
-                    n = len(y)
-                    sums["loss"] += float(task.loss(out, y)) * n
-                    for name, fn in task.metrics.items():
-                        sums[name] += float(fn(out, y)) * n
-                    seen += n
-        finally:
-            p.host.train()
-        return {f"val_{k}": v / seen for k, v in sums.items()}
+        """``val_loss`` and ``val_<metric>``, optionally with some slots bypassed (the counterfactual)."""
+        return passes.validate(self._parts(), self.cfg.data, bypass)
 
     def _parts(self) -> Parts:
         if self.parts is None:

@@ -1,0 +1,62 @@
+"""The data passes of a run: an epoch's training batches (with the skip record and the faults due at each step)
+and the validation pass (also the counterfactual one, with slots bypassed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from esper.core.config import DataConfig
+from esper.core.data import train_batches, val_batches
+from esper.core.kasmina import Mode
+from esper.core.telemetry import Emitter
+from esper.core.tolaria.builder import Parts
+
+
+def epoch_batches(p: Parts, cfg: DataConfig, seed: int, epoch: int, start: int, emitter: Emitter,
+                  emit: Callable[..., Any]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The epoch's batches from batch ``start`` on; the faults due at each step are armed as it begins. A batch in
+    the skip record is passed over (announced, never read): the position moves past it."""
+    skipped = p.skips.steps(epoch)
+    data = iter(train_batches(p.task, cfg, seed, epoch, start, skipped, p.pin_memory))
+    try:
+        for index in range(start, p.steps_per_epoch):
+            emitter.set_context(epoch=epoch, step=p.state.global_step)
+            if index in skipped:
+                emit("tolaria", "batch.skipped", "WARNING", **p.skips.cause(epoch, index).to_dict(),
+                     reason="it raised an ELEVATED rollback: left out of every replay")
+                p.state.step_in_epoch = index + 1
+                continue
+            p.state.step_in_epoch = index  # the batch of this step (where a bad step's skip points)
+            p.faults.arm(epoch, index, p.state.global_step)
+            p.faults.before_batch(epoch, index)
+            x, y = next(data)
+            yield index, x, y
+    finally:
+        del data  # a loader's worker processes end with its iterator
+
+
+@torch.no_grad()
+def validate(p: Parts, cfg: DataConfig, bypass: frozenset[str]) -> dict[str, float]:
+    """``val_loss`` and ``val_<metric>`` over the validation loader with the slots in ``bypass`` bypassed:
+    sample-weighted means of the batch means."""
+    task = p.task
+    sums = dict.fromkeys(["loss", *task.metrics], 0.0)
+    seen = 0
+    p.host.eval()
+    try:
+        with p.kasmina.modes(Mode.BYPASS, bypass):
+            for x, y in val_batches(task, cfg, p.pin_memory):
+                x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
+                with p.precision.autocast():
+                    out = p.kasmina.forward(x)
+                n = len(y)
+                sums["loss"] += float(task.loss(out, y)) * n
+                for name, fn in task.metrics.items():
+                    sums[name] += float(fn(out, y)) * n
+                seen += n
+    finally:
+        p.host.train()
+    return {f"val_{k}": v / seen for k, v in sums.items()}

@@ -75,11 +75,7 @@ def run_p2(get_tensors: Callable[[], dict[str, torch.Tensor]], label: str, param
     pairs = [(live[k], buffers[k]) for k in live]
 
     def memcpy() -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for dst, src in pairs:
-                dst.copy_(src)
-        return (time.perf_counter() - t0) * 1000.0
+        return _memcpy_ms(pairs)
 
     def fast() -> float:
         t0 = time.perf_counter()
@@ -198,11 +194,7 @@ def _async_stall(tensors: dict[str, dict[str, torch.Tensor]], payload: dict[str,
     writes: list[float] = []
 
     def memcpy() -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for dst, src in pairs:
-                dst.copy_(src)
-        return (time.perf_counter() - t0) * 1000.0
+        return _memcpy_ms(pairs)
 
     def stall() -> float:
         t0 = time.perf_counter()
@@ -219,3 +211,12 @@ def _async_stall(tensors: dict[str, dict[str, torch.Tensor]], payload: dict[str,
     return Comparison(f"P-4a/{label}", f"async checkpoint: loop stall vs memcpy of the state ({label})", "ms",
                       "copy_ into preallocated buffers", "BackgroundWriter.stage + submit", base, mine, 1.5,
                       size=size, extra={"write_until_committed_ms": sorted(writes)})
+
+
+def _memcpy_ms(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Milliseconds to copy every source tensor into its preallocated destination (the floor of a snapshot)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for dst, src in pairs:
+            dst.copy_(src)
+    return (time.perf_counter() - t0) * 1000.0

@@ -78,12 +78,6 @@ def blend(
     if spec.mode == "channel":
         if not spec.channel_alpha:
             raise BlendError("blend mode 'channel' requires a per-channel alpha vector")
-        n_channels = host.shape[channel_axis]
-        if len(spec.channel_alpha) != n_channels:
-            raise BlendError(f"channel_alpha has {len(spec.channel_alpha)} entries, activation "
-                             f"{list(host.shape)} has {n_channels} channels on axis {channel_axis}")
-        view = [1] * host.dim()
-        view[channel_axis] = n_channels
         w = a * _channel_vector(spec, host, channel_axis)
         return (1 - w) * host + w * seed
     if spec.mode == "confidence":

@@ -1,5 +1,5 @@
 """Issue 15: safetensors files written from the tensors' own memory and hashed while written; read once, hashed
-as read, tensors as views of the hashed bytes, every header entry checked before a tensor is made."""
+as read, straight into one tensor per entry, every header entry checked before a tensor is made."""
 
 from __future__ import annotations
 
@@ -31,9 +31,15 @@ def _state() -> dict[str, torch.Tensor]:
     }
 
 
-def _read(path: Path, algorithm: str = "blake3") -> tuple[str, torch.Tensor, int]:
-    with open(path, "rb", buffering=0) as fh:
-        return stream.read_file(fh, path.stat().st_size, algorithm)
+def _read(path: Path, algorithm: str = "blake3") -> tuple[str, dict[str, torch.Tensor] | stream.FormatError, int]:
+    with open(path, "rb") as fh:
+        return stream.read_tensors(fh, path.stat().st_size, algorithm)
+
+
+def _loaded(path: Path) -> dict[str, torch.Tensor]:
+    got = _read(path)[1]
+    assert isinstance(got, dict), got
+    return got
 
 
 @pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
@@ -49,30 +55,38 @@ def test_write_then_read_round_trips_and_the_digest_is_of_the_file(tmp_path: Pat
     ref = safetensors.torch.load(blob)
     with safetensors.safe_open(str(path), framework="pt") as f:
         assert sorted(f.keys()) == sorted(state)
-    got_digest, buf, read = _read(path, algorithm)
+    got_digest, loaded, read = _read(path, algorithm)
     assert got_digest == digest and read == len(blob)
-    loaded = stream.tensors_from(buf)
-    assert sorted(loaded) == sorted(state)
+    assert isinstance(loaded, dict) and sorted(loaded) == sorted(state)
     for k, t in state.items():
         assert loaded[k].dtype == t.dtype and loaded[k].shape == t.shape
         assert torch.equal(loaded[k], t) and torch.equal(ref[k], t)
-    assert loaded["w"].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # a view, no copy
-    assert loaded["b"].untyped_storage().nbytes() == loaded["b"].nbytes  # small: a storage of its own
+        # each tensor alone in a storage it fully covers (torch.set_rng_state reads a state from its storage)
+        assert loaded[k].untyped_storage().nbytes() == loaded[k].nbytes
 
 
 def test_files_the_library_wrote_load_the_same(tmp_path: Path) -> None:
     state = _state()
     path = tmp_path / "lib.safetensors"
     safetensors.torch.save_file(state, str(path), metadata={"format": "pt"})
-    loaded = stream.tensors_from(_read(path)[1])
+    loaded = _loaded(path)
     assert all(torch.equal(loaded[k], t) for k, t in state.items())
 
 
-def _file(header: dict, data: bytes) -> torch.Tensor:
+def _file(tmp_path: Path, header: object, data: bytes) -> Path:
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    raw = struct.pack("<Q", len(text)) + text + data
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    path = tmp_path / "forged.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def _refused(path: Path) -> stream.FormatError:
+    """A forged file is hashed whole (so its digest can be compared) and gives its FormatError, no tensor."""
+    digest, got, read = _read(path)
+    assert read == path.stat().st_size and digest == blake3.blake3(path.read_bytes()).hexdigest()
+    assert isinstance(got, stream.FormatError), got
+    return got
 
 
 @pytest.mark.parametrize(("header", "data", "words"), [
@@ -88,15 +102,40 @@ def _file(header: dict, data: bytes) -> torch.Tensor:
     ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
     ([1, 2], b"", "not a JSON object"),
 ])
-def test_malformed_headers_are_named_not_loaded(header: object, data: bytes, words: str) -> None:
-    with pytest.raises(stream.FormatError, match=words):
-        stream.tensors_from(_file(header, data))  # type: ignore[arg-type]
+def test_malformed_headers_are_named_not_loaded(tmp_path: Path, header: object, data: bytes, words: str) -> None:
+    assert words in str(_refused(_file(tmp_path, header, data)))
 
 
-def test_header_length_beyond_the_file_is_refused() -> None:
-    raw = struct.pack("<Q", 1 << 40) + b"{}"
-    with pytest.raises(stream.FormatError, match="does not fit"):
-        stream.tensors_from(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+@pytest.mark.parametrize(("raw", "words"), [
+    (struct.pack("<Q", 1 << 40) + b"{}", "does not fit"),
+    (b"\x01\x02", "shorter than"),
+])
+def test_header_length_beyond_the_file_is_refused(tmp_path: Path, raw: bytes, words: str) -> None:
+    path = tmp_path / "forged.safetensors"
+    path.write_bytes(raw)
+    assert words in str(_refused(path))
+
+
+def test_a_file_that_shrinks_while_read_is_reported_short(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    stream.write_file(path, _state())
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        with open(path, "r+b") as w:
+            w.truncate(size - 100)
+        _, _, read = stream.read_tensors(fh, size, "blake3")
+    assert read == size - 100
+
+
+def test_a_file_that_grows_while_read_is_reported_long(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    stream.write_file(path, _state())
+    size = path.stat().st_size
+    with open(path, "ab") as w:
+        w.write(b"extra")
+    with open(path, "rb") as fh:
+        _, got, read = stream.read_tensors(fh, size, "blake3")
+    assert read == size + 1 and isinstance(got, dict)
 
 
 @pytest.mark.parametrize(("entry", "ok"), [

@@ -1,10 +1,10 @@
 """Safetensors files written and read in one pass over their bytes, hashed on the way (SPEC C-1..C-3, P-3/P-4).
 
 Writing: the header is built here and each tensor's own memory is written straight to the file (no serialised
-copy of the state), while a second thread hashes the same bytes in file order; then one fsync. Reading: the file
-is read once into one preallocated buffer while a second thread hashes each chunk just read; the tensors are
-views of that buffer, made only after the caller has compared the digest and this module has checked the
-header's every entry (dtype, shape, offsets contiguous and covering the data exactly).
+copy of the state), while a second thread hashes the same bytes in file order; then one fsync. Reading: the
+header's every entry is checked first (dtype, shape, offsets contiguous and covering the data exactly), then the
+data is read once, straight into one new tensor per entry, while a second thread hashes each chunk just read;
+the caller compares the digest before it uses any tensor.
 
 Digests: BLAKE3 (the ``blake3`` package) for every file written now; sha256 for files written before it (the
 manifest names the algorithm per file). Both hash functions release the GIL on large buffers, so hashing runs
@@ -35,7 +35,6 @@ WRITE_ALGORITHM: Algorithm = "blake3"
 MAX_HEADER = 100 << 20  # safetensors' own bound
 _CHUNK = 8 << 20
 _THREADED = 16 << 20  # below this a second thread costs more than it saves (GIL hand-offs, thread start)
-_OWN = 1 << 20  # loaded tensors smaller than this get a storage of their own; larger ones are views
 
 DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -141,102 +140,142 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 class _Hasher:
-    """Hash ``pieces`` (in order) on a thread of its own; ``join`` re-raises what it raised."""
+    """Hash pieces in the order given, on a thread of its own when ``threaded`` (else at once); ``join`` waits
+    for the last piece and re-raises what the thread raised."""
 
-    def __init__(self, h: Any, pieces: list[memoryview]) -> None:
+    def __init__(self, h: Any, pieces: list[memoryview] | None = None, *, threaded: bool = True) -> None:
+        self.h = h
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(h, pieces), name="esper-hash", daemon=True)
-        self.thread.start()
+        self.queue: queue.SimpleQueue[memoryview | None] | None = None
+        if threaded:
+            self.queue = queue.SimpleQueue()
+            self.thread = threading.Thread(target=self._run, name="esper-hash", daemon=True)
+            self.thread.start()
+        for p in pieces or ():
+            self.add(p)
 
-    def _run(self, h: Any, pieces: list[memoryview]) -> None:
-        try:
-            for p in pieces:
-                h.update(p)
-        except BaseException as exc:  # noqa: BLE001  # pragma: no cover - re-raised by join
-            self.error = exc
+    def add(self, piece: memoryview) -> None:
+        if self.queue is None:
+            self.h.update(piece)
+        else:
+            self.queue.put(piece)
+
+    def _run(self) -> None:
+        assert self.queue is not None
+        while (piece := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.h.update(piece)
+                except BaseException as exc:  # noqa: BLE001  # pragma: no cover - re-raised by join
+                    self.error = exc
 
     def join(self) -> None:
+        if self.queue is None:
+            return
+        self.queue.put(None)
         self.thread.join()
         if self.error is not None:  # pragma: no cover
             raise self.error
 
 
-def read_file(fh: Any, size: int, algorithm: str) -> tuple[str, torch.Tensor, int]:
-    """Read at most ``size`` bytes of ``fh`` (from its position) into one new buffer, hashing each chunk on a
-    second thread as soon as it is read. Returns (hex digest, the buffer, bytes read; one more than ``size``
-    when the file grew while it was read)."""
-    buf = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buf.numpy()) if size else memoryview(bytearray())
-    h = hasher(algorithm)
-    chunks: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-    worker = threading.Thread(target=_hash_chunks, args=(h, view, chunks), name="esper-hash", daemon=True)
-    threaded = size >= _THREADED
-    if threaded:
-        worker.start()
-    read = 0
-    try:
-        while read < size:
-            n = fh.readinto(view[read:read + _CHUNK])
-            if not n:
-                break
-            if threaded:
-                chunks.put((read, read + n))
-            else:
-                h.update(view[read:read + n])
-            read += n
-    finally:
-        if threaded:
-            chunks.put(None)
-            worker.join()
-    grew = len(fh.read(1)) if read == size else 0
-    return h.hexdigest(), buf[:read], read + grew
+Span = tuple[int, int, torch.dtype, list[int], str]  # begin, end (data offsets), dtype, shape, key
 
 
-def _hash_chunks(h: Any, view: memoryview, chunks: queue.SimpleQueue[tuple[int, int] | None]) -> None:
-    while (span := chunks.get()) is not None:
-        h.update(view[span[0]:span[1]])
-
-
-def tensors_from(buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in ``buf`` (uint8), as views of it (copies below 1 MiB). Every
-    header entry is checked
-    first: a known dtype, a shape of non-negative ints, offsets whose size is the shape's, together covering
-    the data exactly without overlap. FormatError names the first problem."""
-    total = buf.numel()
-    if total < 8:
+def header_length(prefix: bytes, total: int) -> int:
+    """The header length a file of ``total`` bytes declares in its first 8 bytes; FormatError if it cannot fit."""
+    if total < 8 or len(prefix) < 8:
         raise FormatError("shorter than a safetensors header")
-    (n,) = struct.unpack("<Q", bytes(buf[:8].numpy()))
+    (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER or 8 + n > total:
         raise FormatError(f"header length {n} does not fit the file ({total} bytes)")
+    return int(n)
+
+
+def plan(header_bytes: bytes, data_bytes: int) -> list[Span]:
+    """Every header entry checked (a known dtype, a shape of non-negative ints, offsets whose size is the
+    shape's, together covering ``data_bytes`` exactly without overlap), in file order. FormatError names the
+    first problem."""
     try:
-        header = bounded.loads_json(bytes(buf[8:8 + n].numpy()))
+        header = bounded.loads_json(header_bytes)
     except bounded.ParseError as exc:
         raise FormatError(f"header is not valid JSON: {bounded.clip(str(exc), 200)}") from exc
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object")
-    start = 8 + n
-    spans: list[tuple[int, int, torch.dtype, list[int], str]] = []
+    spans: list[Span] = []
     for key, entry in header.items():
         if key == "__metadata__":
             if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
                 raise FormatError("__metadata__ is not an object of strings")
             continue
         spans.append((*_entry(key, entry), key))
-    out: dict[str, torch.Tensor] = {}
+    spans.sort(key=lambda s: (s[0], s[1], s[4]))
     expect = 0
-    for begin, end, dtype, shape, key in sorted(spans, key=lambda s: (s[0], s[1], s[4])):
+    for begin, end, _, _, key in spans:
         if begin != expect:
             raise FormatError(f"tensor {key!r}: data starts at {begin}, expected {expect} (gap or overlap)")
         expect = end
-        piece = buf[start + begin:start + end]
-        if (start + begin) % dtype.itemsize or end - begin < _OWN:
-            # misaligned for its dtype (never written so), or small: a storage of its own (some consumers, like
-            # torch.set_rng_state, read a state from its storage's start and ignore a view's offset)
-            piece = piece.clone()
-        out[key] = piece.view(dtype).reshape(shape) if end > begin else torch.empty(shape, dtype=dtype)
-    if start + expect != total:
-        raise FormatError(f"data ends at {start + expect}, the file has {total} bytes")
-    return out
+    if expect != data_bytes:
+        raise FormatError(f"data ends at {expect}, the file has {data_bytes} bytes of data")
+    return spans
+
+
+def read_tensors(fh: Any, size: int, algorithm: str) -> tuple[str, dict[str, torch.Tensor] | FormatError, int]:
+    """Read at most ``size`` bytes of ``fh`` (from its start) straight into a new tensor per header entry,
+    hashing every byte on a second thread as soon as it is read. The header is checked (``plan``) before any
+    tensor is allocated, so together they never need more memory than the file's size; the caller compares the
+    digest before it uses a tensor. Returns (hex digest, the tensors or the header's FormatError, bytes read;
+    one more than ``size`` when the file grew while it was read).
+
+    One tensor per entry rather than one buffer for the file: each allocation is the size of one tensor, which
+    the allocator serves from memory it already holds, where one file-sized buffer is a fresh mapping whose every
+    page faults on first write (that was a third of a 10M-parameter restore)."""
+    h = hasher(algorithm)
+    hashing = _Hasher(h, threaded=size >= _THREADED)
+    try:
+        spans, read = _read_header(fh, size, hashing)
+        tensors: dict[str, torch.Tensor] = {}
+        for _, _, dtype, shape, key in spans if isinstance(spans, list) else ():
+            t = tensors[key] = torch.empty(shape, dtype=dtype)
+            got = _read_into(fh, _bytes_of(t), hashing)
+            read += got
+            if got < t.numel() * t.element_size():
+                break  # the file shrank while it was read: the caller reports it
+        # what no entry covers (a file whose header is no plan) is only hashed, so its digest is still compared
+        while read < size and (chunk := fh.read(min(_CHUNK, size - read))):
+            read += len(chunk)
+            hashing.add(memoryview(chunk))
+    finally:
+        hashing.join()
+    grew = len(fh.read(1)) if read == size else 0
+    return h.hexdigest(), spans if isinstance(spans, FormatError) else tensors, read + grew
+
+
+def _read_header(fh: Any, size: int, hashing: _Hasher) -> tuple[list[Span] | FormatError, int]:
+    prefix = fh.read(min(8, size))
+    hashing.add(memoryview(prefix))
+    try:
+        n = header_length(prefix, size)
+    except FormatError as exc:
+        return exc, len(prefix)
+    header = fh.read(n)
+    hashing.add(memoryview(header))
+    if len(header) < n:
+        return FormatError("the file ended inside its header"), 8 + len(header)
+    try:
+        return plan(header, size - 8 - n), 8 + n
+    except FormatError as exc:
+        return exc, 8 + n
+
+
+def _read_into(fh: Any, view: memoryview, hashing: _Hasher) -> int:
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:got + _CHUNK])
+        if not n:
+            break
+        hashing.add(view[got:got + n])
+        got += n
+    return got
 
 
 def _entry(key: str, entry: Any) -> tuple[int, int, torch.dtype, list[int]]:

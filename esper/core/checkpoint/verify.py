@@ -1,7 +1,7 @@
 """Verified reads (SPEC C-3, S-2, S-3, P-3): every file's name, size, digest (the algorithm its manifest entry
 names: BLAKE3, or sha256 for older checkpoints) and safetensors header and the manifest's schema and seal are
-checked before a tensor is used; tensors are then views of the very bytes that were hashed (one read, hashed
-as it is read, no copy between check and use).
+checked before a tensor is used; the tensors hold the very bytes that were hashed (one read straight into them,
+hashed as it is read, nothing re-read between check and use).
 
 Nothing here unpickles. A file that is not valid safetensors is *named* a pickle by its leading bytes, never
 opened as one. Nothing here follows a symbolic link or reads anything but a regular file. A file's size is
@@ -27,6 +27,8 @@ from esper.core.checkpoint.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEnt
 from esper.core.config import from_toml_text
 from esper.core.errors import CheckpointError, ConfigError
 from esper.core.trust import Reference, references
+
+Loaded = dict[str, torch.Tensor] | stream.FormatError  # a file's tensors, or why its header gives none
 
 _CHUNK = 1 << 20
 
@@ -131,18 +133,17 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         raise CheckpointError(f"checkpoint {ckpt} failed verification: {'; '.join(report.problems)}")
     assert report.manifest is not None  # ok implies a manifest that fits its schema
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for fname, blob in data.items():
-        try:
-            tensors[fname.removesuffix(SUFFIX)] = stream.tensors_from(blob)
-        except stream.FormatError as exc:
-            raise CheckpointError(f"{ckpt / fname}: not loadable as safetensors: {exc}") from exc
+    for fname, loaded in data.items():
+        if isinstance(loaded, stream.FormatError):
+            raise CheckpointError(f"{ckpt / fname}: not loadable as safetensors: {loaded}")
+        tensors[fname.removesuffix(SUFFIX)] = loaded
     missing = set(report.manifest.files) - set(data)
     if missing:  # pragma: no cover - report.ok guarantees every listed file was read
         raise CheckpointError(f"checkpoint {ckpt}: files not read: {sorted(missing)}")
     return LoadedCheckpoint(path=ckpt, manifest=report.manifest, tensors=tensors)
 
 
-def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, torch.Tensor]]:
+def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, Loaded]]:
     doc, problems = _read_manifest(ckpt / MANIFEST)
     manifest = None
     refs: list[Reference] = []
@@ -157,14 +158,14 @@ def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, to
             except ConfigError as exc:
                 problems.append(bounded.clip(str(exc), 400))
     report = VerifyReport(path=ckpt, manifest=manifest, manifest_problems=problems, document=doc, references=refs)
-    data: dict[str, torch.Tensor] = {}
+    data: dict[str, Loaded] = {}
     # the files the document lists, even when the rest of it fails its schema: each is still checked
     listed: dict[str, Any] = doc["files"] if doc is not None and isinstance(doc.get("files"), dict) else {}
     for fname, entry in listed.items():
-        check, blob = _check_listed(ckpt, fname, entry, keep_bytes=keep_bytes)
+        check, loaded = _check_listed(ckpt, fname, entry, keep_bytes=keep_bytes)
         report.files.append(check)
-        if blob is not None:
-            data[fname] = blob
+        if loaded is not None:
+            data[fname] = loaded
     with os.scandir(ckpt) as entries:
         extra = sorted(e.name for e in entries if e.name != MANIFEST and e.name not in listed)
     for name in extra:
@@ -199,7 +200,7 @@ def _entry(entry: Any) -> FileEntry | None:
 
 
 def _check_listed(ckpt: Path, fname: str, raw_entry: Any, *,
-                  keep_bytes: bool) -> tuple[FileCheck, torch.Tensor | None]:
+                  keep_bytes: bool) -> tuple[FileCheck, Loaded | None]:
     if not (fname.endswith(SUFFIX) and NAME_RE.match(fname)):
         return FileCheck(fname, "unsafe", f"invalid file name in the manifest (must be <name>{SUFFIX})"), None
     path = ckpt / fname
@@ -234,7 +235,7 @@ def _check_listed(ckpt: Path, fname: str, raw_entry: Any, *,
                              expected, size), None
         fh.seek(0)
         try:
-            digest, blob, read = _hash(fh, size, entry.algo, keep_bytes=keep_bytes)
+            digest, loaded, read = _hash(fh, size, entry.algo, keep_bytes=keep_bytes)
         except OSError as exc:
             return FileCheck(fname, "missing", f"unreadable: {exc.strerror or exc}", expected, size), None
     if read != size:
@@ -243,15 +244,15 @@ def _check_listed(ckpt: Path, fname: str, raw_entry: Any, *,
     if digest != entry.hexdigest:
         return FileCheck(fname, "mismatch", f"{entry.algo} digest {digest[:12]}… differs from the manifest's "
                                             f"{entry.hexdigest[:12]}…", entry.bytes, size), None
-    return FileCheck(fname, "ok", "", entry.bytes, size), blob
+    return FileCheck(fname, "ok", "", entry.bytes, size), loaded
 
 
-def _hash(fh: Any, size: int, algorithm: str, *, keep_bytes: bool) -> tuple[str, torch.Tensor | None, int]:
-    """The digest of the file and the bytes it held, in one pass. With ``keep_bytes`` the bytes themselves (one
-    buffer, hashed as it is read): at most ``size`` of them, the size the manifest declared and the file was
-    found to have."""
+def _hash(fh: Any, size: int, algorithm: str, *, keep_bytes: bool) -> tuple[str, Loaded | None, int]:
+    """The digest of the file and what it held, in one pass. With ``keep_bytes`` its tensors (read from the very
+    bytes hashed, at most ``size`` of them: the size the manifest declared and the file was found to have), or
+    why its header gives none."""
     if keep_bytes:
-        return stream.read_file(fh, size, algorithm)  # one byte more than size: it grew while read
+        return stream.read_tensors(fh, size, algorithm)  # one byte more than size: it grew while read
     h = stream.hasher(algorithm)
     read = 0
     while chunk := fh.read(_CHUNK):

@@ -26,6 +26,7 @@ from conftest import (
 
 from esper.core.errors import ExitCode
 from esper.core.rundir import RunDir
+from esper.core.tolaria.safety import Restart
 from esper.core.tolaria.train_state import EpochStats
 from esper.core.tolaria.trainer import Trainer
 
@@ -137,6 +138,34 @@ def test_an_fp16_overflow_skips_the_step_counts_it_and_is_no_emergency(tmp_path:
         tr.train_step(*p.probe, stats)
         assert p.precision.overflow_steps == 2 and math.isfinite(p.precision.scaler.get_scale())
         assert any(not torch.equal(before[k], v) for k, v in p.host.state_dict().items())  # it trains again
+    finally:
+        tr.close()
+
+
+def test_fp16_overflows_many_steps_in_a_row_are_an_emergency_not_a_silent_skip(tmp_path: Path) -> None:
+    tr = _trainer(tmp_path, "emergency.max_overflow_steps=3")
+    try:
+        p = tr.build()
+        tr.machine.fire("ready", reason="test")
+        tr.machine.fire("train", reason="test")
+        p.rollback.take()  # the last-known-good state the emergency rolls back to
+        assert p.precision.scaler is not None
+        # a gradient that is non-finite whatever the scale (a bug, not a range problem)
+        hook = p.host.parameters().__next__().register_hook(lambda g: torch.full_like(g, float("inf")))
+        stats = EpochStats()
+        assert tr.train_step(*p.probe, stats) and tr.train_step(*p.probe, stats)  # counted, skipped, no emergency
+        assert p.emergency.level == "NOMINAL" and p.precision.in_a_row == 2
+        with pytest.raises(Restart):  # the third in a row: not applied, ELEVATED, rolled back to last-known-good
+            tr.train_step(*p.probe, stats)
+        assert p.emergency.level == "ELEVATED" and stats.skipped == 1
+        assert p.precision.in_a_row == 0 and len(p.state.rollbacks) == 1
+        hook.remove()
+        assert tr.train_step(*p.probe, stats) and p.precision.in_a_row == 0  # it trains again
+        tr.emitter.flush()
+        (skip,) = [e for e in events(tmp_path / "run") if e["event"] == "step.skipped"]
+        assert skip["attributes"]["cause"] == "non_finite_gradient"
+        (level,) = [e for e in events(tmp_path / "run") if e["event"] == "emergency.level"]
+        assert "3 steps in a row" in level["attributes"]["transition"]["reason"]
     finally:
         tr.close()
 

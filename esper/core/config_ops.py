@@ -33,6 +33,8 @@ class EmergencyConfig(_Section):
     max_consecutive_rollbacks: int = Field(2, ge=1, description="rollbacks without a healthy epoch -> CONSERVATIVE")
     max_checkpoint_failures: int = Field(2, ge=1, description="failed checkpoint writes in a row -> HALT")
     slow_step_ms: float = Field(2000.0, gt=0.0, description="a step slower than this raises NOTICE")
+    max_overflow_steps: int = Field(50, ge=1, le=10_000, description="fp16: overflow-skipped steps in a row before "
+                                    "it is ELEVATED (no scale lowering fixes a gradient that is truly non-finite)")
 
 
 class DistConfig(_Section):

@@ -134,7 +134,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         state = TrainState()
         skips = BatchSkips()
         rng = RngState()
-        precision = Precision(cfg.run.precision, device, emit)
+        precision = Precision(cfg.run.precision, device, emit, max_overflow_steps=cfg.emergency.max_overflow_steps)
 
         components = Components()  # restore order: the modules before the optimizer that holds their parameters
         components.register("host", ModuleState(host, "host"), Layout(file="model", prefix="host."))

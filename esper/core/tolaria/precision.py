@@ -2,8 +2,10 @@
 for fp16, a ``torch.amp.GradScaler`` whose state is checkpointed and restored.
 
 fp16 gradients can overflow while the loss is fine: the scaler then skips the optimizer step and halves its
-scale. Such a step is counted (``overflow_steps``) and reported (``step.overflow``), never an emergency; a
-non-finite *loss* still is (the emergency manager checks it before any scaling). bf16 has fp32's range: no
+scale. Such a step is counted (``overflow_steps``) and reported (``step.overflow``), not an emergency, until
+``emergency.max_overflow_steps`` of them come in a row: then the gradient is non-finite whatever the scale (a
+bug, not a range problem) and the step is ELEVATED, so the run rolls back and escalates loudly instead of
+skipping every step with an ever smaller scale. A non-finite *loss* is always an emergency (the emergency manager checks it before any scaling). bf16 has fp32's range: no
 scaler. Gradients are unscaled before the emergency manager's gradient check and before clipping, so both
 see true gradients.
 """
@@ -19,6 +21,7 @@ import torch
 
 from esper.core.device import DTYPES
 from esper.core.errors import CheckpointError
+from esper.core.tolaria.emergency import Signal
 
 
 class Precision:
@@ -26,12 +29,15 @@ class Precision:
 
     ABSENT: dict[str, Any] = {"scaler": None, "overflow_steps": 0}  # a checkpoint from before precision existed
 
-    def __init__(self, precision: str, device: torch.device, emit: Callable[..., Any]) -> None:
+    def __init__(self, precision: str, device: torch.device, emit: Callable[..., Any], *,
+                 max_overflow_steps: int) -> None:
         self.mode = precision
         self.device = device
         self.dtype = DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.overflow_steps = 0
+        self.in_a_row = 0  # overflow-skipped steps since the last applied one (not checkpointed: a resume restarts it)
+        self.max_in_a_row = max_overflow_steps
         self._emit = emit
 
     @contextlib.contextmanager
@@ -54,19 +60,29 @@ class Precision:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
-    def step(self, optimizer: torch.optim.Optimizer, overflowed: bool, global_step: int) -> None:
-        """The optimizer step (the scaler's, which skips it on overflow) and the scale update."""
+    def step(self, optimizer: torch.optim.Optimizer, overflowed: bool, global_step: int) -> Signal | None:
+        """The optimizer step (the scaler's, which skips it on overflow) and the scale update; an ELEVATED signal
+        when too many steps in a row overflowed."""
         if self.scaler is None:
             optimizer.step()
-            return
+            return None
         scale = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        if overflowed:
-            self.overflow_steps += 1
-            self._emit("tolaria", "step.overflow", "WARNING", global_step=global_step, scale=scale,
-                       new_scale=self.scaler.get_scale(), overflow_steps=self.overflow_steps,
-                       reason="fp16 gradients overflowed: the scaler skipped the step and lowered its scale")
+        if not overflowed:
+            self.in_a_row = 0
+            return None
+        self.overflow_steps += 1
+        self.in_a_row += 1
+        self._emit("tolaria", "step.overflow", "WARNING", global_step=global_step, scale=scale,
+                   new_scale=self.scaler.get_scale(), overflow_steps=self.overflow_steps, in_a_row=self.in_a_row,
+                   reason="fp16 gradients overflowed: the scaler skipped the step and lowered its scale")
+        if self.in_a_row < self.max_in_a_row:
+            return None
+        in_a_row, self.in_a_row = self.in_a_row, 0
+        return Signal("ELEVATED", "non_finite_gradient",
+                      f"fp16 gradients overflowed {in_a_row} steps in a row (emergency.max_overflow_steps); the loss "
+                      f"scale is down to {self.scaler.get_scale():.3g}", {"parameter": None, "in_a_row": in_a_row})
 
     def describe(self) -> dict[str, Any]:
         """What summary.json says about the run's precision."""

@@ -309,7 +309,9 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]],
                                            self.cfg.trainer.grad_clip)
         p.schedule.apply(opt, p.state.global_step)
-        amp.step(opt, overflowed, p.state.global_step)
+        persistent = amp.step(opt, overflowed, p.state.global_step)  # fp16 overflows many steps in a row
+        if persistent is not None:
+            return self._bad_step(p, persistent, stats)
         p.state.global_step += 1
         if not p.safety.paused:
             p.kasmina.after_step()  # CONSERVATIVE freezes seeds in their stage (alpha included)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import fake_controllers
 import pytest
-from conftest import EventRecorder, wait_until
+from conftest import EventRecorder, make_config, wait_until
 
 from esper.core.errors import EsperError
 from esper.core.tolaria.mediator import (
@@ -225,3 +225,16 @@ def test_worker_start_up_longer_than_the_deadline_is_reported_not_a_timeout() ->
     mediator.close()
     assert pid is not None
     _assert_no_leftovers([pid], baseline)
+
+
+def test_a_worker_that_starts_slower_than_controller_start_timeout_ms_is_a_controller_timeout() -> None:
+    cfg = make_config("controller.start_timeout_ms=300")
+    endpoint = open_controller("process", f"{MOD}:make_slow_start", {"seconds": 5.0},
+                               start_timeout_ms=cfg.controller.start_timeout_ms)
+    rec = EventRecorder()
+    mediator = Mediator(timeout_ms=1000, emit=rec, controller=endpoint)
+    try:
+        with pytest.raises(ControllerTimeout, match=r"did not start within 0\.3s"):
+            mediator.decide("decide", {"count": 1})
+    finally:
+        mediator.close()

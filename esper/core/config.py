@@ -218,6 +218,9 @@ class ControllerConfig(_Section):
     policy: str = Field("heuristic", description="heuristic | module:function", json_schema_extra=CODE)
     timeout_ms: int = Field(2000, ge=1, le=MAX_TIMEOUT_MS,
                             description="budget of one controller decision (worker start-up not counted)")
+    start_timeout_ms: int = Field(30_000, ge=1, le=MAX_TIMEOUT_MS,
+                                  description="process isolation: how long the worker may take to start (import "
+                                  "torch, build the policy) before that is a controller timeout")
     isolation: Literal["process", "inline"] = Field(
         "process", description="process: decisions run in a worker the mediator can kill; inline: in-process")
     plateau_window: int = Field(2, ge=1, description="epochs compared to detect a validation-loss plateau")

@@ -130,7 +130,8 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
             tamiyo = controller(cfg, run_dir.run_id)
             mediator = open_mediator(lambda: Mediator(cfg.controller.timeout_ms, emit, controller=open_controller(
                 cfg.controller.isolation, tamiyo_worker.FACTORY,
-                tamiyo_worker.factory_args(cfg.controller, cfg.seeds, run_dir.run_id))))
+                tamiyo_worker.factory_args(cfg.controller, cfg.seeds, run_dir.run_id),
+                start_timeout_ms=cfg.controller.start_timeout_ms)))
         state = TrainState()
         skips = BatchSkips()
         rng = RngState()

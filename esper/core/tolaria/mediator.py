@@ -349,10 +349,11 @@ class InlineController:
 
 
 def open_controller(isolation: Literal["process", "inline"], factory_ref: str,
-                    factory_args: dict[str, Any] | None = None) -> ControllerWorker | InlineController:
-    """The endpoint ``controller.isolation`` asks for."""
+                    factory_args: dict[str, Any] | None = None, *,
+                    start_timeout_ms: int = 30_000) -> ControllerWorker | InlineController:
+    """The endpoint ``controller.isolation`` asks for (``start_timeout_ms`` bounds a worker process's start)."""
     if isolation == "process":
-        return ControllerWorker(factory_ref, factory_args)
+        return ControllerWorker(factory_ref, factory_args, start_timeout_ms=start_timeout_ms)
     if isolation == "inline":
         return InlineController(factory_ref, factory_args)
     raise MediatorError(f"unknown controller isolation {isolation!r} (process | inline)")

@@ -5,9 +5,9 @@ fp16 gradients can overflow while the loss is fine: the scaler then skips the op
 scale. Such a step is counted (``overflow_steps``) and reported (``step.overflow``), not an emergency, until
 ``emergency.max_overflow_steps`` of them come in a row: then the gradient is non-finite whatever the scale (a
 bug, not a range problem) and the step is ELEVATED, so the run rolls back and escalates loudly instead of
-skipping every step with an ever smaller scale. A non-finite *loss* is always an emergency (the emergency manager checks it before any scaling). bf16 has fp32's range: no
-scaler. Gradients are unscaled before the emergency manager's gradient check and before clipping, so both
-see true gradients.
+skipping every step with an ever smaller scale. A non-finite *loss* is always an emergency (the emergency
+manager checks it before any scaling). bf16 has fp32's range: no scaler. Gradients are unscaled before the
+emergency manager's gradient check and before clipping, so both see true gradients.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BASE_TOML, ESPER, GROWING, metrics, out, sets, train
+from conftest import BASE_TOML, ESPER, GROWING, events, metrics, out, sets, train
 
 from esper.core.errors import ExitCode
 
@@ -52,6 +52,9 @@ def test_tensorboard_gets_the_runs_scalars_alpha_per_seed_and_lifecycle_events(t
         [(r["epoch"], r["val_loss"]) for r in rows]
     assert [e.value for e in acc.Scalars("run/params")] == [r["params"] for r in rows]
     assert max(e.value for e in acc.Scalars("alpha/s1")) > 0.0  # a seed blended in
+    blended = [(e["epoch"], s["alpha_mean"]) for e in events(run) if e["event"] == "epoch.completed"
+               for s in e["attributes"]["slots"] if s["slot"] == "s1" and "alpha_mean" in s]  # as events.jsonl has it
+    assert blended and [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("alpha_mean/s1")] == blended
     texts = set(acc.Tags()["tensors"])
     assert {"events/run.started/text_summary", "events/seed.transition/text_summary",
             "events/checkpoint.written/text_summary"} <= texts

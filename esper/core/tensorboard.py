@@ -1,6 +1,7 @@
 """Optional TensorBoard output (V-4): with ``telemetry.tensorboard = true`` a run also writes its scalars (losses,
-metrics, learning rate, parameters, emergency level, alpha per seed) and its lifecycle and emergency events (as
-text) into ``RUN/tensorboard/`` through ``torch.utils.tensorboard``: ``tensorboard --logdir runs``.
+metrics, learning rate, parameters, emergency level, alpha per seed and a blended seed's ``alpha_mean`` and
+``gate_sparsity``) and its lifecycle and emergency events (as text) into ``RUN/tensorboard/`` through
+``torch.utils.tensorboard``: ``tensorboard --logdir runs``.
 
 The ``tensorboard`` package is an optional extra (``pip install 'esper[tensorboard]'``). Whether it is there is
 asked with ``importlib.util.find_spec`` before anything is written (a clear exit 3 when it is not), and
@@ -72,8 +73,13 @@ class TensorBoardWriter:
         if isinstance(level, str) and level in EMERGENCY.state_names:
             self._writer.add_scalar("run/emergency_level", EMERGENCY.value_of(level), global_step=epoch)
         for slot in row.get("slots") or []:
-            if isinstance(slot, dict) and isinstance(slot.get("alpha"), int | float):
-                self._writer.add_scalar(f"alpha/{slot['slot']}", slot["alpha"], global_step=epoch)
+            if not isinstance(slot, dict):
+                continue
+            # alpha at the epoch's end, and a blended seed's blend telemetry over the epoch
+            for key in ("alpha", "alpha_mean", "gate_sparsity"):
+                value = slot.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{key}/{slot['slot']}", value, global_step=epoch)
 
     def close(self) -> None:
         self._writer.close()

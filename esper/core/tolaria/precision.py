@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from esper.core.device import DTYPES
 from esper.core.errors import CheckpointError
 
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable and reentrant
 
 class Precision:
     """Autocast dtype (``None`` for fp32) and the fp16 loss scaler."""
@@ -34,13 +35,11 @@ class Precision:
         self.overflow_steps = 0
         self._emit = emit
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast to the run's dtype; fp32: a no-op context (entered twice a step: no generator to run)."""
         if self.dtype is None:
-            yield
-            return
-        with torch.autocast(self.device.type, dtype=self.dtype):
-            yield
+            return _NO_AUTOCAST
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to differentiate (scaled for fp16)."""

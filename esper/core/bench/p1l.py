@@ -26,7 +26,7 @@ def run_p1l(s: P1Setup, plan: BenchPlan) -> Comparison | Skipped:
         return Skipped("P-1L", NAME, missing)
     peer = importlib.import_module("esper.core.bench.lightning_peer")  # imports lightning: only when installed
     module = peer.PeerModule(plain_side(s.cfg, s.parts))
-    epochs = plan.p1_epochs_per_round
+    epochs = max(1, plan.p1_epochs_per_round // 2)  # half P-1's rounds: a Trainer per epoch, the wall time
     with gc_paused():
         base, mine = alternate(lambda: peer.lightning_round(module, s.cfg.run.seed, s.epoch, epochs),
                                lambda: esper_round(s, epochs), warmup=plan.warmup, repeats=plan.repeats)

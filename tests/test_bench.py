@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import typer
-from conftest import BASE_TOML
+from conftest import BASE_TOML, SHIPPED
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -63,19 +63,25 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
     assert doc["plan"]["rollback_sizes"] == [0, 1_000_000]
 
     by_id = {r["id"]: r for r in doc["results"]}
-    expected = {"P-1", "P-1c", "P-1+c", "P-2/default", "P-2/default/SLA", "P-2/1M", "P-2/1M/SLA",
+    expected = {"P-1", "P-1L", "P-1/cnn", "P-1c", "P-1+c", "P-2/default", "P-2/default/SLA", "P-2/1M", "P-2/1M/SLA",
                 "P-3/default", "P-3b/default", "P-3/default/SLA", "P-4/default", "P-4b/default",
                 "P-3/1M", "P-4/1M", "P-5/fire", "P-5/may", "P-5/validate", "P-6", "P-6/mediated", "MEM"}
     assert expected <= set(by_id), sorted(expected - set(by_id))
-    goals = {"P-1": 1.05, "P-2/default": 1.5, "P-2/1M": 1.5, "P-3/default": 1.2, "P-4/default": 1.0}
+    goals = {"P-1": 1.15, "P-1+c": 1.15, "P-2/default": 1.5, "P-2/1M": 1.5, "P-3/default": 1.2, "P-4/default": 1.0}
     for rid, goal in goals.items():
         assert by_id[rid]["goal"] == {"max_ratio": goal}
     assert by_id["P-2/1M/SLA"]["goal"] == {"max": 500.0, "unit": "ms", "applies_to": "max"}
     assert by_id["P-2/1M"]["size"]["params"] == pytest.approx(1_000_000, rel=0.1)
     assert by_id["P-2/1M"]["size"]["bytes"] >= 2 * 4 * by_id["P-2/1M"]["size"]["params"]  # weights + momentum
     assert by_id["P-1"]["size"]["seed_stages"] == {"s1": "BLENDING", "s2": "TRAINING"}
+    # the base config's host is the mlp: the realistic-host row says why it is not there
+    assert by_id["P-1/cnn"]["kind"] == "skipped" and "host.factory is 'mlp'" in by_id["P-1/cnn"]["reason"]
+    assert by_id["P-1L"]["kind"] == "ratio" and by_id["P-1L"]["goal"] is None  # dev installs lightning
 
     for r in doc["results"]:
+        if r["kind"] == "skipped":
+            assert r["met"] is None and r["goal"] is None and r["reason"]
+            continue
         assert r["unit"] in UNITS, r
         if r["kind"] == "ratio":
             n = len(r["baseline"]["samples"])
@@ -243,3 +249,17 @@ def test_child_rss_is_the_childs_own_not_the_parents(tmp_path: Path) -> None:
 def test_failing_child_is_an_error_with_its_stderr(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="exited 3.*boom"):
         run_child([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"], tmp_path, 60.0)
+
+
+@pytest.mark.slow
+def test_quick_bench_runs_on_the_shipped_config(tmp_path: Path) -> None:
+    # MNIST-1D on the cnn host: every P-1 row is measured, P-1/cnn on its own (reduced) realistic host
+    result = runner.invoke(app, ["--config", str(SHIPPED), "--set", f'run.output_dir="{tmp_path}"', "--set",
+                                 "bench.warmup=0", "--set", "bench.repeats=1", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    by_id = {r["id"]: r for r in json.loads(result.stdout)["results"]}
+    for rid in ("P-1", "P-1L", "P-1+c", "P-1/cnn"):
+        assert by_id[rid]["kind"] == "ratio", by_id[rid]
+    assert by_id["P-1/cnn"]["goal"] == {"max_ratio": 1.05} and by_id["P-1"]["goal"] == {"max_ratio": 1.15}
+    assert by_id["P-1/cnn"]["size"]["host_params"] > by_id["P-1"]["size"]["host_params"]
+    assert not list(tmp_path.glob(".bench-*"))

@@ -61,8 +61,11 @@ def results_table(doc: dict[str, Any]) -> Table:
     for col in ("measurement", "baseline median", "esper median", "ratio", "goal", "met?"):
         table.add_column(col, justify="left" if col == "measurement" else "right")
     for r in doc["results"]:
-        unit = r["unit"]
         name = f"{r['id']} {r['name']}"
+        if r["kind"] == "skipped":
+            table.add_row(name, "-", f"skipped: {r['reason']}", "-", "-", "-")
+            continue
+        unit = r["unit"]
         if r["kind"] == "ratio":
             ratio = r["ratio"]
             table.add_row(name, f"{_num(r['baseline']['median'])} {unit}", f"{_num(r['esper']['median'])} {unit}",

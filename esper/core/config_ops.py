@@ -3,9 +3,9 @@ the bench (what keeps a run safe and measured, not what is trained)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from esper.core.config_base import MAX_TIMEOUT_MS, _Section
 from esper.core.faults import CATALOGUE, parse_at, unknown_fault
@@ -76,6 +76,13 @@ class BenchConfig(_Section):
                                       description="parameter counts for P-2 (0 = the default model)")
     checkpoint_sizes: list[int] = Field(default_factory=lambda: [0, 10_000_000, 100_000_000], max_length=16,
                                         description="parameter counts for P-3/P-4 (0 = the default model)")
+    p1_host_channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [32, 64, 512, 640], max_length=16,
+        description="cnn host channels per block for the P-1/cnn row (the step on a realistic host, ~1.1M "
+                    "parameters on mnist1d); [] leaves the row out")
+    p1_host_kernels: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        default_factory=lambda: [5, 3, 3, 3], max_length=16,
+        description="cnn host kernel size per block for the P-1/cnn row (one per entry of p1_host_channels)")
 
     @field_validator("rollback_sizes", "checkpoint_sizes")
     @classmethod
@@ -83,3 +90,10 @@ class BenchConfig(_Section):
         if any(not 0 <= n <= 1_000_000_000 for n in v):
             raise ValueError(f"every size must be in [0, 1000000000], got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _p1_host(self) -> BenchConfig:
+        if len(self.p1_host_channels) != len(self.p1_host_kernels):
+            raise ValueError(f"bench.p1_host_kernels needs one kernel per entry of bench.p1_host_channels "
+                             f"({len(self.p1_host_channels)}), got {len(self.p1_host_kernels)}")
+        return self

@@ -13,20 +13,21 @@ from pathlib import Path
 
 import torch
 
-from esper.core.bench.baseline import PlainNet, epoch_batches, p1_round
+from esper.core.bench.baseline import PlainLoop, PlainNet, epoch_batches, host_blocks
 from esper.core.bench.stats import (
     Absolute,
     BenchError,
     BenchPlan,
     BenchUnsupported,
     Comparison,
+    Skipped,
     alternate,
     gc_paused,
     summarize,
 )
 from esper.core.config import EsperConfig
-from esper.core.host import MLPHost, build_host
-from esper.core.kasmina import SeedSlot
+from esper.core.host import build_host
+from esper.core.kasmina import SeedSlot, param_count
 from esper.core.optim import ParamGroupSpec, build_optimizer
 from esper.core.rundir import RunDir
 from esper.core.telemetry import Emitter
@@ -45,12 +46,11 @@ class P1Setup:
     evaluate: Callable[[frozenset[str]], dict[str, float]]
     emitter: Emitter
     close: Callable[[], None]
-    plain: PlainNet
-    plain_opt: torch.optim.Optimizer
-    blend_steps: int
+    plain: PlainLoop
     blend_slot: str
     train_slot: str
     epoch: int = 1000  # data epochs used for timing (disjoint from the set-up epochs)
+    max_steps: int = 0  # steps of one timed round at most (0: whole epochs)
 
 
 def _germinate(p: Parts, slot: str, blueprint: str) -> None:
@@ -71,11 +71,10 @@ def _train_epoch(cfg: EsperConfig, p: Parts, step: Step, emitter: Emitter, epoch
 
 
 def setup_p1(cfg: EsperConfig, scratch: Path) -> P1Setup:
-    """A built trainer with one seed BLENDING and one TRAINING, reached through the real gates."""
+    """A built trainer with one seed BLENDING and one TRAINING, reached through the real gates, and the plain
+    side starting from exactly its state (weights, optimizer state, step counters)."""
     if not cfg.seeds.enabled or len(cfg.seeds.slots) < 2:
         raise BenchUnsupported("P-1 needs seeds.enabled = true and at least two seeds.slots", key="seeds.enabled")
-    if cfg.host.factory != "mlp":
-        raise BenchUnsupported("P-1's plain baseline is written for the built-in MLP host (host.factory = 'mlp')")
     path = scratch / "p1-run"
     (path / "checkpoints").mkdir(parents=True, exist_ok=True)
     tr = open_trainer(cfg, RunDir(path, "bench"), emitter=Emitter(None, "bench", cfg.telemetry))
@@ -95,31 +94,45 @@ def setup_p1(cfg: EsperConfig, scratch: Path) -> P1Setup:
             raise BenchError(f"bench set-up: slot {blend_slot} did not pass G2 into BLENDING (stage {slot.stage}); "
                              f"its history: {[r.to_dict()['gate'] for r in slot.machine.history]}")
         _germinate(p, train_slot, blueprints[1 % len(blueprints)])
-        assert isinstance(p.host, MLPHost)
-        # a fresh host carries no Kasmina hooks; it starts from the trainer's weights
-        host = build_host(cfg, p.task.input_shape, p.task.n_outputs)
-        assert isinstance(host, MLPHost)
-        host.load_state_dict(p.host.state_dict())
-        blend_mod, train_mod = p.kasmina.slots[blend_slot].module, p.kasmina.slots[train_slot].module
-        assert blend_mod is not None and train_mod is not None
-        plain = PlainNet(host, p.kasmina.slots[blend_slot].layer, copy.deepcopy(blend_mod),
-                         p.kasmina.slots[train_slot].layer, copy.deepcopy(train_mod), cfg.seeds.blend.mode)
-        opt = build_optimizer(cfg.trainer, [ParamGroupSpec("host", list(host.parameters())),
-                                            ParamGroupSpec("blend", list(plain.blend_seed.parameters())),
-                                            ParamGroupSpec("train", list(plain.train_seed.parameters()))])
-        return P1Setup(cfg, p, tr.train_step, tr.evaluate, tr.emitter, tr.close, plain, opt, cfg.seeds.blend.steps,
+        return P1Setup(cfg, p, tr.train_step, tr.evaluate, tr.emitter, tr.close, plain_side(cfg, p),
                        blend_slot, train_slot)
     except BaseException:
         tr.close()  # no prefetch thread or controller worker outlives a failed set-up
         raise
 
 
+def plain_side(cfg: EsperConfig, p: Parts) -> PlainLoop:
+    """The plain loop on copies of the trainer's host (no Kasmina hooks) and seeds, with its optimizer state,
+    LR schedule position and alpha ramp position: from here both sides compute the same steps."""
+    slots = list(p.kasmina.slots.values())
+    blend, train = (next((s for s in slots if s.stage == stage), None) for stage in ("BLENDING", "TRAINING"))
+    if blend is None or train is None or blend.module is None or train.module is None:
+        raise BenchError(f"P-1's plain side needs one BLENDING and one TRAINING seed; stages: "
+                         f"{ {s.name: s.stage for s in slots} }")
+    host_blocks(p.host)  # an unsupported host is refused before anything is copied
+    host = build_host(cfg, p.task.input_shape, p.task.n_outputs)
+    host.load_state_dict(p.host.state_dict())
+    host.train(p.host.training)
+    plain = PlainNet(host, blend.layer, copy.deepcopy(blend.module), train.layer, copy.deepcopy(train.module),
+                     cfg.seeds.blend.mode)
+    groups = {"blend": list(plain.blend_seed.parameters()), "train": list(plain.train_seed.parameters())}
+    names = {blend.name: "blend", train.name: "train"}
+    specs = [ParamGroupSpec("host", list(host.parameters()))]
+    specs += [ParamGroupSpec(names[g.name.removeprefix("seed:")], groups[names[g.name.removeprefix("seed:")]])
+              for g in p.kasmina.param_groups()[1:]]  # the trainer's group order, so its state loads in place
+    opt = build_optimizer(cfg.trainer, specs)
+    # a copy: load_state_dict keeps tensors of the right dtype/device as they are, so the two optimizers would
+    # share (and both update) the same moment buffers
+    opt.load_state_dict(copy.deepcopy(p.optimizer.optimizer.state_dict()))
+    return PlainLoop(plain, opt, p.task, cfg, p.schedule.factor, cfg.seeds.blend.steps,
+                     global_step=p.state.global_step, alpha_step=blend.stats.alpha_step)
+
+
 def _plain_round(s: P1Setup, epochs: int) -> float:
-    cfg = s.cfg
-    return p1_round(s.plain, s.plain_opt, s.parts.task, cfg, s.epoch, epochs, s.blend_steps, cfg.trainer.grad_clip)
+    return s.plain.round(s.epoch, epochs, s.max_steps)
 
 
-def _esper_round(s: P1Setup, epochs: int) -> float:
+def esper_round(s: P1Setup, epochs: int) -> float:
     """ms per step of ``train_step`` (with the per-step context the real epoch loop sets)."""
     p = s.parts
     stats = EpochStats()
@@ -131,6 +144,10 @@ def _esper_round(s: P1Setup, epochs: int) -> float:
             s.emitter.set_context(epoch=s.epoch + e, step=p.state.global_step)
             s.step(x, y, stats, training)
             steps += 1
+            if steps == s.max_steps:
+                break
+        if steps == s.max_steps:
+            break
     dt = time.perf_counter() - t0
     if stats.steps != steps:
         raise BenchError(f"Esper skipped {steps - stats.steps} of {steps} steps during P-1 "
@@ -138,24 +155,54 @@ def _esper_round(s: P1Setup, epochs: int) -> float:
     return dt * 1000.0 / steps
 
 
-def run_p1(s: P1Setup, plan: BenchPlan) -> tuple[Comparison, EpochStats]:
+def run_p1(s: P1Setup, plan: BenchPlan, *, rid: str = "P-1", epochs: int = 0,
+           goal: float = 1.15) -> tuple[Comparison, EpochStats]:
+    """Plain loop vs ``train_step``, alternating rounds of ``epochs`` data epochs (``plan``'s when 0)."""
     p = s.parts
+    epochs = epochs or plan.p1_epochs_per_round
     stages = {n: sl.stage for n, sl in p.kasmina.slots.items()}
     with gc_paused():
-        base, mine = alternate(lambda: _plain_round(s, plan.p1_epochs_per_round),
-                               lambda: _esper_round(s, plan.p1_epochs_per_round),
+        base, mine = alternate(lambda: _plain_round(s, epochs), lambda: esper_round(s, epochs),
                                warmup=plan.warmup, repeats=plan.repeats)
     stats = EpochStats()
-    for x, y in epoch_batches(p.task, s.cfg, s.epoch):
+    for i, (x, y) in enumerate(epoch_batches(p.task, s.cfg, s.epoch)):
+        if i == s.max_steps > 0:
+            break
         s.step(x, y, stats, None)
+    steps = s.max_steps or p.steps_per_epoch * epochs
     comp = Comparison(
-        "P-1", "train step, 2 active seeds + telemetry", "ms/step", "plain PyTorch loop, same modules",
-        "Trainer.train_step", base, mine, 1.05,
-        size={"params": p.kasmina.total_params(), "batch_size": s.cfg.data.batch_size,
-              "steps_per_round": p.steps_per_epoch * plan.p1_epochs_per_round, "seed_stages": stages,
+        rid, f"train step ({s.cfg.host.factory} host), 2 active seeds + telemetry", "ms/step",
+        "plain PyTorch loop, same modules", "Trainer.train_step", base, mine, goal,
+        size={"params": p.kasmina.total_params(), "host_params": param_count(p.host),
+              "batch_size": s.cfg.data.batch_size, "steps_per_round": steps, "seed_stages": stages,
               "blueprints": {n: sl.blueprint for n, sl in p.kasmina.slots.items()}},
     )
     return comp, stats
+
+
+def host_row_config(cfg: EsperConfig, plan: BenchPlan) -> EsperConfig:
+    """The config of P-1/cnn: the run's config with the cnn host at ``bench.p1_host_channels``/``_kernels``; the
+    seeds' parameter budget is lifted so the blueprints fit the wider slots."""
+    host = cfg.host.model_copy(update={"channels": list(plan.p1_host_channels),
+                                       "kernels": list(plan.p1_host_kernels)})
+    seeds = cfg.seeds.model_copy(update={"param_budget": max(cfg.seeds.param_budget, 100_000_000)})
+    return cfg.model_copy(update={"host": host, "seeds": seeds})
+
+
+def run_p1_host(cfg: EsperConfig, plan: BenchPlan, scratch: Path) -> Comparison | Skipped:
+    """P-1/cnn: the step on a realistic host (goal 1.05), a set-up of its own, ``plan.p1_host_steps`` a round."""
+    name = "train step on a realistic cnn host"
+    if cfg.host.factory != "cnn":
+        return Skipped("P-1/cnn", name, f"host.factory is {cfg.host.factory!r}: the row measures the cnn host "
+                                        "(host.factory = 'cnn' with a [N, C, L] or [N, C, H, W] task, e.g. mnist1d)")
+    s = setup_p1(host_row_config(cfg, plan), scratch / "p1-host")
+    try:
+        s.max_steps = plan.p1_host_steps
+        comp, _ = run_p1(s, plan, rid="P-1/cnn", epochs=1, goal=1.05)
+    finally:
+        s.close()
+    comp.name = name
+    return comp
 
 
 def run_p1_controller(s: P1Setup, stats: EpochStats, plan: BenchPlan,
@@ -186,5 +233,5 @@ def run_p1_controller(s: P1Setup, stats: EpochStats, plan: BenchPlan,
     add = statistics.median(per_step) / 1000.0  # ms/step
     total = Comparison("P-1+c", "train step + controller on cadence", "ms/step", step.baseline_label,
                        "train_step + amortised decision", list(step.baseline), [v + add for v in step.esper],
-                       1.05, size=step.size, extra={"controller_ms_per_step": add})
+                       step.goal_ratio, size=step.size, extra={"controller_ms_per_step": add})
     return ctrl, total

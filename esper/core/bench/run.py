@@ -11,7 +11,8 @@ from typing import Any
 
 from esper.core.bench.memory import run_memory
 from esper.core.bench.micro import run_p5, run_p6
-from esper.core.bench.p1 import run_p1, run_p1_controller, setup_p1
+from esper.core.bench.p1 import run_p1, run_p1_controller, run_p1_host, setup_p1
+from esper.core.bench.p1l import run_p1l
 from esper.core.bench.state import linear_stack, run_p2, run_p3_p4, stack_components
 from esper.core.bench.stats import SCHEMA, BenchPlan, Progress, Result, machine_info
 from esper.core.config import EsperConfig
@@ -41,6 +42,8 @@ def run_bench(cfg: EsperConfig, plan: BenchPlan, *, progress: Progress | None = 
         try:
             p1, stats = run_p1(setup, plan)
             results.append(p1)
+            say("P-1L train step against a Lightning Trainer")
+            results.append(run_p1l(setup, plan))
             say("P-1 controller on its cadence")
             results.extend(run_p1_controller(setup, stats, plan, p1))
             say("P-2 fast rollback (default model)")
@@ -57,6 +60,9 @@ def run_bench(cfg: EsperConfig, plan: BenchPlan, *, progress: Progress | None = 
             results.extend(run_p6(cfg, candidates, plan, p.mediator, "bench"))
         finally:
             setup.close()
+        if plan.p1_host_channels:
+            say("P-1/cnn train step on a realistic host")
+            results.append(run_p1_host(cfg, plan, scratch))
         for n in plan.rollback_sizes:
             if n == 0:
                 continue

@@ -47,6 +47,9 @@ class BenchPlan:
     warmup: int
     repeats: int
     p1_epochs_per_round: int  # data epochs one timed P-1 round trains (both sides)
+    p1_host_steps: int  # steps of one timed round of P-1/cnn (the realistic host: each step costs more)
+    p1_host_channels: tuple[int, ...]  # the P-1/cnn host's channels; () leaves the row out
+    p1_host_kernels: tuple[int, ...]
     rollback_sizes: tuple[int, ...]  # parameter counts for P-2; 0 = the default model
     checkpoint_sizes: tuple[int, ...]  # parameter counts for P-3/P-4; 0 = the default model
     micro_ops: int  # operations per timed P-5 batch
@@ -60,10 +63,14 @@ class BenchPlan:
     def from_config(cls, cfg: BenchConfig, *, quick: bool) -> BenchPlan:
         if quick:
             return cls(quick=True, warmup=min(cfg.warmup, 1), repeats=min(cfg.repeats, 3), p1_epochs_per_round=1,
+                       p1_host_steps=2, p1_host_channels=tuple(max(1, c // 8) for c in cfg.p1_host_channels),
+                       p1_host_kernels=tuple(cfg.p1_host_kernels),
                        rollback_sizes=(0, 1_000_000), checkpoint_sizes=(0, 1_000_000), micro_ops=2_000,
                        decisions=60, worker_decisions=15, memory_epochs=1, memory_pairs=1,
                        memory_concurrent=True)
         return cls(quick=False, warmup=cfg.warmup, repeats=cfg.repeats, p1_epochs_per_round=4,
+                   p1_host_steps=5, p1_host_channels=tuple(cfg.p1_host_channels),
+                   p1_host_kernels=tuple(cfg.p1_host_kernels),
                    rollback_sizes=tuple(cfg.rollback_sizes), checkpoint_sizes=tuple(cfg.checkpoint_sizes),
                    micro_ops=20_000, decisions=400, worker_decisions=100, memory_epochs=3,
                    memory_pairs=min(cfg.repeats, 2), memory_concurrent=False)
@@ -164,7 +171,22 @@ class Absolute:
         }
 
 
-Result = Comparison | Absolute
+@dataclass
+class Skipped:
+    """A measurement this run could not make, and why (an optional extra not installed, a host it needs)."""
+
+    id: str
+    name: str
+    reason: str
+
+    met = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "kind": "skipped", "reason": self.reason, "goal": None,
+                "met": None}
+
+
+Result = Comparison | Absolute | Skipped
 
 
 def alternate(baseline: Callable[[], float], esper_side: Callable[[], float], *, warmup: int,

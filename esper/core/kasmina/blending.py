@@ -111,6 +111,8 @@ def blend_weights(host: torch.Tensor, alpha: float, spec: BlendSpec, logits: tor
                   channel_axis: int = -1) -> torch.Tensor | None:
     """The seed's weight per channel (``channel``) or per sample (``confidence``) at ``alpha`` -- what
     :func:`blend` multiplies the seed by; ``None`` for the modes with one scalar weight (convex, residual)."""
+    if spec.mode not in ("channel", "confidence"):
+        return None  # every step: no autograd context to enter for the scalar modes
     with torch.no_grad():
         if spec.mode == "channel":
             return (alpha * _channel_vector(spec, host, channel_axis)).flatten()

@@ -130,10 +130,11 @@ class Kasmina:
         grads = torch.autograd.grad(total if scale is None else scale(total), params)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
-        slot.stats.loss_sum += float(loss.detach())
+        value = float(loss.detach())
+        slot.stats.loss_sum += value
         slot.stats.loss_count += 1
         slot.stats.latency_ms_sum += (time.perf_counter() - t0) * 1000.0
-        return float(loss.detach())
+        return value
 
     # -------------------------------------------------------------- parameters
     def param_groups(self) -> list[ParamGroupSpec]:

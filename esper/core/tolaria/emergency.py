@@ -73,7 +73,7 @@ class EmergencyManager:
     def check_grads(named: list[tuple[str, torch.nn.Parameter]]) -> Signal | None:
         """One fused norm over every gradient (one sync per step); the offender is named only on failure."""
         grads = [p.grad for _, p in named if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        if not grads or bool(torch.isfinite(_total_norm(grads))):
             return None
         for name, p in named:
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
@@ -144,3 +144,13 @@ class EmergencyManager:
         # CRITICAL: the emitter makes it durable before the action this change announces runs
         self.emit("tolaria", "emergency.level", "CRITICAL", to_level=record.dest, from_level=record.source,
                   transition=record.to_dict())
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.nn.utils.get_total_norm(grads)``, the same value: when every gradient shares one device and dtype
+    (a run's usual case) its per-device grouping is skipped, which is a third of the check's cost on a small
+    model; otherwise the library function."""
+    first = grads[0]
+    if any(g.device != first.device or g.dtype != first.dtype for g in grads):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)

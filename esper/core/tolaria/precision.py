@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from esper.core.device import DTYPES
 from esper.core.errors import CheckpointError
 from esper.core.tolaria.emergency import Signal
 
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable and reentrant
 
 class Precision:
     """Autocast dtype (``None`` for fp32) and the fp16 loss scaler."""
@@ -40,13 +41,11 @@ class Precision:
         self.max_in_a_row = max_overflow_steps
         self._emit = emit
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast to the run's dtype; fp32: a no-op context (entered twice a step: no generator to run)."""
         if self.dtype is None:
-            yield
-            return
-        with torch.autocast(self.device.type, dtype=self.dtype):
-            yield
+            return _NO_AUTOCAST
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to differentiate (scaled for fp16)."""

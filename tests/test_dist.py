@@ -43,6 +43,18 @@ def test_shards_make_the_same_global_batches_for_any_world_size(ranks: int, drop
     assert all(len(s[0]) == bs // ranks for s in shards)
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_validation_shards_cover_the_validation_set_once(ranks: int) -> None:
+    from esper.core.data import build_task, val_batches
+
+    cfg = make_config('data.task="synthetic"', "data.eval_batch_size=7")
+    task = build_task(cfg)
+    whole = torch.cat([y for _, y in val_batches(task, cfg.data)])
+    shards = [torch.cat([y for _, y in val_batches(task, cfg.data, shard=(r, ranks))]) for r in range(ranks)]
+    assert torch.equal(torch.cat(shards), whole)  # contiguous shares, in order, none twice
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
 def test_a_last_batch_smaller_than_the_world_is_refused() -> None:
     # 17 samples, batches of 8, no drop: the last batch holds one sample for 2 ranks
     with pytest.raises(ConfigError, match="fewer than the 2 ranks"):
@@ -137,6 +149,7 @@ def _collectives(rank: int, port: int, out: str) -> None:
     par.grads([("p", p), ("q", q)])
     res["grads"] = [p.grad.tolist(), q.grad.tolist()]
     res["metrics"] = par.metrics({"accuracy": 1.0 if rank == 0 else 0.0}, 3 if rank == 0 else 1)
+    res["sums"] = par.sums([1.0 + rank, 0.5])  # a sharded validation's totals
     # one rank's NaN is every rank's
     res["nan"] = par.loss(torch.tensor(float("nan") if rank == 1 else 1.0), 2)[0]
     # a rank that registers other parameters: HALT naming it, on every rank
@@ -162,6 +175,7 @@ def test_reductions_and_checks_across_two_gloo_ranks(tmp_path: Path) -> None:
         assert r["stopped"] is True  # rank 1's stop request reached rank 0
         assert r["grads"] == [[5.0, 6.0], [0.0]]  # 3/4 * rank 0's + 1/4 * rank 1's
         assert r["metrics"] == {"accuracy": 0.75}
+        assert r["sums"] == [3.0, 1.0]
         assert math.isnan(r["nan"])
         # the extra parameter is caught before any gradient is summed; the weights at the epoch's end (the
         # slot's timestamp is not part of the fingerprint)

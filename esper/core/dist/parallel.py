@@ -93,6 +93,15 @@ class DataParallel:
             tdist.all_reduce(t)
         return {k: float(t[i] / t[-1]) for i, k in enumerate(values)}
 
+    def sums(self, values: list[float]) -> list[float]:
+        """Every rank's ``values`` summed (float64), the same on every rank: a sharded pass's totals."""
+        if not self.active:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        with collective("the validation all-reduce"):
+            tdist.all_reduce(t)
+        return t.tolist()
+
     def grads(self, named: Sequence[tuple[str, nn.Parameter]]) -> None:
         """Replace every gradient by the global batch's: the weighted sum over ranks, in the registered order."""
         if not self.active:

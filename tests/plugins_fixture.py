@@ -294,3 +294,26 @@ def rank_skewed_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: 
         with torch.no_grad():
             next(host.parameters()).view(-1)[0] += 1.0
     return host
+
+
+
+def rank_failing_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """The built-in mlp, whose 9th training forward raises on rank 1 (torchrun's ``RANK``) and nowhere else: one
+    rank's own error, after that rank has entered training in step with the others."""
+    import os
+
+    from esper.core.host import build_host
+
+    host = build_host(cfg.model_copy(update={"host": cfg.host.model_copy(update={"factory": "mlp"})}), input_shape,
+                      n_outputs)
+    if os.environ.get("RANK", "0") == "1":
+        calls = [0]
+
+        def fail(module: nn.Module, args: tuple[object, ...]) -> None:
+            if module.training:
+                calls[0] += 1
+                if calls[0] == 9:
+                    raise RuntimeError("rank_failing_host: a forward that fails on rank 1 only")
+
+        host.register_forward_pre_hook(fail)
+    return host

@@ -43,6 +43,18 @@ def test_shards_make_the_same_global_batches_for_any_world_size(ranks: int, drop
     assert all(len(s[0]) == bs // ranks for s in shards)
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_validation_shards_cover_the_validation_set_once(ranks: int) -> None:
+    from esper.core.data import build_task, val_batches
+
+    cfg = make_config('data.task="synthetic"', "data.eval_batch_size=7")
+    task = build_task(cfg)
+    whole = torch.cat([y for _, y in val_batches(task, cfg.data)])
+    shards = [torch.cat([y for _, y in val_batches(task, cfg.data, shard=(r, ranks))]) for r in range(ranks)]
+    assert torch.equal(torch.cat(shards), whole)  # contiguous shares, in order, none twice
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
 def test_a_last_batch_smaller_than_the_world_is_refused() -> None:
     # 17 samples, batches of 8, no drop: the last batch holds one sample for 2 ranks
     with pytest.raises(ConfigError, match="fewer than the 2 ranks"):
@@ -89,6 +101,24 @@ def test_a_world_of_one_changes_nothing() -> None:
     assert p.grad.tolist() == [1.0, 2.0, 3.0] and halts == []
 
 
+def test_the_outbox_keeps_warnings_and_worse_up_to_its_limit() -> None:
+    from esper.core.dist.forward import ForwardedEvent, Outbox
+    from esper.core.telemetry import Emitter
+
+    emitter = Emitter(None, "r1", make_config().telemetry)  # in memory
+    box = Outbox(rank=1, limit=2)
+    emitter.subscribe(box)
+    emitter.emit("tolaria", "epoch.completed", "INFO")
+    emitter.emit("tolaria", "fault.injected", "WARNING", fault="x")
+    emitter.emit("tolaria", "run.failed", "CRITICAL", message="m")
+    emitter.emit("tolaria", "checkpoint.failed", "ERROR")
+    sent, dropped = box.drain()
+    assert [(r["name"], r["level"]) for r in sent] == [("fault.injected", "WARNING"), ("run.failed", "CRITICAL")]
+    assert dropped == 1 and box.drain() == ([], 0)
+    attrs = ForwardedEvent.from_dict(sent[0]).to_attributes()
+    assert attrs["rank"] == 1 and attrs["attributes"] == {"fault": "x"} and "level" not in attrs
+
+
 # ------------------------------------------------------------------------------- real gloo process groups
 
 
@@ -119,6 +149,7 @@ def _collectives(rank: int, port: int, out: str) -> None:
     par.grads([("p", p), ("q", q)])
     res["grads"] = [p.grad.tolist(), q.grad.tolist()]
     res["metrics"] = par.metrics({"accuracy": 1.0 if rank == 0 else 0.0}, 3 if rank == 0 else 1)
+    res["sums"] = par.sums([1.0 + rank, 0.5])  # a sharded validation's totals
     # one rank's NaN is every rank's
     res["nan"] = par.loss(torch.tensor(float("nan") if rank == 1 else 1.0), 2)[0]
     # a rank that registers other parameters: HALT naming it, on every rank
@@ -144,6 +175,7 @@ def test_reductions_and_checks_across_two_gloo_ranks(tmp_path: Path) -> None:
         assert r["stopped"] is True  # rank 1's stop request reached rank 0
         assert r["grads"] == [[5.0, 6.0], [0.0]]  # 3/4 * rank 0's + 1/4 * rank 1's
         assert r["metrics"] == {"accuracy": 0.75}
+        assert r["sums"] == [3.0, 1.0]
         assert math.isnan(r["nan"])
         # the extra parameter is caught before any gradient is summed; the weights at the epoch's end (the
         # slot's timestamp is not part of the fingerprint)
@@ -179,9 +211,11 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The job trained on 2 ranks through `esper train --nproc 2`."""
+    """The job trained on 2 ranks through `esper train --nproc 2`, with a fault that only warns (no live seed to
+    fail at 1:0), so every rank has WARNING events of its own to forward."""
     run = tmp_path_factory.mktemp("dist") / "two"
-    done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(run), *sets(*JOB))
+    done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(run), "--fault", "seed_forward_error@1:0",
+                  *sets(*JOB))
     assert done.returncode == 0, done.stdout + done.stderr
     return run
 
@@ -199,6 +233,29 @@ def test_two_ranks_hold_the_same_lifecycle_and_weights_after_every_epoch(two: Pa
     s0 = json.loads((two / "summary.json").read_text())
     s1 = json.loads((two / "rank-1" / "summary.json").read_text())
     assert s0["status"] == s1["status"] == "COMPLETED" and s0["final"] == s1["final"]
+    # rank 0's summary finds rank 1's own files
+    assert (s0["world"]["world_size"], s0["world"]["rank"], s1["world"]["rank"]) == (2, 0, 1)
+    [listed] = s0["world"]["ranks"]
+    assert listed["rank"] == 1 and listed["dir"] == "rank-1"
+    assert {"events.jsonl", "metrics.jsonl"} <= set(listed["files"])
+
+
+@pytest.mark.slow
+def test_other_ranks_warnings_reach_the_runs_own_events(two: Path) -> None:
+    own = [e for e in events(two / "rank-1") if e["level"] in ("WARNING", "ERROR", "CRITICAL")]
+    assert {e["event"] for e in own} >= {"fault.injected", "fault.not_applicable"}
+    forwarded = events(two, "rank.forwarded")
+    assert [(f["attributes"]["rank"], f["attributes"]["name"], f["attributes"]["seq"], f["level"]) for f in forwarded] \
+        == [(1, e["event"], e["seq"], e["level"]) for e in own]
+    first = forwarded[0]["attributes"]
+    assert (first["origin"], first["epoch"], first["step"], first["attributes"]["fault"]) == \
+        ("tolaria", 1, 0, "seed_forward_error")
+    assert forwarded[0]["epoch"] == 1  # written by rank 0 at the end of the epoch it happened in
+    assert not events(two, "rank.forward_dropped")
+    # the views read the run as before: rank 1's copies are not rank 0's events
+    from esper.core.views.status import Run
+
+    assert len(Run.load(two).history.sessions) == 1
 
 
 @pytest.mark.slow
@@ -243,10 +300,18 @@ def test_resume_at_two_ranks_is_bit_identical_and_at_one_keeps_the_lifecycle(two
 
 @pytest.mark.slow
 def test_a_rank_that_diverges_halts_every_rank(tmp_path: Path) -> None:
+    """... and a HALT is not restarted: with --max-restarts the elastic agent starts the group again (torch has no
+    per-exit-code policy), and the restarted attempt sees the run HALTED and ends with 6 without touching it."""
     run = tmp_path / "skewed"
-    done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(run),
+    done = _esper("train", "--nproc", "2", "--max-restarts", "1", "--quiet", "--run-dir", str(run),
                   *sets(*JOB, "host.factory=plugins_fixture:rank_skewed_host", "trainer.epochs=2"))
     assert done.returncode == 6, done.stdout + done.stderr  # HALTED, rank 0's exit code
+    assert "HALTED before this restart (attempt 1): a HALT is not restarted" in done.stderr
+    log = events(run)
+    assert [e["event"] for e in log if e["event"] in ("run.started", "run.resuming", "run.restarted")] == \
+        ["run.started"]
+    assert [e["event"] for e in log[-2:]] == ["run.finished", "telemetry.closed"]  # nothing after the HALT
+    assert log[-2]["attributes"]["status"] == "HALTED"
     for where in (run, run / "rank-1"):
         (div,) = events(where, "rank.divergence")
         assert div["level"] == "CRITICAL" and div["epoch"] == 1
@@ -255,45 +320,33 @@ def test_a_rank_that_diverges_halts_every_rank(tmp_path: Path) -> None:
     assert (run / "checkpoints" / "latest").read_text().strip() == "epoch-0000-emergency"
 
 
-def _rank_pid(run: Path, rank: int) -> int | None:
-    """The worker process training ``run`` as ``rank`` (its environment says which rank torchrun made it)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(run).encode() in cmdline and f"RANK={rank}".encode() in environ and b"esper" in b" ".join(cmdline):
-            return int(proc.name)
-    return None
-
-
 @pytest.mark.slow
-def test_a_killed_rank_restarts_the_group_which_resumes_from_latest(tmp_path: Path) -> None:
-    from conftest import wait_for
+def test_a_rank_that_fails_alone_ends_the_group_at_once(tmp_path: Path) -> None:
+    """Rank 1's own error (its host's forward raises at its 9th training step) ends the group promptly with exit
+    1: rank 1 leaves the group instead of waiting at the closing barrier, so rank 0's next collective fails
+    (RankLost) instead of blocking until dist.timeout_s. The timeout here is far past the test's own."""
+    run = tmp_path / "lone"
+    done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(run),
+                  *sets(*JOB, "host.factory=plugins_fixture:rank_failing_host", "dist.timeout_s=3600"), timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    (own,) = events(run / "rank-1", "run.failed")
+    assert own["level"] == "CRITICAL" and "fails on rank 1 only" in own["attributes"]["message"]
+    (lost,) = events(run, "run.failed")
+    assert lost["level"] == "CRITICAL" and lost["attributes"]["type"] == "RankLost"
+    assert "another rank left the group" in lost["attributes"]["message"]
+    assert (own["epoch"], own["step"]) == (lost["epoch"], lost["step"])  # the same step: nobody trained on
 
-    from esper.core.checkpoint import latest_checkpoint, verify_checkpoint
 
-    run, log = tmp_path / "elastic", tmp_path / "elastic.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([str(ESPER), "--config", str(BASE_TOML), "train", "--nproc", "2",
-                                 "--max-restarts", "1", "--quiet", "--run-dir", str(run),
-                                 *sets(*JOB, "trainer.epochs=4")], stdout=fh, stderr=subprocess.STDOUT, env=_env())
-    try:
-        wait_for(lambda: (run / "checkpoints" / "latest").exists() and _rank_pid(run, 1) is not None, proc, log,
-                 "the first checkpoint")
-        pid = _rank_pid(run, 1)
-        assert pid is not None
-        os.kill(pid, 9)
-        assert proc.wait(300) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    restarted = events(run, "run.restarted")
-    assert len(restarted) == 1 and restarted[0]["attributes"]["restart"] == 1
-    assert json.loads((run / "summary.json").read_text())["status"] == "COMPLETED"
-    latest = latest_checkpoint(run / "checkpoints")
-    assert latest is not None and latest.name == "epoch-0004" and verify_checkpoint(latest).ok
-    assert [r["epoch"] for r in _rows(run / "metrics.jsonl")] == [1, 2, 3, 4]
+def test_max_restarts_needs_a_run_directory() -> None:
+    from conftest import esper as esper_cli
+
+    r = esper_cli("train", "--nproc", "2", "--max-restarts", "1", "--quiet")
+    assert r.exit_code == 2 and "--max-restarts needs --run-dir" in r.output
+
+
+def test_rank_crash_needs_more_than_one_rank(tmp_path: Path) -> None:
+    from conftest import esper as esper_cli
+
+    r = esper_cli("train", "--quiet", "--run-dir", str(tmp_path / "one"), "--fault", "rank_crash@1:0")
+    assert r.exit_code == 2 and "the rank_crash fault needs 2 ranks or more" in r.output
+    assert not (tmp_path / "one").exists()

@@ -222,13 +222,39 @@ def check_forced_halt(doc: Doc, events: Events, run: Path) -> None:
     assert (summary["status"], summary["exit_code"], summary["epochs_completed"]) == ("COMPLETED", 0, 6)
 
 
+def check_rank_crash(doc: Doc, events: Events, run: Path) -> None:
+    """Two ranks under the elastic launcher with one restart: rank 1 is SIGKILLed at 3:1 (after the epoch-2
+    checkpoint); rank 0's collective fails at once, the group restarts, resumes from latest and completes."""
+    from esper.core.checkpoint import latest_checkpoint, verify_checkpoint
+
+    fired = injected(events)
+    assert fired["level"] == "CRITICAL" and (fired["epoch"], fired["attributes"]["step"]) == (3, 1)
+    [lost] = named(events, "run.failed", after=fired["seq"])  # rank 0 of the first attempt: its peer is gone
+    assert lost["attributes"]["type"] == "RankLost" and lost["step"] == fired["step"]
+    [restarted] = named(events, "run.restarted")
+    assert restarted["seq"] > lost["seq"] and restarted["attributes"]["restart"] == 1
+    assert restarted["attributes"]["checkpoint"].endswith("epoch-0002")
+    assert doc["actions"] == ["group_restarted"] and doc["summary"]["epochs_completed"] == 6
+    latest = latest_checkpoint(run / "checkpoints")
+    assert latest is not None and latest.name == "epoch-0006" and verify_checkpoint(latest).ok
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the lost epoch's rows were redone once
+    # rank 1 wrote the fault down before it died, and its restarted self ran to the end
+    rank1 = run_events(run / "rank-1")
+    assert [e["event"] for e in rank1 if e["level"] == "CRITICAL"][:1] == ["fault.injected"]
+    assert [e["event"] for e in rank1 if e["event"] in ("run.started", "run.resuming", "run.finished")] == \
+        ["run.started", "run.resuming", "run.finished"]  # no end record for the killed attempt
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world"]["restart"] == 1 and summary["world"]["ranks"][0]["dir"] == "rank-1"
+
+
 CHECKS: dict[str, Callable[[Doc, Events, Path], None]] = {
     "nan_loss": check_nan_loss, "inf_grad": check_inf_grad, "loss_spike": check_loss_spike,
     "seed_forward_error": check_seed_forward_error, "controller_timeout": check_controller_timeout,
     "controller_crash": check_controller_crash, "illegal_command": check_illegal_command,
     "slow_step": check_slow_step, "checkpoint_write_error": check_checkpoint_write_error,
     "checkpoint_corrupt": check_checkpoint_corrupt, "dataloader_error": check_dataloader_error,
-    "sigterm": check_sigterm,
+    "sigterm": check_sigterm, "rank_crash": check_rank_crash,
 }
 LEVEL_CHECKS: dict[str, Callable[[Doc, Events, Path], None]] = {
     "notice": check_forced_notice, "elevated": check_forced_elevated,

@@ -11,11 +11,11 @@ from esper.core.faults import CATALOGUE
 
 SPEC_FAULTS = ["nan_loss", "inf_grad", "loss_spike", "seed_forward_error", "controller_timeout", "controller_crash",
                "illegal_command", "slow_step", "checkpoint_write_error", "checkpoint_corrupt", "dataloader_error",
-               "sigterm"]
+               "sigterm", "rank_crash"]  # rank_crash: issue 16 (torch.distributed)
 runner = CliRunner()
 
 
-def test_json_lists_the_twelve_faults_with_their_outcomes() -> None:
+def test_json_lists_every_fault_with_its_outcome() -> None:
     result = runner.invoke(app, ["list", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -26,6 +26,8 @@ def test_json_lists_the_twelve_faults_with_their_outcomes() -> None:
         assert f == CATALOGUE[f["name"]].to_dict()
     sigterm = next(f for f in faults if f["name"] == "sigterm")
     assert (sigterm["final_state"], sigterm["exit_code"]) == ("STOPPED", 143)
+    crash = next(f for f in faults if f["name"] == "rank_crash")
+    assert "--nproc >= 2" in crash["description"] and crash["final_state"] == "COMPLETED"
 
 
 def test_table_shows_every_fault_whole() -> None:

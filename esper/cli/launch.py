@@ -7,11 +7,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import parse_args
-from torch.distributed.run import run as elastic_run
-
-from esper.core.errors import ExitCode, UsageError
+from esper.core.dist.launcher import run_ranks
+from esper.core.errors import UsageError
 
 OWN = ("--nproc", "--max-restarts")
 
@@ -41,14 +38,9 @@ def launch(nproc: int, max_restarts: int, argv: Sequence[str] | None = None) -> 
     if max_restarts < 0:
         raise UsageError(f"--max-restarts {max_restarts}: 0 or more", key="--max-restarts")
     args = worker_argv(sys.argv[1:] if argv is None else argv)
-    launcher = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts",
-                           str(max_restarts), "--monitor-interval", "0.5", "-m", "esper", *args])
-    try:
-        elastic_run(launcher)
-    except ChildFailedError as exc:
-        codes = {f.local_rank: f.exitcode for f in exc.failures.values()}
-        # rank 0's own exit code; when the launcher signalled it (a negative code) because another rank ended
-        # first, that rank's code is the run's (a HALT on rank 1 is the group's HALT)
-        ordered = [codes[r] for r in sorted(codes, key=lambda r: (r != 0, r))]
-        return next((c for c in ordered if c > 0), int(ExitCode.INTERNAL))
-    return int(ExitCode.OK)
+    if max_restarts and not any(a in ("--run-dir", "--resume") or a.startswith(("--run-dir=", "--resume="))
+                                for a in args):
+        # a restarted group runs the same command line again: without a run directory it would start a new run
+        raise UsageError("--max-restarts needs --run-dir DIR (a restarted group resumes that run from its latest)",
+                         key="--max-restarts")
+    return run_ranks(nproc, max_restarts, args)

@@ -9,12 +9,14 @@ from typing import Any
 
 from esper.core.checkpoint import latest_checkpoint, verify_checkpoint
 from esper.core.config import EsperConfig, from_dict
-from esper.core.errors import ConfigError, UsageError
+from esper.core.dist.launcher import run_ranks
+from esper.core.errors import ConfigError, ExpectationFailed, UsageError
 from esper.core.event_log import read_events
-from esper.core.faults import CATALOGUE, FaultSpec, parse_at, unknown_fault
+from esper.core.faults import CATALOGUE, MULTI_RANK, FaultSpec, parse_at, unknown_fault
 from esper.core.rundir import RunDir
 from esper.core.session import TrainSession
 from esper.core.tolaria import LEVELS, force_level
+from esper.core.views.read import read_summary
 
 # A small, fast run in which every fault has something to act on: a seed germinates at the first epoch end
 # (so seed faults find a live seed), checkpoints every epoch, steps are short.
@@ -28,7 +30,7 @@ DRILL_OVERRIDES: dict[str, Any] = {
 
 # Where each fault fires unless --at says otherwise: seed faults after the first germination (epoch 2 end),
 # checkpoint faults before the last epoch so their detection and recovery are inside the run.
-DEFAULT_AT = {"sigterm": "3:2", "seed_forward_error": "3:1", "checkpoint_corrupt": "3:0",
+DEFAULT_AT = {"sigterm": "3:2", "rank_crash": "3:1", "seed_forward_error": "3:1", "checkpoint_corrupt": "3:0",
               "checkpoint_write_error": "3:0"}
 
 FORCED = {  # what a forced level must lead to
@@ -74,10 +76,31 @@ def run_drill(cfg: EsperConfig, *, fault: str | None, level: str | None, at: str
     faults = [{"name": fault, "at": point}] if fault else []
     cfg = from_dict({**cfg.to_dict(), "faults": [*cfg.to_dict()["faults"], *faults]})
     path = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="esper-drill-"))
+    if fault in MULTI_RANK:
+        return _ranks_drill(cfg, fault, point, path, expected)
     # a forced level is one more fault entry (not a config key: a resume from the drill's checkpoint is clean)
     session = TrainSession.prepare(cfg, run_dir=path, injected=[force_level(level, point)] if level else [])
     summary = session.run(reporter=None)
     return report(summary, session.run_dir, expected, fault=fault, level=level, at=point)
+
+
+def _ranks_drill(cfg: EsperConfig, fault: str, at: str, path: Path, expected: FaultSpec) -> dict[str, Any]:
+    """A fault of a world of several ranks: the same drill run as ``esper train --nproc 2 --max-restarts 1``
+    (the launcher's workers write their output to log files beside the config, never to this command's
+    stdout), checked from rank 0's summary and events."""
+    work = Path(tempfile.mkdtemp(prefix="esper-drill-ranks-"))
+    (work / "drill.toml").write_text(cfg.to_toml())
+    code = run_ranks(2, 1, ["--config", str(work / "drill.toml"), "train", "--quiet", "--run-dir", str(path)],
+                     log_dir=work / "logs")
+    summary, problems = read_summary(path)
+    if summary is None:
+        raise ExpectationFailed(f"the drill's 2 ranks ended with exit {code} and no usable summary.json "
+                                f"({'; '.join(problems) or 'none written'}); their logs: {work / 'logs'}")
+    doc = report(summary, RunDir(path, str(summary.get("run_id"))), expected, fault=fault, level=None, at=at)
+    if code != summary["exit_code"]:
+        doc["mismatches"].append(f"the group exited {code}, its summary says {summary['exit_code']}")
+        doc["matched"] = False
+    return doc
 
 
 def check_drill(*, fault: str | None, level: str | None, at: str | None) -> str:
@@ -133,6 +156,8 @@ def report(summary: dict[str, Any], rd: RunDir, expected: FaultSpec, *, fault: s
         mismatches.append(f"rollback took {rollback['latency_ms']:.1f} ms > SLA {rollback['sla_ms']} ms")
     if "rollback" in expected.action and rollback is None:
         mismatches.append("expected a rollback, none happened")
+    if "restarts the group" in expected.action and "group_restarted" not in actions:
+        mismatches.append("expected the group to be restarted (run.restarted), it was not")
     if "skipped" in expected.action and "batch_skipped" not in actions:
         mismatches.append("expected the offending batch to be skipped on the replay, it was not")
     return {
@@ -161,7 +186,7 @@ _ACTION_EVENTS = {
     "rollback.completed": "rollback", "rollback.failed": "rollback_failed", "seed.transition": None,
     "controller.suspended": "controller_suspended", "checkpoint.failed": "checkpoint_write_failed",
     "checkpoint.corrupt_detected": "corruption_detected", "command.rejected": "command_rejected",
-    "stop.requested": "graceful_stop", "batch.skipped": "batch_skipped",
+    "stop.requested": "graceful_stop", "batch.skipped": "batch_skipped", "run.restarted": "group_restarted",
 }
 
 

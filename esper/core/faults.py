@@ -52,8 +52,15 @@ CATALOGUE: dict[str, FaultSpec] = {
                   "fast rollback; epoch retried", "COMPLETED", 0),
         FaultSpec("sigterm", "the process receives a real SIGTERM", "NOMINAL",
                   "graceful checkpoint, then stop", "STOPPED", 143),
+        FaultSpec("rank_crash", "rank 1 of 2 or more is SIGKILLed (first attempt of the group only; needs "
+                  "--nproc >= 2 and --max-restarts >= 1)", "NOMINAL",
+                  "the elastic agent restarts the group, which resumes from latest (run.restarted)", "COMPLETED", 0),
     )
 }
+
+CRASHED_RANK = 1  # the rank rank_crash kills (rank 0 is the run's writer: its loss is the same restart)
+MULTI_RANK = frozenset({"rank_crash"})  # faults that only mean something in a world of 2 or more ranks
+
 
 def unknown_fault(name: str) -> str:
     """One line for a name the catalogue does not have, with the closest name when there is one."""

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper.core.checkpoint import LoadedCheckpoint, latest_checkpoint
+from esper.core.checkpoint import LoadedCheckpoint, latest_checkpoint, resolve_checkpoint
 from esper.core.config import EsperConfig, from_dict
-from esper.core.dist import broadcast, current, restart_count
-from esper.core.errors import EsperError, ExitCode
+from esper.core.dist import broadcast, current, forward, rank_dir, restart_count
+from esper.core.errors import EsperError, ExitCode, UsageError
+from esper.core.faults import MULTI_RANK
 from esper.core.rundir import RunDir
-from esper.core.session import Resume, TrainSession
+from esper.core.session import Resume, TrainSession, resume_dir
 from esper.core.telemetry import Emitter
 from esper.core.tolaria import FaultEntry, Reporter, train
+from esper.core.views.status import Run, state
 
 
 class RankZeroFailed(EsperError):
@@ -31,9 +33,10 @@ class RankZeroFailed(EsperError):
         self.exit_code = ExitCode(exit_code)
 
 
-def rank_dir(run_dir: Path, rank: int) -> Path:
-    """Where rank ``rank`` (> 0) writes its own events, metrics and summary."""
-    return run_dir / f"rank-{rank}"
+class HaltedRun(EsperError):
+    """An elastic restart of a group whose run HALTED: a HALT is a decision, not a crash, and is never resumed."""
+
+    exit_code = ExitCode.HALTED
 
 
 @dataclass
@@ -49,6 +52,7 @@ class FollowerSession:
         rd = self.run_dir
         rd.path.mkdir(parents=True, exist_ok=True)
         emitter = Emitter(rd.events, rd.run_id, self.cfg.telemetry, first_seq=rd.last_event_seq() + 1)
+        forward.collect(emitter, current().rank)  # its warnings and CRITICAL events reach the run's own log
         return train(self.cfg, rd, reporter=reporter, emitter=emitter, resume=self.resume, faults=self.injected)
 
     def close(self) -> None:
@@ -59,6 +63,7 @@ def prepare(own: EsperConfig, **options: Any) -> TrainSession | FollowerSession:
     """``TrainSession.prepare(own, **options)`` on rank 0, followed by every other rank."""
     world = current()
     if not world.active:
+        _refuse_multi_rank(own, options.get("faults") or [])
         return _prepare(own, options)
     if world.writer:
         try:
@@ -82,13 +87,47 @@ def prepare(own: EsperConfig, **options: Any) -> TrainSession | FollowerSession:
 
 def _prepare(own: EsperConfig, options: dict[str, Any]) -> TrainSession:
     """An elastic restart of the group (torchelastic's restart count > 0) runs the same command line again: the
-    run it names resumes from its ``latest`` by itself, and says so (``run.restarted``)."""
+    run it names (``--run-dir``, else the run of ``--resume``) resumes from its ``latest`` by itself, and says so
+    (``run.restarted``); a run that HALTED stays HALTED (exit 6)."""
     restarts = restart_count()
-    run_dir = options.get("run_dir")
-    latest = latest_checkpoint(Path(run_dir) / "checkpoints") if run_dir is not None and restarts else None
-    if latest is None or options.get("resume") is not None:
+    run_dir = _target(options) if restarts else None
+    if run_dir is None:
+        if restarts:
+            raise UsageError("an elastic restart needs --run-dir DIR (or --resume): without one the restarted "
+                             "group would start a new run", key="--run-dir")
         return TrainSession.prepare(own, **options)
-    session = TrainSession.prepare(own, **{**options, "resume": Path(run_dir)})
+    _refuse_halted(run_dir, restarts)
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:  # died before its first checkpoint: the restart trains what the command line says
+        return TrainSession.prepare(own, **options)
+    session = TrainSession.prepare(own, **{**options, "run_dir": run_dir, "resume": run_dir})
     session.notices.append(("run.restarted", "CRITICAL", {"restart": restarts, "checkpoint": str(latest),
                                                           "world_size": current().size}))
     return session
+
+
+def _target(options: dict[str, Any]) -> Path | None:
+    """The run directory the command line names: ``--run-dir``, else the run ``--resume`` continues."""
+    if options.get("run_dir") is not None:
+        return Path(options["run_dir"])
+    if options.get("resume") is not None:
+        return resume_dir(resolve_checkpoint(Path(options["resume"])), None)
+    return None
+
+
+def _refuse_halted(run_dir: Path, restarts: int) -> None:
+    """torch's elastic agent restarts a group whatever its exit code (it has no per-code policy), so a HALT
+    (exit 6 on every rank) comes back as a restart: when the run's last session ended HALTED (its summary.json is
+    that session's), this attempt ends at once with exit 6 and leaves the run as it is (no lock, no event)."""
+    if state(Run.load(run_dir), alive=False).status == "HALTED":
+        raise HaltedRun(f"{run_dir} HALTED before this restart (attempt {restarts}): a HALT is not restarted; see "
+                        "its summary.json and events, then resume it with --resume once the cause is dealt with")
+
+
+def _refuse_multi_rank(own: EsperConfig, flags: list[str]) -> None:
+    """A fault that kills a rank other than the writer has nothing to act on in a world of one: say so up front."""
+    names = [f.name for f in own.faults] + [f.partition("@")[0] for f in flags]
+    for name in names:
+        if name in MULTI_RANK:
+            raise UsageError(f"the {name} fault needs 2 ranks or more: esper train --nproc 2 --max-restarts 1 "
+                             f"--run-dir DIR --fault {name}@EPOCH[:STEP]", key="--fault")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from esper.core import rng
 from esper.core.config import DataConfig
@@ -97,9 +97,15 @@ def train_batches(task: Task, cfg: DataConfig, seed: int, epoch: int, start: int
     return _loader(task.train, cfg, pin, gen, batch_sampler=sampler)
 
 
-def val_batches(task: Task, cfg: DataConfig, pin: bool = False) -> DataLoader[Any]:
-    """The validation set in its own order, in batches of ``data.eval_batch_size``."""
-    return _loader(task.val, cfg, pin, torch.Generator().manual_seed(0), batch_size=cfg.eval_batch_size,
+def val_batches(task: Task, cfg: DataConfig, pin: bool = False, shard: tuple[int, int] = (0, 1)) -> DataLoader[Any]:
+    """The validation set in its own order, in batches of ``data.eval_batch_size``; with ``shard=(rank, size)``
+    rank ``rank``'s contiguous share of it (its sums are all-reduced by the caller)."""
+    rank, size = shard
+    ds: Any = task.val
+    if size > 1:
+        n = len(ds)  # type: ignore[arg-type]
+        ds = Subset(ds, range(rank * n // size, (rank + 1) * n // size))
+    return _loader(ds, cfg, pin, torch.Generator().manual_seed(0), batch_size=cfg.eval_batch_size,
                    shuffle=False, drop_last=False)
 
 

@@ -28,11 +28,13 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from esper.core.dist.world import World, current, gather
+from esper.core.dist import forward
+from esper.core.dist.world import World, collective, current, gather
 
 # the parts of a slot's record that must agree across ranks (timestamps and latencies may differ)
 FINGERPRINT_KEYS = ("slot", "stage", "alpha", "blueprint", "seed_id")
 Halt = Callable[[str, str, dict[str, Any]], None]  # (cause, detail, attributes): the caller's HALT
+Emit = Callable[..., Any]  # the run's emit(source, event, level, **attributes)
 
 
 def _digest(obj: Any) -> str:
@@ -55,9 +57,10 @@ def disagreeing(values: list[Any]) -> list[int]:
 class DataParallel:
     """One rank's share of data-parallel training (a no-op in a world of one)."""
 
-    def __init__(self, halt: Halt, world: World | None = None) -> None:
+    def __init__(self, halt: Halt, world: World | None = None, emit: Emit | None = None) -> None:
         self.world = world or current()
         self.halt = halt
+        self.emit = emit
         self._layout: tuple[Any, ...] | None = None
         self._code = 0  # the layout's digest as an integer (60 bits)
         self._weight = 1.0  # this rank's share of the global batch (its gradient's weight in the sum)
@@ -73,7 +76,8 @@ class DataParallel:
             return float(loss.detach()), n
         asked = 1.0 if stop is not None and stop.requested else 0.0
         t = torch.tensor([float(loss.detach()) * n, float(n), asked], dtype=torch.float64)
-        tdist.all_reduce(t)
+        with collective("the loss all-reduce"):
+            tdist.all_reduce(t)
         total = int(t[1])
         self._weight = n / total
         if t[2] > 0 and stop is not None and not stop.requested:
@@ -85,8 +89,18 @@ class DataParallel:
         if not self.active or not values:
             return values
         t = torch.tensor([v * n for v in values.values()] + [float(n)], dtype=torch.float64)
-        tdist.all_reduce(t)
+        with collective("the metrics all-reduce"):
+            tdist.all_reduce(t)
         return {k: float(t[i] / t[-1]) for i, k in enumerate(values)}
+
+    def sums(self, values: list[float]) -> list[float]:
+        """Every rank's ``values`` summed (float64), the same on every rank: a sharded pass's totals."""
+        if not self.active:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        with collective("the validation all-reduce"):
+            tdist.all_reduce(t)
+        return t.tolist()
 
     def grads(self, named: Sequence[tuple[str, nn.Parameter]]) -> None:
         """Replace every gradient by the global batch's: the weighted sum over ranks, in the registered order."""
@@ -98,14 +112,16 @@ class DataParallel:
         # every step, on every rank (a rank whose layout alone changed must not wait in a collective the others
         # never enter): max and -min of the layout digests agree only if every rank has the same one
         codes = torch.tensor([self._code, -self._code], dtype=torch.int64)
-        tdist.all_reduce(codes, op=tdist.ReduceOp.MAX)
+        with collective("the parameter layout all-reduce"):
+            tdist.all_reduce(codes, op=tdist.ReduceOp.MAX)
         if int(codes[0]) != -int(codes[1]) and not self.check_layout(layout):
             return  # never a collective over buffers that differ (the HALT has been raised)
         grads = [p.grad for _, p in named if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads]).mul_(self._weight)
-        tdist.all_reduce(flat)
+        with collective("the gradient all-reduce"):
+            tdist.all_reduce(flat)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -128,12 +144,25 @@ class DataParallel:
 
     def check_epoch(self, epoch: int, records: list[dict[str, Any]],
                     named: Sequence[tuple[str, nn.Parameter]]) -> None:
-        """All-gather the fingerprints at an epoch's end; any rank that differs from rank 0 is a HALT."""
+        """All-gather the fingerprints at an epoch's end, with every rank's warnings and CRITICAL events since the
+        last one (rank 0 writes them: ``esper.core.dist.forward``); any rank that differs from rank 0 is a HALT."""
         if not self.active:
             return
-        prints = gather(self.fingerprint(records, named), self.world)
+        sent = gather((self.fingerprint(records, named), forward.outgoing()), self.world)
+        if self.world.writer and self.emit is not None:
+            self._forward([out for _, out in sent])
+        prints = [p for p, _ in sent]
         bad = disagreeing(prints)
         if bad:
             fields = sorted(k for r in bad for k in prints[0] if prints[r][k] != prints[0][k])
             self.halt("rank_divergence", f"epoch {epoch}: ranks {bad} differ from rank 0 in {sorted(set(fields))}",
                       {"ranks": bad, "what": sorted(set(fields)), "fingerprints": prints})
+
+    def _forward(self, outboxes: list[tuple[list[dict[str, Any]], int]]) -> None:
+        assert self.emit is not None
+        for rank, (records, dropped) in enumerate(outboxes):
+            for r in map(forward.ForwardedEvent.from_dict, records):
+                self.emit("tolaria", forward.EVENT, r.level, **r.to_attributes())
+            if dropped:
+                self.emit("tolaria", forward.DROPPED, "WARNING", rank=rank, dropped=dropped,
+                          file=f"rank-{rank}/events.jsonl")

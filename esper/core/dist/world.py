@@ -16,13 +16,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 
 from esper.core.config import DistConfig, EsperConfig
-from esper.core.errors import ConfigError
+from esper.core.errors import ConfigError, EsperError, ExitCode
+
+# endings every rank reaches at the same step by construction (COMPLETED, HALTED, STOPPED): the group waits for
+# all its ranks before it is torn down. Any other ending may be this rank's alone (a failure only it met) while
+# the others wait in a collective: it leaves at once, which ends their collective with an error (RankLost)
+# instead of a wait until dist.timeout_s.
+AGREED_EXITS = frozenset({ExitCode.OK, ExitCode.HALTED, ExitCode.SIGINT, ExitCode.SIGTERM})
+
+
+class RankLost(EsperError):
+    """A collective failed: another rank left the group (it failed alone, or was killed) or stopped answering."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,29 @@ def restart_count() -> int:
     return int(raw) if raw.isdigit() else 0
 
 
+def rank_dir(run_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` (> 0) writes its own events, metrics and summary."""
+    return run_dir / f"rank-{rank}"
+
+
+def run_record(run_dir: Path) -> dict[str, Any] | None:
+    """What ``summary.json`` says of the world (None in a world of one): this rank, the elastic attempt, and on
+    rank 0 every other rank's own files (``rank-K/``), so a rank that failed alone is found from the summary."""
+    w = _current
+    if not w.active:
+        return None
+    ranks: list[dict[str, Any]] = []
+    for k in range(1, w.size) if w.writer else ():
+        d = rank_dir(run_dir, k)
+        try:
+            files = sorted(p.name for p in d.iterdir() if p.is_file()) if d.is_dir() else []
+        except OSError as exc:  # listed as unreadable: the summary is still written
+            files = [f"(unreadable: {exc.strerror or exc})"]
+        ranks.append({"rank": k, "dir": d.name, "files": files})
+    return {**w.describe(), "restart": restart_count(), "elastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
+            "ranks": ranks}
+
+
 def resolve_backend(cfg: DistConfig, device: str) -> str:
     """``auto``: nccl for a cuda run, gloo on cpu; nccl on a cpu run is a config error (it has no cpu path)."""
     if cfg.backend == "auto":
@@ -119,11 +153,17 @@ def joined(cfg: EsperConfig) -> Iterator[World]:
     else:
         tdist.init_process_group(backend, timeout=timeout)
     _current = World(rank, size, local, backend)
+    agreed = False
     try:
         yield _current
+        agreed = True
+    except BaseException as exc:  # typer's Exit and Esper's errors carry their exit code
+        agreed = getattr(exc, "exit_code", None) in AGREED_EXITS
+        raise
     finally:
         try:
-            tdist.barrier()  # nobody tears the group down under a rank still in a collective
+            if agreed:
+                tdist.barrier()  # nobody tears the group down under a rank still in a collective
         finally:
             tdist.destroy_process_group()
             _current = World()
@@ -135,7 +175,8 @@ def broadcast(obj: Any, world: World | None = None) -> Any:
     if not w.active:
         return obj
     box = [obj if w.writer else None]
-    tdist.broadcast_object_list(box, src=0)
+    with collective("a broadcast from rank 0"):
+        tdist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -145,5 +186,17 @@ def gather(obj: Any, world: World | None = None) -> list[Any]:
     if not w.active:
         return [obj]
     out: list[Any] = [None] * w.size
-    tdist.all_gather_object(out, obj)
+    with collective("an all-gather"):
+        tdist.all_gather_object(out, obj)
     return out
+
+
+@contextmanager
+def collective(what: str) -> Iterator[None]:
+    """A collective whose failure says what it means: torch raises a bare RuntimeError (gloo: "Connection closed
+    by peer", a timeout) when another rank has gone."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise RankLost(f"{what} across the ranks failed: another rank left the group or stopped answering (its "
+                       f"own record is RUN/rank-K/, listed in summary.json under world.ranks): {exc}") from exc

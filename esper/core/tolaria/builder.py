@@ -170,7 +170,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         def diverged(cause: str, detail: str, attrs: dict[str, Any]) -> None:
             emit("tolaria", "rank.divergence", "CRITICAL", detail=detail, **attrs)  # names the ranks
             safety.handle(Signal("HALT", cause, detail, attrs))
-        parallel = DataParallel(diverged)
+        parallel = DataParallel(diverged, emit=emit)
     except BaseException:
         # nothing of a run that failed to build outlives it (prefetch threads, the controller worker)
         if loader is not None:

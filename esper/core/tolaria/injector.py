@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from esper.core.config import EmergencyConfig, FaultConfig
+from esper.core.dist import current, restart_count
 from esper.core.errors import EsperError
-from esper.core.faults import CATALOGUE, parse_at
+from esper.core.faults import CATALOGUE, CRASHED_RANK, MULTI_RANK, parse_at
 from esper.core.kasmina import LIVE, Kasmina
 from esper.core.tolaria.emergency import Signal
 
@@ -37,6 +38,7 @@ FORCE_LEVEL = "force_level"  # not in the catalogue: drills force a level with i
 HOOK: dict[str, str] = {
     "dataloader_error": "before_batch",
     "sigterm": "before_step", "slow_step": "before_step", "seed_forward_error": "before_step",
+    "rank_crash": "before_step",
     FORCE_LEVEL: "before_step",
     "nan_loss": "corrupt_loss", "loss_spike": "corrupt_loss",
     "inf_grad": "after_backward",
@@ -79,7 +81,9 @@ class FaultInjector:
     def __init__(self, faults: Sequence[FaultEntry], cfg: EmergencyConfig, emit: Callable[..., Any]) -> None:
         self.cfg = cfg
         self.emit = emit
-        self.pending: list[tuple[tuple[int, int], FaultEntry]] = [(parse_at(f.at), f) for f in faults]
+        # a restarted group runs the same faults again: one that crashed a rank acts on the first attempt only
+        self.pending: list[tuple[tuple[int, int], FaultEntry]] = [
+            (parse_at(f.at), f) for f in faults if not (f.name in MULTI_RANK and restart_count())]
         self.armed: dict[str, FaultEntry] = {}
         self.fired: list[dict[str, Any]] = []
 
@@ -95,7 +99,8 @@ class FaultInjector:
             if name == FORCE_LEVEL:
                 record["forced_level"] = due[name].level
             self.fired.append(record)
-            self.emit("tolaria", "fault.injected", "WARNING", **record)
+            # a fault that kills a rank is on disk (CRITICAL) before it acts
+            self.emit("tolaria", "fault.injected", "CRITICAL" if name in MULTI_RANK else "WARNING", **record)
         self.armed.update(due)
 
     def _take(self, hook: str) -> dict[str, FaultEntry]:
@@ -116,6 +121,8 @@ class FaultInjector:
         taken = self._take("before_step")
         if "sigterm" in taken:
             os.kill(os.getpid(), signal.SIGTERM)
+        if "rank_crash" in taken:
+            self._rank_crash()
         if "slow_step" in taken:
             time.sleep(self.cfg.slow_step_ms * 1.5 / 1000.0)
         if "seed_forward_error" in taken:
@@ -129,6 +136,16 @@ class FaultInjector:
         if forced is None:
             return None
         return Signal(forced.level, "forced", f"drill forced level {forced.level}", {})
+
+    def _rank_crash(self) -> None:
+        """SIGKILL rank 1, as the OOM killer or a lost node would: no handler, no checkpoint, no last event. A
+        restarted group never arms it (``__init__``), so the same command line completes the second time."""
+        world = current()
+        if not world.active:
+            self.emit("tolaria", "fault.not_applicable", "WARNING", fault="rank_crash",
+                      reason="a world of one rank: rank_crash needs esper train --nproc 2 or more")
+        elif world.rank == CRASHED_RANK:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def corrupt_loss(self, loss: torch.Tensor) -> torch.Tensor:
         taken = self._take("corrupt_loss")

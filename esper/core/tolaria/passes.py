@@ -41,14 +41,15 @@ def epoch_batches(p: Parts, cfg: DataConfig, seed: int, epoch: int, start: int, 
 @torch.no_grad()
 def validate(p: Parts, cfg: DataConfig, bypass: frozenset[str]) -> dict[str, float]:
     """``val_loss`` and ``val_<metric>`` over the validation loader with the slots in ``bypass`` bypassed:
-    sample-weighted means of the batch means."""
+    sample-weighted means of the batch means. Under torchrun each rank evaluates its shard and the sums are
+    all-reduced, so every rank has the same figures (and its gates decide alike)."""
     task = p.task
     sums = dict.fromkeys(["loss", *task.metrics], 0.0)
     seen = 0
     p.host.eval()
     try:
         with p.kasmina.modes(Mode.BYPASS, bypass):
-            for x, y in val_batches(task, cfg, p.pin_memory):
+            for x, y in val_batches(task, cfg, p.pin_memory, (p.parallel.world.rank, p.parallel.world.size)):
                 x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
                 with p.precision.autocast():
                     out = p.kasmina.forward(x)
@@ -59,4 +60,5 @@ def validate(p: Parts, cfg: DataConfig, bypass: frozenset[str]) -> dict[str, flo
                 seen += n
     finally:
         p.host.train()
-    return {f"val_{k}": v / seen for k, v in sums.items()}
+    *totals, count = p.parallel.sums([*sums.values(), float(seen)])
+    return {f"val_{k}": v / count for k, v in zip(sums, totals, strict=True)}

@@ -7,12 +7,14 @@ import platform
 import traceback
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 import esper
 from esper.core.data import Task
+from esper.core.dist import run_record
 from esper.core.errors import EsperError, ExitCode
 from esper.core.kasmina import Kasmina
 from esper.core.tolaria.builder import Parts
@@ -117,6 +119,7 @@ def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failu
         "checkpoint": str(checkpoint) if checkpoint else None,
         "failure": failure,
         "run_dir": run_dir,
+        "world": run_record(Path(run_dir)),  # None in a world of one; rank 0 lists every rank's own files
         "started": started,
         "finished": utc_now(),
         "versions": {"esper": esper.__version__, "torch": torch.__version__, "python": platform.python_version()},

@@ -116,15 +116,19 @@ def test_header_length_beyond_the_file_is_refused(tmp_path: Path, raw: bytes, wo
     assert words in str(_refused(path))
 
 
-def test_a_file_that_shrinks_while_read_is_reported_short(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep", [20, -100])  # inside the header; inside the data
+def test_a_file_that_shrinks_while_read_is_reported_short(tmp_path: Path, keep: int) -> None:
     path = tmp_path / "x.safetensors"
     stream.write_file(path, _state())
     size = path.stat().st_size
+    left = keep if keep > 0 else size + keep
     with open(path, "rb") as fh:
         with open(path, "r+b") as w:
-            w.truncate(size - 100)
-        _, _, read = stream.read_tensors(fh, size, "blake3")
-    assert read == size - 100
+            w.truncate(left)
+        _, got, read = stream.read_tensors(fh, size, "blake3")
+    assert read == left
+    if keep > 0:
+        assert isinstance(got, stream.FormatError) and "inside its header" in str(got)
 
 
 def test_a_file_that_grows_while_read_is_reported_long(tmp_path: Path) -> None:

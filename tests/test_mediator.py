@@ -27,6 +27,7 @@ from esper.core.tolaria.mediator import (
 
 MOD = fake_controllers.__name__
 COUNTER = f"{MOD}:make_counter"
+START_MS = make_config().controller.start_timeout_ms  # what a run passes: the config schema's default
 
 
 def _pid_gone(pid: int) -> bool:
@@ -154,7 +155,7 @@ def test_payload_must_be_json_before_any_child_starts() -> None:
 
 def test_inline_controller_same_interface_and_discards_over_budget_results() -> None:
     rec = EventRecorder()
-    endpoint = open_controller("inline", f"{MOD}:make_inline", {"step": 3})
+    endpoint = open_controller("inline", f"{MOD}:make_inline", {"step": 3}, start_timeout_ms=START_MS)
     assert isinstance(endpoint, InlineController)
     mediator = Mediator(timeout_ms=1000, emit=rec, controller=endpoint)
     payload = {"count": 1}
@@ -178,7 +179,7 @@ def test_inline_factory_failure_and_bad_isolation() -> None:
     with pytest.raises(ControllerCrashed, match="failed to start"):
         InlineController(f"{MOD}:make_broken").request("decide", {}, "r", 100)
     with pytest.raises(MediatorError, match="isolation"):
-        open_controller("thread", COUNTER)  # type: ignore[arg-type]
+        open_controller("thread", COUNTER, start_timeout_ms=START_MS)  # type: ignore[arg-type]
 
 
 def test_decide_without_controller_is_an_error() -> None:
@@ -199,7 +200,7 @@ def test_request_ids_are_unique() -> None:
 
 def test_inline_start_up_is_neither_charged_to_nor_hidden_from_the_first_decision() -> None:
     rec = EventRecorder()
-    endpoint = open_controller("inline", f"{MOD}:make_slow_start", {"seconds": 0.3})
+    endpoint = open_controller("inline", f"{MOD}:make_slow_start", {"seconds": 0.3}, start_timeout_ms=START_MS)
     mediator = Mediator(timeout_ms=1000, emit=rec, controller=endpoint)
     # The start-up alone is longer than the deadline: the decision is not a timeout, and its start-up is said.
     assert mediator.decide("decide", {"count": 1}, deadline_ms=100)["count"] == 2

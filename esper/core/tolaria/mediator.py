@@ -350,8 +350,9 @@ class InlineController:
 
 def open_controller(isolation: Literal["process", "inline"], factory_ref: str,
                     factory_args: dict[str, Any] | None = None, *,
-                    start_timeout_ms: int = 30_000) -> ControllerWorker | InlineController:
-    """The endpoint ``controller.isolation`` asks for (``start_timeout_ms`` bounds a worker process's start)."""
+                    start_timeout_ms: int) -> ControllerWorker | InlineController:
+    """The endpoint ``controller.isolation`` asks for; ``start_timeout_ms`` (``controller.start_timeout_ms``)
+    bounds a worker process's start (an inline controller starts in this process, unbounded)."""
     if isolation == "process":
         return ControllerWorker(factory_ref, factory_args, start_timeout_ms=start_timeout_ms)
     if isolation == "inline":

@@ -32,8 +32,8 @@ from typer.testing import CliRunner, Result
 from esper.cli.main import app
 from esper.core.checkpoint import manifest_digest
 from esper.core.config import EsperConfig, from_dict
-from esper.core.event_log import read_events
 from esper.core.kasmina import Kasmina, SeedSlot
+from esper.core.records.event_log import read_events
 from esper.core.tolaria.rollback import FastSnapshot, RollbackError, RollbackManager, StructureChanged
 
 # ------------------------------------------------------------------------------------------------ events
@@ -365,7 +365,7 @@ def session_pids(sid: int) -> list[int]:
 _HOLDER = """
 import sys
 from pathlib import Path
-from esper.core.runlock import RunLock
+from esper.core.records.runlock import RunLock
 with RunLock(Path(sys.argv[1])):
     print("locked", flush=True)
     sys.stdin.read()

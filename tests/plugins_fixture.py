@@ -286,7 +286,7 @@ def rank_skewed_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: 
     not the same in every process, which the epoch fingerprint must catch."""
     import os
 
-    from esper.core.host import build_host
+    from esper.core.model.host import build_host
 
     host = build_host(cfg.model_copy(update={"host": cfg.host.model_copy(update={"factory": "mlp"})}), input_shape,
                       n_outputs)
@@ -302,7 +302,7 @@ def rank_failing_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs:
     rank's own error, after that rank has entered training in step with the others."""
     import os
 
-    from esper.core.host import build_host
+    from esper.core.model.host import build_host
 
     host = build_host(cfg.model_copy(update={"host": cfg.host.model_copy(update={"factory": "mlp"})}), input_shape,
                       n_outputs)

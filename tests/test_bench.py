@@ -15,14 +15,14 @@ from conftest import BASE_TOML, SHIPPED
 from rich.console import Console
 from typer.testing import CliRunner
 
+from esper.app.bench.baseline import PlainNet
+from esper.app.bench.memory import run_child
+from esper.app.bench.state import linear_stack, stack_components
+from esper.app.bench.stats import SCHEMA, Absolute, BenchError, BenchPlan, Comparison, alternate, summarize
 from esper.cli.bench import bench, results_table
-from esper.core.bench.baseline import PlainNet
-from esper.core.bench.memory import run_child
-from esper.core.bench.state import linear_stack, stack_components
-from esper.core.bench.stats import SCHEMA, Absolute, BenchError, BenchPlan, Comparison, alternate, summarize
 from esper.core.config import BenchConfig
 from esper.core.errors import ExitCode
-from esper.core.host import MLPHost
+from esper.core.model.host import MLPHost
 from esper.core.tolaria import live_tensors
 
 REPO = Path(__file__).resolve().parents[1]

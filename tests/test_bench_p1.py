@@ -14,16 +14,16 @@ import torch
 from conftest import SHIPPED, UNHURRIED, make_config
 from rich.console import Console
 
+from esper.app.bench import p1l
+from esper.app.bench.baseline import PlainLoop, host_blocks
+from esper.app.bench.p1 import P1Setup, host_row_config, plain_side, run_p1_host, setup_p1
+from esper.app.bench.stats import BenchPlan, BenchUnsupported, Comparison, Skipped
 from esper.cli.bench import results_table
 from esper.core import config as config_mod
-from esper.core.bench import p1l
-from esper.core.bench.baseline import PlainLoop, host_blocks
-from esper.core.bench.p1 import P1Setup, host_row_config, plain_side, run_p1_host, setup_p1
-from esper.core.bench.stats import BenchPlan, BenchUnsupported, Comparison, Skipped
 from esper.core.config import BenchConfig, EsperConfig
 from esper.core.data import build_task, train_batches
 from esper.core.errors import ConfigError
-from esper.core.host import build_host
+from esper.core.model.host import build_host
 from esper.core.tolaria import EpochStats
 from esper.core.tolaria.emergency import _total_norm
 
@@ -110,7 +110,7 @@ def test_the_plain_side_owns_its_optimizer_state(cnn_setup: P1Setup) -> None:
 
 @pytest.mark.skipif(not HAS_LIGHTNING, reason="needs the bench extra (lightning); dev installs it")
 def test_the_lightning_peer_computes_what_the_plain_loop_computes(cnn_setup: P1Setup) -> None:
-    from esper.core.bench import lightning_peer
+    from esper.app.bench import lightning_peer
 
     s = cnn_setup
     plain, peer = plain_side(s.cfg, s.parts), lightning_peer.PeerModule(plain_side(s.cfg, s.parts))

@@ -17,10 +17,10 @@ from esper.core.config import from_dict
 from esper.core.data import build_task
 from esper.core.data.chars import bits_per_char, lm_loss, next_char_accuracy
 from esper.core.errors import ExitCode
-from esper.core.host import build_host, resumes_from
 from esper.core.kasmina.blueprints import BUILTIN, BlueprintRegistry, param_count
 from esper.core.kasmina.kinds import SlotShape
-from esper.core.transformer import TransformerHost
+from esper.core.model.host import build_host, resumes_from
+from esper.core.model.transformer import TransformerHost
 
 FIXTURE = REPO / "fixtures" / "configs" / "chars-transformer.toml"
 # The fixture's job, small: a 16-wide host on 32-character windows, and a controller that germinates at once

@@ -24,7 +24,7 @@ from conftest import flip_byte, malicious_pickle, malicious_torch_save, rewrite_
 
 from esper.core import checkpoint as ck
 from esper.core.errors import CheckpointError, ExitCode
-from esper.core.runlock import RunLock
+from esper.core.records.runlock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 

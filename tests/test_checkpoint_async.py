@@ -4,7 +4,7 @@ the CRITICAL failure path on real training are in test_crash_safety.py.)"""
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,13 +69,16 @@ def test_a_failed_background_write_comes_back_as_its_error_and_keeps_latest(tmp_
 
 def test_one_write_in_flight_at_a_time(tmp_path: Path) -> None:
     bw = BackgroundWriter()
+    release = threading.Event()  # the write stays in flight until the test has asked everything
     bw.submit(tmp_path, "epoch-0001", bw.stage(_state()), {"epoch": 1}, keep_last=2,
-              before_commit=lambda _t: time.sleep(0.2))
+              before_commit=lambda _t: release.wait())
     assert bw.pending
     with pytest.raises(RuntimeError, match="in flight"):
         bw.stage(_state())
     with pytest.raises(RuntimeError, match="in flight"):
         bw.submit(tmp_path, "epoch-0002", {}, {}, keep_last=2)
+    assert bw.pending and ck.latest_checkpoint(tmp_path) is None  # refused, and the first write not yet committed
+    release.set()
     assert bw.wait().path is not None  # type: ignore[union-attr]
     assert not bw.pending and not bw.running
 
@@ -91,8 +94,14 @@ def test_the_async_key_is_in_the_schema_with_its_toml_name() -> None:
 
 
 class _Faults:
+    """A commit held open until released: the write is still in flight when the loop asks for ``latest``."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
     def before_commit(self, _tmp: Path) -> None:
-        time.sleep(0.2)  # held open: the write is still in flight when the loop asks
+        self.entered.set()
+        self.release.wait()
 
     def after_write(self, _path: Path) -> None:
         pass
@@ -114,7 +123,11 @@ def _submit(cp: Checkpointer, tmp_path: Path, name: str, before_commit: Callable
 def test_a_full_rollback_reads_latest_only_once_the_write_in_flight_has_ended(tmp_path: Path) -> None:
     events: list[tuple[str, str]] = []
     cp = _checkpointer(tmp_path, events)
-    _submit(cp, tmp_path, "epoch-0001", _Faults().before_commit)
+    held = _Faults()
+    _submit(cp, tmp_path, "epoch-0001", held.before_commit)
+    assert held.entered.wait(60) and ck.latest_checkpoint(tmp_path) is None
+    # released only once the commit is held: a `committed()` that did not wait for it would likely answer None
+    threading.Thread(target=held.release.set).start()
     # what the rollback's full tier asks: with keep_last = 1 the write's pruning would race a read of the old one
     assert cp.committed() == tmp_path / "epoch-0001"
     assert cp.background is not None and not cp.background.pending

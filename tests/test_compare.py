@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import GROWING, esper, out, sets, summary
 
-from esper.core.compare import parse_seeds
+from esper.app.compare import parse_seeds
 from esper.core.errors import ConfigError
 
 # grows at once on the synthetic task, so the grown runs really differ from the host alone
@@ -90,6 +91,9 @@ def test_compare_json_document_matches_the_runs(table_run: tuple[Path, Any]) -> 
     doc = json.loads((out_dir / "compare.json").read_text())
     assert doc["seeds"] == [1, 2] and doc["exit_code"] == 0 and doc["stopped"] is False
     assert (doc["primary_metric"], doc["direction"]) == ("val_accuracy", "max")
+    # where it was measured: figures are bit-reproducible on one CPU kind only
+    assert doc["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert doc["machine"]["torch"] == torch.__version__ and doc["machine"]["cpu"]
     assert list(doc["variants"]) == ["grown", "host", "static"]
     assert doc["variants"]["host"]["overrides"] == ["seeds.enabled=false"]
     assert doc["variants"]["static"]["overrides"] == [STATIC, "seeds.enabled=false"]

@@ -19,12 +19,12 @@ from conftest import BASE_TOML, ESPER, make_config, session_pids, wait_until
 from conftest import events as run_events
 from torch import nn
 
+from esper.app.drill import drill_config, run_drill
 from esper.core import config as config_mod
 from esper.core.config import EsperConfig
-from esper.core.drill import drill_config, run_drill
 from esper.core.kasmina.blueprints import BlueprintRegistry
 from esper.core.kasmina.kinds import SlotShape
-from esper.core.rundir import RunDir
+from esper.core.records.rundir import RunDir
 from esper.core.tolaria.trainer import Trainer
 
 # The drill's growing setup (a germination at the end of epoch 2), wall-clock budgets lifted so a busy box

@@ -9,9 +9,9 @@ from typing import Any, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
+from esper.app.session import changed_keys
 from esper.core import config as cfg
 from esper.core.errors import ConfigError, ExitCode
-from esper.core.session import changed_keys
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "esper.toml"

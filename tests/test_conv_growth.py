@@ -26,7 +26,7 @@ from conftest import (
 from esper.core.errors import ExitCode
 from esper.core.kasmina.blueprints import BUILTIN
 from esper.core.kasmina.kinds import SlotShape
-from esper.core.rundir import RunDir
+from esper.core.records.rundir import RunDir
 from esper.core.tolaria.rollback import live_tensors
 from esper.core.tolaria.train_state import EpochStats
 from esper.core.tolaria.trainer import Trainer

@@ -14,10 +14,10 @@ from torch import nn
 
 from esper.core.config import EsperConfig
 from esper.core.errors import ConfigError
-from esper.core.host import build_host, probe_host
 from esper.core.kasmina.kasmina import Kasmina
 from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.slot import Mode
+from esper.core.model.host import build_host, probe_host
 from esper.statemachines import GateRejected
 
 N_CLASSES = 3

@@ -35,12 +35,12 @@ from conftest import (
     wait_until,
 )
 
+from esper.app.session import TrainSession
 from esper.core import config as config_mod
 from esper.core.checkpoint import CheckpointWriteError, verify_checkpoint
 from esper.core.checkpoint import write_checkpoint as real_write_checkpoint
 from esper.core.errors import ExitCode
-from esper.core.event_log import read_events
-from esper.core.session import TrainSession
+from esper.core.records.event_log import read_events
 
 EPOCHS = 4
 # The controller runs in-process (no worker start per run) except where the worker's fate is the point.

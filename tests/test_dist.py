@@ -103,7 +103,7 @@ def test_a_world_of_one_changes_nothing() -> None:
 
 def test_the_outbox_keeps_warnings_and_worse_up_to_its_limit() -> None:
     from esper.core.dist.forward import ForwardedEvent, Outbox
-    from esper.core.telemetry import Emitter
+    from esper.core.records.telemetry import Emitter
 
     emitter = Emitter(None, "r1", make_config().telemetry)  # in memory
     box = Outbox(rank=1, limit=2)
@@ -253,7 +253,7 @@ def test_other_ranks_warnings_reach_the_runs_own_events(two: Path) -> None:
     assert forwarded[0]["epoch"] == 1  # written by rank 0 at the end of the epoch it happened in
     assert not events(two, "rank.forward_dropped")
     # the views read the run as before: rank 1's copies are not rank 0's events
-    from esper.core.views.status import Run
+    from esper.app.views.status import Run
 
     assert len(Run.load(two).history.sessions) == 1
 

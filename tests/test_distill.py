@@ -12,7 +12,7 @@ from conftest import GROWING, make_config, seed_to_training
 
 from esper.core.config import DistillConfig
 from esper.core.kasmina.distill import distill_loss
-from esper.core.rundir import RunDir
+from esper.core.records.rundir import RunDir
 from esper.core.tolaria.train_state import EpochStats
 from esper.core.tolaria.trainer import Trainer
 

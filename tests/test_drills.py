@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from esper.cli.main import app
 from esper.core.config import ENV_VAR
-from esper.core.faults import CATALOGUE
+from esper.core.config.faults import CATALOGUE
 from esper.core.kasmina.kasmina import Kasmina
 from esper.core.tolaria.emergency import LEVELS
 

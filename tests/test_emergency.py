@@ -33,12 +33,12 @@ from conftest import (
 )
 from conftest import events as run_events
 
+from esper.app.drill import drill_config, run_drill
 from esper.core import config as config_mod
 from esper.core.checkpoint import verify_checkpoint
 from esper.core.config import EsperConfig
-from esper.core.drill import drill_config, run_drill
 from esper.core.errors import CheckpointError, ExitCode
-from esper.core.rundir import RunDir
+from esper.core.records.rundir import RunDir
 from esper.core.tolaria import rollback as rollback_mod
 from esper.core.tolaria.emergency import LEVELS, EmergencyManager, UnknownLevel, level_value
 from esper.core.tolaria.rollback import (

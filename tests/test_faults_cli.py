@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from esper.cli.faults import app
-from esper.core.faults import CATALOGUE
+from esper.core.config.faults import CATALOGUE
 
 SPEC_FAULTS = ["nan_loss", "inf_grad", "loss_spike", "seed_forward_error", "controller_timeout", "controller_crash",
                "illegal_command", "slow_step", "checkpoint_write_error", "checkpoint_corrupt", "dataloader_error",

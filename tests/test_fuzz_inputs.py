@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
+from esper.app.runbook import RunbookError, load_runbook
 from esper.cli.main import app
-from esper.core import jsonl
 from esper.core.checkpoint import load_checkpoint, manifest_digest
 from esper.core.config import EsperConfig
 from esper.core.errors import CheckpointError, ExitCode
-from esper.core.event_log import read_events
-from esper.core.runbook import RunbookError, load_runbook
+from esper.core.io import jsonl
+from esper.core.records.event_log import read_events
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

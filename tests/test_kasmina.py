@@ -14,13 +14,13 @@ from torch import nn
 
 from esper.core.config import BlendConfig, EsperConfig
 from esper.core.errors import ConfigError, EsperError, ExitCode
-from esper.core.host import build_host, probe_host
 from esper.core.kasmina import gates
 from esper.core.kasmina.blending import BlendError, BlendSpec, alpha_at, blend, parse_blend
 from esper.core.kasmina.isolation import IsolationMonitor
 from esper.core.kasmina.kasmina import Kasmina
 from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.slot import Mode, SeedSlot
+from esper.core.model.host import build_host, probe_host
 from esper.statemachines import GateRejected, IllegalTransition
 
 N_FEATURES = 6

@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from esper.core import rng
 from esper.core.config import KINDS, BlendConfig
 from esper.core.errors import ConfigError, ExitCode
-from esper.core.host import CNNHost, MLPHost, build_host, check_output, layer_shapes, probe_host, resumes_from
 from esper.core.kasmina.blending import BlendError, blend, parse_blend
 from esper.core.kasmina.blueprints import BUILTIN, BlueprintRegistry, param_count
 from esper.core.kasmina.kinds import SlotShape, resolve
+from esper.core.model import rng
+from esper.core.model.host import CNNHost, MLPHost, build_host, check_output, layer_shapes, probe_host, resumes_from
 
 FEATURES = SlotShape("features", (6,))
 CH1 = SlotShape("channels1d", (6, 19))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from conftest import ESPER, SYNTHETIC, events, finish, out, reported, resume, spawn, train, wait_for
 
-from esper.core import requests
 from esper.core.errors import ExitCode
+from esper.core.records import requests
 
 # Every step is "slow" (NOTICE) and the run is long: it sits at NOTICE, never healthy enough to clear itself.
 NOTICED = [*SYNTHETIC, "run.threads=1", "seeds.max_step_latency_ms=600000.0",

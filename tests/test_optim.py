@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from esper.core.config import TrainerConfig
 from esper.core.errors import EsperError, ExitCode
-from esper.core.optim import (
+from esper.core.model.optim import (
     LRSchedule,
     OptimizerError,
     ParamGroupSpec,

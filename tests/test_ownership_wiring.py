@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from esper.core import config as cfgmod
-from esper.core.optim import OptimizerError
-from esper.core.rundir import RunDir
+from esper.core.model.optim import OptimizerError
+from esper.core.records.rundir import RunDir
 from esper.core.tolaria.trainer import Trainer
 
 

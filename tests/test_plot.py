@@ -11,8 +11,8 @@ import pytest
 from conftest import GROWING, esper, events, out, train
 from matplotlib.image import imread
 
+from esper.app.views.plot import DPI, WIDTH_IN, level_colour, stage_colour
 from esper.core.errors import ExitCode
-from esper.core.views.plot import DPI, WIDTH_IN, level_colour, stage_colour
 
 
 def _pixels(png: Path) -> np.ndarray:

@@ -25,7 +25,7 @@ from conftest import (
 )
 
 from esper.core.errors import ExitCode
-from esper.core.rundir import RunDir
+from esper.core.records.rundir import RunDir
 from esper.core.tolaria.safety import Restart
 from esper.core.tolaria.train_state import EpochStats
 from esper.core.tolaria.trainer import Trainer

@@ -9,7 +9,7 @@ import pytest
 
 from esper.core import config as cfgmod
 from esper.core.errors import ConfigError
-from esper.core.rundir import RunDir
+from esper.core.records.rundir import RunDir
 from esper.core.tolaria.profiler import ProfilerWindow
 from esper.core.tolaria.trainer import Trainer
 

@@ -38,9 +38,9 @@ from conftest import (
     verify,
 )
 
+from esper.app.session import TrainSession
 from esper.core import config as config_mod
 from esper.core.errors import ExitCode
-from esper.core.session import TrainSession
 
 CONSTANT = 'trainer.lr_policy="constant"'
 

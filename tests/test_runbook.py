@@ -13,10 +13,8 @@ import pytest
 from conftest import wait_until
 from typer.testing import CliRunner, Result
 
-from esper.cli.runbook import app
-from esper.core.errors import ExitCode
-from esper.core.proctree import descendants, kill_tree
-from esper.core.runbook import (
+from esper.app.proctree import descendants, kill_tree
+from esper.app.runbook import (
     MISSING,
     Completed,
     Expectation,
@@ -28,6 +26,8 @@ from esper.core.runbook import (
     run_runbook,
     same,
 )
+from esper.cli.runbook import app
+from esper.core.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "fixtures" / "runbooks").glob("*.toml"))

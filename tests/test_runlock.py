@@ -9,7 +9,7 @@ import pytest
 from conftest import hold_lock as _holder
 
 from esper.core.errors import ExitCode
-from esper.core.runlock import LOCK_NAME, RunDirBusy, RunLock, writer_alive
+from esper.core.records.runlock import LOCK_NAME, RunDirBusy, RunLock, writer_alive
 
 
 def test_a_second_writer_is_refused_with_the_busy_exit_code_and_the_holder_keeps_it(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from esper.core import config as cfgmod
-from esper.core.rundir import RunDir
+from esper.core.records.rundir import RunDir
 from esper.core.tolaria.trainer import Trainer
 
 

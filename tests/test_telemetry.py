@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from esper.core import telemetry as tm
 from esper.core.config import TelemetryConfig
 from esper.core.errors import EsperError
-from esper.core.event_log import read_events
-from esper.core.telemetry import (
+from esper.core.records import telemetry as tm
+from esper.core.records.event_log import read_events
+from esper.core.records.telemetry import (
     REQUIRED_FIELDS,
     Emitter,
     Level,
@@ -473,5 +473,5 @@ def test_reader_missing_file_is_typed(tmp_path: Path) -> None:
 
 
 def test_module_does_not_import_torch() -> None:
-    code = "import sys, esper.core.telemetry; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, esper.core.records.telemetry; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

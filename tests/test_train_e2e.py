@@ -13,7 +13,7 @@ import pytest
 
 from esper.core.checkpoint import latest_checkpoint, verify_checkpoint
 from esper.core.config import from_toml_text
-from esper.core.event_log import read_events
+from esper.core.records.event_log import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 ESPER = Path(sys.executable).parent / "esper"

@@ -13,10 +13,10 @@ from conftest import BASE_TOML, ESPER, GROWING, sets
 from rich.console import Console
 from typer.testing import CliRunner
 
+from esper.app.session import TrainSession
 from esper.cli.main import app
 from esper.cli.train import RichReporter
 from esper.core import config as config_mod
-from esper.core.session import TrainSession
 
 SYNTH = ["--set", "data.task=synthetic", "--set", "data.synthetic_samples=128", "--set", "trainer.epochs=2",
          "--set", "controller.isolation=inline"]

@@ -18,7 +18,7 @@ from esper.cli.main import app
 from esper.core.config import EsperConfig
 from esper.core.data import fetch
 from esper.core.errors import ExitCode
-from esper.core.rundir import RunDir
+from esper.core.records.rundir import RunDir
 from esper.core.tamiyo import Command
 from esper.core.tolaria.emergency import EmergencyManager
 from esper.core.tolaria.train_state import EpochStats

@@ -206,8 +206,9 @@ def test_hostile_jsonl_lines_are_skipped_and_reported_and_a_resume_goes_on(run: 
 
 def test_a_second_writer_is_refused_at_once_touching_nothing(run: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from esper.core.runlock import RunLock; l = RunLock(__import__('pathlib')"
-         ".Path(sys.argv[1])); l.acquire(); print('held', flush=True); sys.stdin.read()", str(run)],
+        [sys.executable, "-c", "import sys; from esper.core.records.runlock import RunLock; "
+         "l = RunLock(__import__('pathlib').Path(sys.argv[1])); l.acquire(); print('held', flush=True); "
+         "sys.stdin.read()", str(run)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import GROWING, flip_byte, latest, train
 
-from esper.core.views import read
+from esper.app.views import read
 
 
 def _row(epoch: int) -> bytes:

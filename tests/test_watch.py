@@ -27,7 +27,7 @@ from conftest import (
 )
 
 from esper.core.errors import ExitCode
-from esper.core.runlock import writer_alive
+from esper.core.records.runlock import writer_alive
 
 
 def _epoch_lines(text: str) -> list[str]:

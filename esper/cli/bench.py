@@ -9,6 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from esper.app.bench.p7 import run_p7
+from esper.app.bench.run import run_bench
+from esper.app.bench.stats import BenchPlan
 from esper.cli.common import (
     ConfigOpt,
     JsonOpt,
@@ -20,9 +23,6 @@ from esper.cli.common import (
     stderr,
     stdout,
 )
-from esper.core.bench.p7 import run_p7
-from esper.core.bench.run import run_bench
-from esper.core.bench.stats import BenchPlan
 
 ScaleOutOpt = Annotated[bool, typer.Option(
     "--scale-out", help="Only P-7: steps/s at 1 and 2 processes for the same global batch (real runs, minutes).")]

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from esper.app.compare import Comparison, RunResult, compare, parse_seeds
 from esper.cli.common import (
     ConfigOpt,
     JsonOpt,
@@ -21,8 +22,8 @@ from esper.cli.common import (
     stderr,
     stdout,
 )
-from esper.core.compare import Comparison, RunResult, compare, parse_seeds
 from esper.core.errors import ConfigError
+from esper.core.records import machine
 
 SeedsOpt = Annotated[str, typer.Option("--seeds", help="Run seeds: a range 1..5 or a list 1,3,7.")]
 StaticOpt = Annotated[list[str] | None, typer.Option(
@@ -133,6 +134,7 @@ def compare_cmd(
         for table in _tables(result):
             console.print(table)
         console.print(f"runs: {result.out}  ({Path(result.out) / 'compare.json'})", highlight=False, markup=False)
+        console.print(machine.line(), highlight=False, markup=False)
         if result.stopped:
             stderr().print("stopped: the remaining runs were not started", highlight=False, markup=False)
     raise typer.Exit(result.exit_code)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from esper.app.preflight import preflight
 from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, handle_errors, load_config, print_json, stderr
-from esper.core.preflight import preflight
 
 app = typer.Typer(help="Show or validate the resolved configuration.", no_args_is_help=True)
 

@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from esper.app.drill import check_drill, drill_config, run_drill
 from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, global_options, handle_errors, print_json, stdout
 from esper.core import config as config_mod
-from esper.core.drill import check_drill, drill_config, run_drill
 from esper.core.errors import ExitCode
 
 

@@ -1,6 +1,6 @@
 """`esper emergency clear RUN --reason TEXT`: an operator's downgrade of a running run (L-4).
 
-The request goes through the run directory (``esper.core.requests``); the running trainer applies it at its
+The request goes through the run directory (``esper.core.records.requests``); the running trainer applies it at its
 next step boundary through the emergency table's own ``clear`` transition and answers in ``events.jsonl``. This
 command waits for that answer and reports it.
 
@@ -17,9 +17,10 @@ from typing import Annotated, Any
 import typer
 
 from esper.cli.common import JsonOpt, handle_errors, print_json, stdout
-from esper.core import jsonl, requests
 from esper.core.errors import EsperError, ExitCode, UsageError
-from esper.core.runlock import writer_alive
+from esper.core.io import jsonl
+from esper.core.records import requests
+from esper.core.records.runlock import writer_alive
 
 app = typer.Typer(help="Act on a running run's emergency level.", no_args_is_help=True)
 

@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from esper.cli.common import JsonOpt, handle_errors, print_json, stdout
-from esper.core.faults import CATALOGUE
+from esper.core.config.faults import CATALOGUE
 
 app = typer.Typer(help="The fault catalogue: injectable faults and their expected outcomes.", no_args_is_help=True)
 

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
+from esper.app.views import read
+from esper.app.views.errors import ViewUsageError
+from esper.app.views.plot import render
+from esper.app.views.status import Run
 from esper.cli.common import JsonOpt, handle_errors, print_json, stderr
-from esper.core.views import read
-from esper.core.views.errors import ViewUsageError
-from esper.core.views.plot import render
-from esper.core.views.status import Run
 
 
 @handle_errors

@@ -12,9 +12,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from esper.app.runbook import RunbookResult, Step, load_runbook, run_runbook
 from esper.cli.common import JsonOpt, handle_errors, print_json, stderr, stdout
 from esper.core.errors import ExpectationFailed
-from esper.core.runbook import RunbookResult, Step, load_runbook, run_runbook
 
 app = typer.Typer(help="Run operational runbooks: esper command steps with expectations.", no_args_is_help=True)
 

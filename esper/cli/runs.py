@@ -9,11 +9,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from esper.app.views import read
+from esper.app.views.errors import ViewUsageError
+from esper.app.views.status import Run, row
 from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, handle_errors, load_config, print_json, stderr, stdout
 from esper.cli.view import eta_text, fmt
-from esper.core.views import read
-from esper.core.views.errors import ViewUsageError
-from esper.core.views.status import Run, row
 
 
 def collect(directory: Path) -> dict[str, Any]:

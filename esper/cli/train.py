@@ -10,6 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from esper.app import scaleout
+from esper.app.session import TrainSession
 from esper.cli.common import (
     ConfigOpt,
     JsonOpt,
@@ -24,10 +26,8 @@ from esper.cli.common import (
 )
 from esper.cli.launch import launch
 from esper.cli.view import RunView, last_text, plain_line, render_summary
-from esper.core import scaleout
 from esper.core.config import ENV_VAR, operator_config
 from esper.core.dist import joined
-from esper.core.session import TrainSession
 
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: run.output_dir/RUN_ID).")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint dir, run dir or manifest to resume.")]

@@ -13,13 +13,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from esper.app.views import read
+from esper.app.views.errors import RunIncomplete, ViewUsageError
+from esper.app.views.follow import Follower, Update
+from esper.app.views.status import INCOMPLETE, State
 from esper.cli.common import QuietOpt, global_options, handle_errors, stderr, stdout
 from esper.cli.view import RunView, last_text, plain_line, render_summary
 from esper.core.errors import ExitCode
-from esper.core.views import read
-from esper.core.views.errors import RunIncomplete, ViewUsageError
-from esper.core.views.follow import Follower, Update
-from esper.core.views.status import INCOMPLETE, State
 
 IntervalOpt = Annotated[float, typer.Option("--interval", min=0.05, max=10.0,
                                             help="Seconds between looks at the run directory.")]

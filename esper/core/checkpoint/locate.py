@@ -7,9 +7,9 @@ import re
 import stat
 from pathlib import Path
 
-from esper.core import confine
 from esper.core.checkpoint.manifest import MANIFEST
 from esper.core.errors import CheckpointError
+from esper.core.io import confine
 
 LATEST = "latest"
 SUFFIX = ".safetensors"

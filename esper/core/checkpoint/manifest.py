@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from esper.core import bounded
 from esper.core.checkpoint.payload import (
     RUN_ID,
     SHA256,
@@ -35,6 +34,7 @@ from esper.core.checkpoint.payload import (
     TensorSummary,
     TrainerStateName,
 )
+from esper.core.io import bounded
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

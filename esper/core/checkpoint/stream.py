@@ -27,7 +27,7 @@ import blake3
 import safetensors.torch
 import torch
 
-from esper.core import bounded
+from esper.core.io import bounded
 
 Algorithm = Literal["blake3", "sha256"]
 ALGORITHMS: tuple[Algorithm, ...] = ("blake3", "sha256")

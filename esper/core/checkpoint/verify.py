@@ -21,13 +21,13 @@ from typing import Any, Literal
 import safetensors
 import torch
 
-from esper.core import bounded, confine
 from esper.core.checkpoint import stream
 from esper.core.checkpoint.locate import NAME_RE, SUFFIX, resolve_checkpoint
 from esper.core.checkpoint.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, validate
 from esper.core.config import from_toml_text
+from esper.core.config.trust import Reference, references
 from esper.core.errors import CheckpointError, ConfigError
-from esper.core.trust import Reference, references
+from esper.core.io import bounded, confine
 
 _PARALLEL_FILES = 2
 Loaded = dict[str, torch.Tensor] | stream.FormatError  # a file's tensors, or why its header gives none

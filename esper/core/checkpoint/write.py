@@ -15,7 +15,7 @@ Layout::
         .tmp-<name>-<pid>-<token>/  # in-flight or crashed write: readers ignore it
 
 Temp names are unique (pid and a random token), so two writers can never share one. A ``.tmp-*`` entry is
-removed by pruning only when this process holds the run directory's writer lock (``esper.core.runlock``): then
+removed by pruning only when this process holds the run directory's writer lock (``esper.core.records.runlock``): then
 no other process can be writing here and every other temp was left by a dead writer. Without the lock (a store
 used on its own) pruning leaves other writers' temps alone. No committed checkpoint is deleted before its
 successor has been renamed into place.
@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from esper.core import durable
 from esper.core.checkpoint import stream
 from esper.core.checkpoint.locate import LATEST, SUFFIX, TMP_PREFIX, check_name, read_pointer
 from esper.core.checkpoint.manifest import MANIFEST
 from esper.core.checkpoint.manifest import encode as encode_manifest
 from esper.core.errors import CheckpointError
-from esper.core.runlock import held_here
+from esper.core.io import durable
+from esper.core.records.runlock import held_here
 
 _IN_FLIGHT: set[str] = set()  # temp names this process is writing right now (never pruned)
 

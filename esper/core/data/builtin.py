@@ -22,12 +22,12 @@ import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset, IterableDataset
 
-from esper.core import rng
 from esper.core.config import EsperConfig
+from esper.core.config.plugins import call_factory, load_factory
 from esper.core.data.chars import chars_task
 from esper.core.data.task import Task, TensorPairs, classification, fetch
 from esper.core.errors import ConfigError
-from esper.core.plugins import call_factory, load_factory
+from esper.core.model import rng
 
 KEY = "data.task"
 

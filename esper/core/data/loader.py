@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from esper.core import rng
 from esper.core.config import DataConfig
 from esper.core.data.task import Task, collate
 from esper.core.dist.world import current
 from esper.core.errors import ConfigError
+from esper.core.model import rng
 
 
 class DataShardError(ConfigError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from esper.core.telemetry import Emitter
+from esper.core.records.telemetry import Emitter
 
 LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
 EVENT = "rank.forwarded"

@@ -6,7 +6,7 @@ layer of ``delta`` zero-initialised, so a freshly germinated seed is the identit
 smoothly. The MLP-style ones act on the last axis (``features`` ``[N, D]``, ``tokens`` ``[N, T, D]``); the conv
 ones on the channel axis of ``channels1d`` ``[N, C, L]`` (Conv1d, kernel 5) and ``channels2d`` ``[N, C, H, W]``
 (Conv2d, 3x3: the usual image kernel, and 9 taps per channel pair against the 1-D block's 5). ``block`` and
-``attention`` take ``tokens`` ``[N, T, D]`` only: they mix positions, causally (``esper.core.transformer``).
+``attention`` take ``tokens`` ``[N, T, D]`` only: they mix positions, causally (``esper.core.model.transformer``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from esper.core import rng
 from esper.core.config import KINDS, SeedsConfig
+from esper.core.config.plugins import call_factory, check_type, load_factory
 from esper.core.errors import ConfigError
 from esper.core.kasmina.kinds import SlotShape
-from esper.core.plugins import call_factory, check_type, load_factory
-from esper.core.transformer import AttentionSeed, BlockSeed, attention_params, block_params
+from esper.core.model import rng
+from esper.core.model.transformer import AttentionSeed, BlockSeed, attention_params, block_params
 
 LAST_AXIS = frozenset({"features", "tokens"})
 TOKENS = frozenset({"tokens"})

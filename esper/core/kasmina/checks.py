@@ -9,10 +9,10 @@ import torch
 
 from esper.core.config import EsperConfig, SlotConfig
 from esper.core.errors import ConfigError
-from esper.core.host import HostProbe, shape_text
 from esper.core.kasmina.blending import BlendSpec
 from esper.core.kasmina.blueprints import BlueprintRegistry
 from esper.core.kasmina.kinds import SlotShape, resolve
+from esper.core.model.host import HostProbe, shape_text
 
 
 def slot_shapes(slots: Sequence[SlotConfig], probe: HostProbe) -> dict[str, SlotShape]:

@@ -16,7 +16,6 @@ from torch import nn
 import esper.core.kasmina.gates as gates
 from esper.core.config import EsperConfig
 from esper.core.errors import CheckpointError
-from esper.core.host import HostProbe, resumes_from
 from esper.core.kasmina.blending import BlendSpec, parse_blend
 from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
 from esper.core.kasmina.checks import check_slots, slot_shapes
@@ -24,7 +23,8 @@ from esper.core.kasmina.distill import distill_loss
 from esper.core.kasmina.isolation import IsolationMonitor, upstream_params
 from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.slot import LIVE, Mode, SeedSlot, SeedStats
-from esper.core.optim import ParamGroupSpec
+from esper.core.model.host import HostProbe, resumes_from
+from esper.core.model.optim import ParamGroupSpec
 from esper.statemachines import SEED, StrictMachine, TransitionRecord
 
 Emit = Callable[..., Any]

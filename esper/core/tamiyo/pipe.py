@@ -16,8 +16,8 @@ import os
 import traceback
 from typing import Any
 
+from esper.core.config.plugins import load_factory
 from esper.core.errors import EsperError
-from esper.core.plugins import load_factory
 
 CONFIG_KEY = "controller.policy"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from esper.core.config import ControllerConfig, SeedsConfig
-from esper.core.plugins import call_factory, check_type, load_factory
+from esper.core.config.plugins import call_factory, check_type, load_factory
 from esper.core.tamiyo.errors import ObservationError
 from esper.core.tamiyo.observation import Observation, SlotView
 from esper.core.tamiyo.state import ControllerState

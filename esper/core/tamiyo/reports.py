@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from esper.core import jsonl
+from esper.core.io import jsonl
 from esper.core.tamiyo._util import describe, parse_utc
 from esper.core.tamiyo.errors import FieldReportError, FieldReportLogMissing
 from esper.core.tamiyo.state import EpochMetrics

@@ -17,13 +17,13 @@ from torch import nn
 
 from esper.core.config import EsperConfig
 from esper.core.data import BatchSkips, Task, build_task, fetch, steps_per_epoch
-from esper.core.device import resolve_device
 from esper.core.dist import DataParallel
-from esper.core.host import build_host, check_output, probe_host
 from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina
-from esper.core.optim import LRSchedule
-from esper.core.rng import RngState
-from esper.core.rundir import RunDir
+from esper.core.model.device import resolve_device
+from esper.core.model.host import build_host, check_output, probe_host
+from esper.core.model.optim import LRSchedule
+from esper.core.model.rng import RngState
+from esper.core.records.rundir import RunDir
 from esper.core.tamiyo import FieldReportLog, Tamiyo
 from esper.core.tamiyo import worker as tamiyo_worker
 from esper.core.tolaria.checkpointer import Checkpointer

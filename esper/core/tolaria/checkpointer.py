@@ -30,7 +30,7 @@ from esper.core.checkpoint import (
 from esper.core.checkpoint.background import BackgroundWriter
 from esper.core.config import EsperConfig
 from esper.core.dist import broadcast, current
-from esper.core.rundir import is_disk_error
+from esper.core.records.rundir import is_disk_error
 from esper.core.tolaria.components import Components
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.injector import FaultInjector

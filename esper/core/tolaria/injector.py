@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from esper.core.config import EmergencyConfig, FaultConfig
+from esper.core.config.faults import CATALOGUE, CRASHED_RANK, MULTI_RANK, parse_at
 from esper.core.dist import current, restart_count
 from esper.core.errors import EsperError
-from esper.core.faults import CATALOGUE, CRASHED_RANK, MULTI_RANK, parse_at
 from esper.core.kasmina import LIVE, Kasmina
 from esper.core.tolaria.emergency import Signal
 

@@ -30,8 +30,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
+from esper.core.config.plugins import load_factory
 from esper.core.errors import EsperError
-from esper.core.plugins import load_factory
 from esper.core.tamiyo import pipe
 
 Emit = Callable[..., Any]

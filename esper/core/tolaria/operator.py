@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from esper.core import requests
+from esper.core.records import requests
 from esper.core.tolaria.emergency import EmergencyManager
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from esper.core.config import TrainerConfig
 from esper.core.errors import CheckpointError
 from esper.core.kasmina import Kasmina, ParameterOwnership
-from esper.core.optim import OptimizerError, build_optimizer, rebuild_optimizer
+from esper.core.model.optim import OptimizerError, build_optimizer, rebuild_optimizer
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, kind: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 from esper.core.config import DataConfig
 from esper.core.data import train_batches, val_batches
 from esper.core.kasmina import Mode
-from esper.core.telemetry import Emitter
+from esper.core.records.telemetry import Emitter
 from esper.core.tolaria.builder import Parts
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from esper.core.device import DTYPES
 from esper.core.errors import CheckpointError
+from esper.core.model.device import DTYPES
 from esper.core.tolaria.emergency import Signal
 
 _NO_AUTOCAST = contextlib.nullcontext()  # reusable and reentrant

@@ -19,15 +19,15 @@ import esper
 import esper.core.tolaria.operator as operator
 import esper.core.tolaria.passes as passes
 import esper.core.tolaria.records as records
-from esper.core import requests
-from esper.core.bounded import clip
 from esper.core.checkpoint import LoadedCheckpoint
 from esper.core.config import EsperConfig
 from esper.core.data import Task, build_task, steps_per_epoch
 from esper.core.errors import CheckpointError, DiskFault, ExitCode
+from esper.core.io.bounded import clip
 from esper.core.kasmina import SeedForwardError, SeedSlot
-from esper.core.rundir import RunDir, disk_fault, is_disk_error
-from esper.core.telemetry import Emitter, TelemetryDeliveryError, TelemetryError, TelemetryWriteError
+from esper.core.records import requests
+from esper.core.records.rundir import RunDir, disk_fault, is_disk_error
+from esper.core.records.telemetry import Emitter, TelemetryDeliveryError, TelemetryError, TelemetryWriteError
 from esper.core.tolaria.builder import ControllerFactory, Parts, build_parts, controller_factory
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.injector import DataLoaderError, FaultEntry

@@ -1,0 +1,140 @@
+"""``esper plot`` (V-1): one PNG of one or several runs — train/val loss and the task's primary metric per epoch,
+the parameter count, one band per slot coloured by seed stage, and vertical markers for emergencies (coloured by
+level), rollbacks and checkpoints.
+
+Rendered with matplotlib's Agg canvas directly (no pyplot, no display, no global backend state). Stage colours
+come from the seed table (one colour per state, in the table's order) and level colours from the emergency
+table, so a new state gets a colour without anyone listing it here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from esper.app.views.history import RunHistory
+from esper.app.views.status import Run
+from esper.statemachines import EMERGENCY, SEED
+
+_STAGES = colormaps["Paired"].resampled(len(SEED.state_names))  # qualitative, no grey
+_LEVELS = colormaps["YlOrRd"]
+_RUNS = colormaps["tab10"]
+MOMENTS = ("germinate", "fossilize", "cull")  # triggers marked on the bands (a diamond in the stage entered)
+DPI = 100
+WIDTH_IN = 11.0
+
+
+def stage_colour(stage: str) -> tuple[float, float, float, float]:
+    return _STAGES(SEED.state_names.index(stage))
+
+
+def level_colour(level: str) -> tuple[float, float, float, float]:
+    top = max(v for _, v, _ in EMERGENCY.states)
+    return _LEVELS(0.35 + 0.65 * EMERGENCY.value_of(level) / top)
+
+
+def _end(h: RunHistory) -> float:
+    return float(max(h.epochs_done, max((t.epoch for t in h.transitions), default=0), 1))
+
+
+def _markers(ax: Axes, h: RunHistory, *, ticks: bool) -> None:
+    for m in h.markers:
+        if m.kind == "emergency" and m.level is not None:
+            ax.axvline(m.epoch, color=level_colour(m.level), linestyle="--", linewidth=1.6)
+        elif m.kind == "rollback":
+            ax.axvline(m.epoch, color="black", linestyle=":", linewidth=1.4)
+        elif m.kind == "checkpoint" and ticks:
+            ax.axvline(m.epoch, ymin=0.0, ymax=0.06, color="dimgray", linewidth=1.0)
+
+
+def render(runs: list[Run], labels: list[str], out: Path) -> dict[str, object]:
+    """Draw ``runs`` (legend entries ``labels``) into the PNG ``out`` (written atomically); what was drawn."""
+    band_rows = [(i, slot) for i, r in enumerate(runs) for slot in r.history.slot_names()]
+    fig = Figure(figsize=(WIDTH_IN, 9.0 + 0.3 * max(len(band_rows) - 2, 0)), dpi=DPI, layout="constrained")
+    grid = fig.add_gridspec(4, 1, height_ratios=[3.0, 3.0, 1.6, 0.9 + 0.35 * max(len(band_rows), 1)])
+    loss = fig.add_subplot(grid[0])
+    metric = fig.add_subplot(grid[1], sharex=loss)
+    params = fig.add_subplot(grid[2], sharex=loss)
+    bands = fig.add_subplot(grid[3], sharex=loss)
+    primaries = sorted({r.history.primary for r in runs})
+    for i, (r, label) in enumerate(zip(runs, labels, strict=True)):
+        h, colour = r.history, _RUNS(i % 10)
+        who = f"{label} " if len(runs) > 1 else ""  # one run: its name is the title
+        loss.plot(*h.series("train_loss"), color=colour, linestyle="--", marker=".", label=f"{who}train")
+        loss.plot(*h.series("val_loss"), color=colour, linestyle="-", marker=".", label=f"{who}val")
+        metric.plot(*h.series(h.primary), color=colour, marker=".", label=f"{who}{h.primary}")
+        train_key = "train_" + h.primary.removeprefix("val_")
+        if h.primary.startswith("val_") and h.series(train_key)[0]:
+            metric.plot(*h.series(train_key), color=colour, linestyle=":", label=f"{who}{train_key}")
+        params.step(*h.series("params"), where="post", color=colour, label=label if len(runs) > 1 else "parameters")
+        for ax in (loss, metric, params):
+            _markers(ax, h, ticks=True)
+    seen_stages: list[str] = []
+    for y, (i, slot) in enumerate(band_rows):
+        h = runs[i].history
+        for start, stop, stage in h.bands(_end(h)).get(slot, []):
+            bands.broken_barh([(start, stop - start)], (y - 0.4, 0.8), facecolors=stage_colour(stage))
+            if stage not in seen_stages:
+                seen_stages.append(stage)
+        for t in (t for t in h.transitions if t.slot == slot and t.trigger in MOMENTS):
+            # the decisive moments, visible even when the stage they enter lasts less than an epoch
+            bands.scatter([t.epoch], [y], s=70, marker="D", color=stage_colour(t.dest), edgecolors="black",
+                          linewidths=0.8, zorder=3)
+            if t.dest not in seen_stages:
+                seen_stages.append(t.dest)
+        _markers(bands, h, ticks=False)
+    bands.set_yticks(range(len(band_rows)), [slot if len(runs) == 1 else f"{labels[i]}:{slot}"
+                                             for i, slot in band_rows])
+    bands.set_ylim(max(len(band_rows), 1) - 0.4, -0.6)  # the first run's slots on top
+    bands.set_xlabel("epoch")
+    bands.set_title("seed stage per slot (diamonds: germinate, fossilize, cull)", loc="left", fontsize=10)
+    order = [s for s in SEED.state_names if s in seen_stages]
+    if order:
+        bands.legend(handles=[Patch(color=stage_colour(s), label=s) for s in order], loc="upper left",
+                     bbox_to_anchor=(1.0, 1.0), fontsize=8, title="stage")
+    loss.set_ylabel("loss")
+    loss.set_title("train (dashed) and validation (solid) loss", loc="left", fontsize=10)
+    metric.set_ylabel(", ".join(primaries))
+    metric.set_title("primary metric", loc="left", fontsize=10)
+    params.set_ylabel("parameters")
+    for ax in (loss, metric, params):
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    kinds = _marker_legend(runs)
+    if kinds:
+        fig.legend(handles=kinds, loc="outside lower center", ncol=len(kinds), fontsize=8)
+    fig.suptitle(_title(runs, labels))
+    out_tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        FigureCanvasAgg(fig).print_png(str(out_tmp))
+        os.replace(out_tmp, out)
+    finally:
+        out_tmp.unlink(missing_ok=True)
+    return {"output": str(out), "runs": [r.run_id for r in runs], "labels": labels, "stages": order,
+            "markers": sorted({m.kind for r in runs for m in r.history.markers})}
+
+
+def _marker_legend(runs: list[Run]) -> list[Line2D]:
+    markers = [m for r in runs for m in r.history.markers]
+    handles = [Line2D([], [], color=level_colour(lvl), linestyle="--", label=f"emergency {lvl}")
+               for lvl in EMERGENCY.state_names if any(m.level == lvl for m in markers)]
+    if any(m.kind == "rollback" for m in markers):
+        handles.append(Line2D([], [], color="black", linestyle=":", label="rollback"))
+    if any(m.kind == "checkpoint" for m in markers):
+        handles.append(Line2D([], [], color="dimgray", label="checkpoint (tick)"))
+    return handles
+
+
+def _title(runs: list[Run], labels: list[str]) -> str:
+    if len(runs) == 1:
+        r = runs[0]
+        status = r.summary.get("status") if r.summary else None
+        return f"esper run {labels[0]}" + (f" ({status})" if isinstance(status, str) else "")
+    return "esper runs: " + ", ".join(labels)

@@ -161,6 +161,15 @@ def _collectives(rank: int, port: int, out: str) -> None:
     with torch.no_grad():
         p.add_(rank)
     par.check_epoch(4, [{"slot": "s1", "stage": "TRAINING", "alpha": 0.5, "utc": str(rank)}], [("p", p), ("q", q)])
+    # rank 0's buffers on every rank (DDP's broadcast_buffers), every dtype of them
+    bn = torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        bn.running_mean.fill_(float(rank + 1))
+        bn.num_batches_tracked.fill_(10 * rank + 3)
+    par.buffers(bn)
+    res["buffers"] = [bn.running_mean.tolist(), int(bn.num_batches_tracked)]
+    # buffers that differ at an epoch's end are a divergence of their own
+    par.check_epoch(5, [], [("p", p)], [("bn.running_var", torch.full((2,), float(rank)))])
     res["halts"] = [(c, a["ranks"], a["what"]) for c, _, a in halts]
     Path(out, f"rank-{rank}.json").write_text(json.dumps(res))
     tdist.destroy_process_group()
@@ -179,7 +188,9 @@ def test_reductions_and_checks_across_two_gloo_ranks(tmp_path: Path) -> None:
         assert math.isnan(r["nan"])
         # the extra parameter is caught before any gradient is summed; the weights at the epoch's end (the
         # slot's timestamp is not part of the fingerprint)
-        assert r["halts"] == [["rank_divergence", [1], "parameters"], ["rank_divergence", [1], ["weights"]]]
+        assert r["buffers"] == [[1.0, 1.0], 3]
+        assert r["halts"] == [["rank_divergence", [1], "parameters"], ["rank_divergence", [1], ["weights"]],
+                              ["rank_divergence", [1], ["buffers", "weights"]]]
 
 
 # ------------------------------------------------------------------------------ real runs of the real CLI
@@ -280,6 +291,24 @@ def test_two_ranks_match_one_process_for_the_same_global_batch(two: Path, tmp_pa
     assert (last12["seeds_by_stage"], last12["params"]) == (last1["seeds_by_stage"], last1["params"])
     assert last12["val_loss"] == pytest.approx(last1["val_loss"], rel=1e-4)
     assert _rows(r12 / "rank-1" / "metrics.jsonl")[-1] == last12
+
+
+@pytest.mark.slow
+def test_batchnorm_statistics_stay_in_step_across_ranks(tmp_path: Path) -> None:
+    """A BatchNorm host on 2 ranks: each rank's forward moves its statistics from its own shard, rank 0's are
+    broadcast before every step and at the epoch's end, and the buffers are part of the rank fingerprint (without
+    the broadcast this run HALTs with rank_divergence naming buffers)."""
+    run = tmp_path / "bn"
+    bn = ["data.task=mnist1d", "data.batch_size=400", "host.factory=cnn", "host.channels=[4, 4]",
+          "host.kernels=[5, 3]", "host.norm='batch'", "seeds.blueprints=['conv_block']", "seeds.blend.mode='residual'",
+          "seeds.slots=[{name='s1', layer='conv1'}]"]
+    done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(run), *sets(*GROWING, *bn, "trainer.epochs=3"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not events(run, "rank.divergence")
+    assert _rows(run / "metrics.jsonl") == _rows(run / "rank-1" / "metrics.jsonl")
+    model = tensors(run / "checkpoints" / "epoch-0003", "model")
+    # one count per step of the global batch, rank 0's (its seed's own passes and probes left no trace)
+    assert int(model["host.conv1.1.num_batches_tracked"]) == _rows(run / "metrics.jsonl")[-1]["global_step"]
 
 
 @pytest.mark.slow

@@ -100,11 +100,14 @@ class HostConfig(_Section):
                                description="cnn host: kernel size per conv block (one per entry of channels)")
     stride: int = Field(2, ge=1, le=64, description="cnn host: stride of every conv block")
     padding: int = Field(1, ge=0, le=64, description="cnn host: zero padding of every conv block")
+    norm: Literal["none", "batch", "group"] = Field(
+        "none", description="cnn host: normalisation after each conv (BatchNorm, or GroupNorm of up to 4 groups)")
     d_model: int = Field(64, ge=1, le=8192, description="transformer host: embedding width")
     n_layers: int = Field(1, ge=1, le=64, description="transformer host: blocks, named block1..N")
     n_heads: int = Field(4, ge=1, le=256, description="transformer host: attention heads (divide d_model)")
     mlp_ratio: int = Field(4, ge=1, le=16, description="transformer host: MLP hidden width / d_model")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="transformer host: dropout after attention and MLP")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0,
+                           description="dropout: transformer host after attention and MLP; cnn host after each block")
 
     @field_validator("factory")
     @classmethod

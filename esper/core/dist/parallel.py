@@ -41,7 +41,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
 
 
-def weights_digest(named: Sequence[tuple[str, nn.Parameter]]) -> str:
+def weights_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for name, p in named:
         h.update(name.encode())
@@ -127,6 +127,26 @@ class DataParallel:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics, ``num_batches_tracked``, any registered buffer) copied to every
+        rank before the step's forward, as ``DistributedDataParallel(broadcast_buffers=True)`` does: each rank's
+        forward updates them from its own shard, so without this the ranks drift apart unnoticed. One broadcast
+        per dtype; nothing at all for a host without buffers or in a world of one."""
+        if not self.active:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in module.buffers():
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for dtype, bufs in by_dtype.items():
+            flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+            with collective(f"the {dtype} buffer broadcast"):
+                tdist.broadcast(flat, src=0)
+            offset = 0
+            with torch.no_grad():
+                for b in bufs:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+
     def check_layout(self, layout: tuple[Any, ...]) -> bool:
         """Every rank registers the same parameters in the same order (after every structural change)."""
         digests = gather(_digest(layout), self.world)
@@ -136,19 +156,22 @@ class DataParallel:
                       f"(digests {digests})", {"ranks": bad, "what": "parameters"})
         return not bad
 
-    def fingerprint(self, records: list[dict[str, Any]], named: Sequence[tuple[str, nn.Parameter]]) -> dict[str, Any]:
+    def fingerprint(self, records: list[dict[str, Any]], named: Sequence[tuple[str, nn.Parameter]],
+                    buffers: Sequence[tuple[str, torch.Tensor]] = ()) -> dict[str, Any]:
         """This rank's lifecycle fingerprint: stages, alphas, blueprints, parameter count, a digest of every
-        weight (fossilized seeds' included)."""
+        weight (fossilized seeds' included) and one of every host buffer."""
         slots = [{k: r.get(k) for k in FINGERPRINT_KEYS} for r in records]
-        return {"slots": slots, "params": sum(p.numel() for _, p in named), "weights": weights_digest(named)}
+        return {"slots": slots, "params": sum(p.numel() for _, p in named), "weights": weights_digest(named),
+                "buffers": weights_digest(buffers)}
 
     def check_epoch(self, epoch: int, records: list[dict[str, Any]],
-                    named: Sequence[tuple[str, nn.Parameter]]) -> None:
+                    named: Sequence[tuple[str, nn.Parameter]], buffers: Sequence[tuple[str, torch.Tensor]] = ()
+                    ) -> None:
         """All-gather the fingerprints at an epoch's end, with every rank's warnings and CRITICAL events since the
         last one (rank 0 writes them: ``esper.core.dist.forward``); any rank that differs from rank 0 is a HALT."""
         if not self.active:
             return
-        sent = gather((self.fingerprint(records, named), forward.outgoing()), self.world)
+        sent = gather((self.fingerprint(records, named, buffers), forward.outgoing()), self.world)
         if self.world.writer and self.emit is not None:
             self._forward([out for _, out in sent])
         prints = [p for p, _ in sent]

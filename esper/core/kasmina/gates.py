@@ -50,8 +50,11 @@ def g0_sanity(*, blueprint: str, known: bool, n_params: int, bounds: tuple[int, 
 
 
 def g1_gradient_health(*, seed_grad_norm: float, seed_grads_finite: bool, isolation_cosine: float,
-                       max_cosine: float, host_grads_unchanged: bool) -> GateResult:
-    """A probe step gives finite, non-zero seed gradients and no leak into the host."""
+                       max_cosine: float, host_grads_unchanged: bool, host_buffers_unchanged: bool = True,
+                       buffers_restored: int = 0) -> GateResult:
+    """A probe step gives finite, non-zero seed gradients and no leak into the host: neither its gradients nor
+    its buffers (BatchNorm statistics and the like; ``buffers_restored`` counts those the probe's forwards moved
+    and Esper put back)."""
     problems = []
     if not seed_grads_finite:
         problems.append("non-finite seed gradients")
@@ -61,8 +64,10 @@ def g1_gradient_health(*, seed_grad_norm: float, seed_grads_finite: bool, isolat
         problems.append(f"isolation violated: host/seed gradient cosine {isolation_cosine:.3g} > {max_cosine:.3g}")
     if not host_grads_unchanged:
         problems.append("probe changed host gradients")
+    if not host_buffers_unchanged:
+        problems.append("probe changed host buffers")
     return _result("G1", problems, "healthy gradients, isolated", seed_grad_norm=seed_grad_norm,
-                   isolation_cosine=isolation_cosine)
+                   isolation_cosine=isolation_cosine, buffers_restored=buffers_restored)
 
 
 def g2_stability(*, epochs_in_training: int, min_epochs: int, loss_start: float, loss_now: float,

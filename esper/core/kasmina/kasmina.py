@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import esper.core.kasmina.gates as gates
+import esper.core.kasmina.sandbox as sandbox
 from esper.core.config import EsperConfig
 from esper.core.errors import CheckpointError
 from esper.core.kasmina.blending import BlendSpec, parse_blend
@@ -76,7 +77,7 @@ class Kasmina:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Host forward with every slot applied; confidence mode first gets the host's own logits."""
         if self.spec.needs_logits and any(s.module is not None for s in self.slots.values()):
-            with torch.no_grad(), self.modes(Mode.BYPASS, self.slots):
+            with torch.no_grad(), self.modes(Mode.BYPASS, self.slots), sandbox.untouched(self.host):
                 logits = self.host(x)
             for s in self.slots.values():
                 s.logits = logits
@@ -114,20 +115,22 @@ class Kasmina:
     def seed_pass(self, slot: SeedSlot, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
                   h: torch.Tensor | None = None, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   teacher: torch.Tensor | None = None) -> float:
-        """TRAINING seed's own step: task loss with the seed substituted; gradients go to the seed only."""
+        """TRAINING seed's own step: task loss with the seed substituted; gradients go to the seed only. The
+        host's buffers and the RNG streams are left as the host's own step left them (``sandbox``)."""
         t0 = time.perf_counter()
-        if slot.resumable and h is not None:
-            # the host activation at the slot is known from this step's forward: run only the layers after it
-            h = h.detach()
-            s = slot.seed_output(h)
-            out = self.host.forward_from(slot.layer, slot.blend(h, s, 1.0, seed_input=h))
-        else:
-            with self.modes(Mode.SUBSTITUTE, [slot.name]):
-                out = self.forward(x)
-        loss = loss_fn(out, y)  # G2 judges the task loss; distillation only shapes the gradient
-        total = loss if teacher is None else loss + distill_loss(out, teacher, self.scfg.distill)
-        params = slot.params()
-        grads = torch.autograd.grad(total if scale is None else scale(total), params)
+        with sandbox.untouched(self.host):
+            if slot.resumable and h is not None:
+                # the host activation at the slot is known from this step's forward: run only the layers after it
+                h = h.detach()
+                s = slot.seed_output(h)
+                out = self.host.forward_from(slot.layer, slot.blend(h, s, 1.0, seed_input=h))
+            else:
+                with self.modes(Mode.SUBSTITUTE, [slot.name]):
+                    out = self.forward(x)
+            loss = loss_fn(out, y)  # G2 judges the task loss; distillation only shapes the gradient
+            total = loss if teacher is None else loss + distill_loss(out, teacher, self.scfg.distill)
+            params = slot.params()
+            grads = torch.autograd.grad(total if scale is None else scale(total), params)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         value = float(loss.detach())
@@ -227,12 +230,14 @@ class Kasmina:
         upstream = self._upstream_params(slot, x)
         monitor = IsolationMonitor(upstream, self.scfg.isolation_sample, self.cfg.run.seed)
         before = [None if p.grad is None else p.grad.clone() for p in self.host.parameters()]
-        with self.modes(Mode.BYPASS, [slot.name]):
-            host_loss = loss_fn(self.forward(x), y)
-        host_grads = torch.autograd.grad(host_loss, upstream, allow_unused=True) if upstream else []
-        seed_loss = loss_fn(self._probe_forward(slot, x), y)
-        seed_params = slot.params()
-        grads = torch.autograd.grad(seed_loss, [*seed_params, *upstream], allow_unused=True)
+        buffers = sandbox.snapshot(self.host)
+        with sandbox.untouched(self.host) as restored:
+            with self.modes(Mode.BYPASS, [slot.name]):
+                host_loss = loss_fn(self.forward(x), y)
+            host_grads = torch.autograd.grad(host_loss, upstream, allow_unused=True) if upstream else []
+            seed_loss = loss_fn(self._probe_forward(slot, x), y)
+            seed_params = slot.params()
+            grads = torch.autograd.grad(seed_loss, [*seed_params, *upstream], allow_unused=True)
         seed_grads, leak = grads[: len(seed_params)], grads[len(seed_params):]
         finite = all(g is not None and bool(torch.isfinite(g).all()) for g in seed_grads)
         norm = float(sum(float(g.norm()) for g in seed_grads if g is not None))
@@ -241,7 +246,9 @@ class Kasmina:
         unchanged = all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
                         for a, b in zip(before, after, strict=True))
         result = gates.g1_gradient_health(seed_grad_norm=norm, seed_grads_finite=finite, isolation_cosine=cosine,
-                                          max_cosine=self.scfg.isolation_max_cosine, host_grads_unchanged=unchanged)
+                                          max_cosine=self.scfg.isolation_max_cosine, host_grads_unchanged=unchanged,
+                                          host_buffers_unchanged=sandbox.buffers_equal(self.host, buffers),
+                                          buffers_restored=len(restored.moved))
         result.attributes["sample_size"] = monitor.sample_size
         if cosine > self.scfg.isolation_max_cosine:
             self.emit("kasmina", "isolation.violation", "ERROR", slot=slot.name, cosine=cosine,
@@ -383,8 +390,9 @@ class Kasmina:
     # ---------------------------------------------------------------- helpers
     def _upstream_params(self, slot: SeedSlot, x: torch.Tensor) -> list[nn.Parameter]:
         if slot.layer not in self._upstream:
-            self._upstream[slot.layer] = upstream_params(self.host, slot.layer, x[:2],
-                                                         lambda: self.modes(Mode.BYPASS, self.slots))
+            with sandbox.untouched(self.host):
+                self._upstream[slot.layer] = upstream_params(self.host, slot.layer, x[:2],
+                                                             lambda: self.modes(Mode.BYPASS, self.slots))
         return self._upstream[slot.layer]
 
     def _observer(self, record: TransitionRecord) -> None:

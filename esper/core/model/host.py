@@ -75,7 +75,9 @@ class MLPHost(_Blocks):
 
 
 class CNNHost(_Blocks):
-    """conv1..N (``ConvNd(c_in, c, k, stride, padding)`` + activation) then ``head`` (Flatten + Linear).
+    """conv1..N (``ConvNd(c_in, c, k, stride, padding)`` [+ norm] + activation [+ dropout]) then ``head``
+    (Flatten + Linear). ``host.norm = "batch"`` gives BatchNorm after each conv: the suite's stand-in for the
+    BatchNorm networks users bring (torchvision's CPU build cannot be installed here).
 
     Inputs ``(C, L)`` get Conv1d, ``(C, H, W)`` Conv2d; slots attach to the conv blocks' outputs.
     """
@@ -93,8 +95,15 @@ class CNNHost(_Blocks):
                     f"host.kernels/host.stride/host.padding: block conv{i} (kernel {k}, stride {cfg.stride}, "
                     f"padding {cfg.padding}) leaves nothing of inputs {shape_text(input_shape)} (output "
                     f"{shape_text((c, *spatial))}); use fewer blocks, smaller kernels or strides, or more padding")
-            self.add_module(f"conv{i}", nn.Sequential(conv(c_in, c, k, stride=cfg.stride, padding=cfg.padding),
-                                                      _ACT[cfg.activation]()))
+            layers: list[nn.Module] = [conv(c_in, c, k, stride=cfg.stride, padding=cfg.padding)]
+            if cfg.norm == "batch":
+                layers.append((nn.BatchNorm1d if len(input_shape) == 2 else nn.BatchNorm2d)(c))
+            elif cfg.norm == "group":
+                layers.append(nn.GroupNorm(math.gcd(c, 4), c))
+            layers.append(_ACT[cfg.activation]())
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
+            self.add_module(f"conv{i}", nn.Sequential(*layers))
             c_in = c
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c_in * math.prod(spatial), n_outputs))
         self.depth = len(cfg.channels)

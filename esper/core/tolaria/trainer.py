@@ -199,6 +199,7 @@ class Trainer:
         if stats is None:
             return False
         self.machine.fire("validate", reason=f"end of epoch {epoch}")
+        p.parallel.buffers(p.host)  # every rank validates, fingerprints and checkpoints rank 0's statistics
         val = self.evaluate(frozenset())
         bad = {k: v for k, v in val.items() if not math.isfinite(v)}
         if bad:
@@ -214,7 +215,8 @@ class Trainer:
             if p.decisions is not None:
                 decisions = p.decisions.decide(epoch, stats, val)
         p.emergency.end_epoch()
-        p.parallel.check_epoch(epoch, p.kasmina.records(), p.optimizer.named_params())  # every rank alike, or HALT
+        p.parallel.check_epoch(epoch, p.kasmina.records(), p.optimizer.named_params(),  # every rank alike, or HALT
+                               list(p.host.named_buffers()))
         row = records.metrics_row(epoch, p.state.global_step, stats, p.task, val, p.kasmina,
                                   p.optimizer.optimizer, p.emergency.level, decisions)
         for slot in p.kasmina.slots.values():
@@ -284,6 +286,7 @@ class Trainer:
         task = p.task
         opt = p.optimizer.optimizer
         opt.zero_grad(set_to_none=True)
+        p.parallel.buffers(p.host)  # rank 0's BatchNorm statistics on every rank, as DDP's broadcast_buffers
         amp = p.precision
         try:
             with amp.autocast():

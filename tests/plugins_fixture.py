@@ -317,3 +317,45 @@ def rank_failing_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs:
 
         host.register_forward_pre_hook(fail)
     return host
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock, written out: conv-BN-relu-conv-BN + shortcut, then the *same* ReLU module again
+    (``relu`` runs twice per forward: no slot may go there)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                     if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.down(x))
+
+
+class MiniResNet(nn.Module):
+    """A ResNet of BasicBlocks in torchvision's layout (stem, layer1.0, layer2.0, avgpool, fc) whose forward
+    returns a dict, as many third-party models do: ``host.output = "logits"`` picks the tensor."""
+
+    def __init__(self, in_channels: int, n_classes: int, width: int = 16, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(width, width, 1))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.layer2(self.layer1(self.stem(x)))
+        return {"features": h, "logits": self.fc(self.drop(self.pool(h).flatten(1)))}
+
+
+def make_resnet(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    return MiniResNet(input_shape[0], n_outputs, width=cfg.host.d_model, dropout=cfg.host.dropout)

@@ -10,7 +10,9 @@ from esper.cli.bench import bench
 from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt
 from esper.cli.compare import compare_cmd
 from esper.cli.drill import simulate_emergency
+from esper.cli.export import export
 from esper.cli.inspect import inspect_checkpoint
+from esper.cli.layers import layers
 from esper.cli.lifecycle import lifecycle
 from esper.cli.plot import plot
 from esper.cli.reports import reports
@@ -61,6 +63,8 @@ app.command("plot")(plot)
 app.command("watch")(watch)
 app.command("runs")(runs)
 app.command("compare")(compare_cmd)
+app.command("layers")(layers)
+app.command("export")(export)
 
 
 def run() -> None:

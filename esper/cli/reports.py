@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from esper.app.views.read import read_summary
 from esper.cli.common import JsonOpt, handle_errors, print_json, stdout
 from esper.core.tamiyo import FILENAME, FieldReport, FieldReportLogMissing, Outcome, ReadProblem, read_reports
 
@@ -66,12 +67,18 @@ def reports(
     # a run whose controller never filed a report (no commands applied yet, or seeds disabled) has none: 0 reports
     found, problems = read_reports(run / FILENAME) if (run / FILENAME).exists() else ([], [])
     doc = summarise(run, found, problems)
+    summary, _ = read_summary(run)  # a damaged summary is the views' to report; here it only lacks the why
+    growth = summary.get("growth") if isinstance(summary, dict) else None
+    warning = growth.get("warning") if isinstance(growth, dict) else None
+    doc["growth_warning"] = warning if isinstance(warning, str) else None
     if as_json:
         print_json(doc)
         return
     console = stdout()
     totals = ", ".join(f"{o} {n}" for o, n in doc["outcomes"].items())
     console.print(f"{doc['reports']} field reports in {doc['file']}: {totals}", highlight=False)
+    if doc["growth_warning"]:
+        console.print(f"why: {doc['growth_warning']}", highlight=False, markup=False)
     if found:
         console.print(_counts_table("outcomes per blueprint", "blueprint", doc["by_blueprint"]))
         console.print(_counts_table("outcomes per slot", "slot", doc["by_slot"]))

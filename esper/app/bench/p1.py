@@ -185,7 +185,8 @@ def host_row_config(cfg: EsperConfig, plan: BenchPlan) -> EsperConfig:
     seeds' parameter budget is lifted so the blueprints fit the wider slots."""
     host = cfg.host.model_copy(update={"channels": list(plan.p1_host_channels),
                                        "kernels": list(plan.p1_host_kernels)})
-    seeds = cfg.seeds.model_copy(update={"param_budget": max(cfg.seeds.param_budget, 100_000_000)})
+    budget = cfg.seeds.param_budget if isinstance(cfg.seeds.param_budget, int) else 0
+    seeds = cfg.seeds.model_copy(update={"param_budget": max(budget, 100_000_000)})
     return cfg.model_copy(update={"host": host, "seeds": seeds})
 
 

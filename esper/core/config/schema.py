@@ -102,6 +102,9 @@ class HostConfig(_Section):
     padding: int = Field(1, ge=0, le=64, description="cnn host: zero padding of every conv block")
     norm: Literal["none", "batch", "group"] = Field(
         "none", description="cnn host: normalisation after each conv (BatchNorm, or GroupNorm of up to 4 groups)")
+    output: str | int = Field(
+        "", description="which part of a non-tensor host output to train on: a key or attribute (\"logits\" of a "
+        "Hugging Face ModelOutput or a dict) or a tuple index (0); \"\" when the host returns a tensor")
     d_model: int = Field(64, ge=1, le=8192, description="transformer host: embedding width")
     n_layers: int = Field(1, ge=1, le=64, description="transformer host: blocks, named block1..N")
     n_heads: int = Field(4, ge=1, le=256, description="transformer host: attention heads (divide d_model)")
@@ -115,6 +118,15 @@ class HostConfig(_Section):
         if v in HOSTS or is_factory_ref(v):
             return v
         raise ValueError(f"must be 'mlp', 'cnn', 'transformer' or 'module:function', got {v!r}")
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str | int) -> str | int:
+        if isinstance(v, bool) or (isinstance(v, str) and (len(v) > 128 or not (v == "" or v.isidentifier()))):
+            raise ValueError("must be a key or attribute name (\"logits\"), a tuple index (0), or \"\"")
+        if isinstance(v, int) and not -64 <= v < 64:
+            raise ValueError(f"a tuple index lies in [-64, 64), got {v}")
+        return v
 
     @field_validator("hidden", "channels")
     @classmethod
@@ -174,7 +186,8 @@ class SeedsConfig(_Section):
     user_blueprints: dict[str, str] = Field(default_factory=dict, max_length=256, description="name -> module:function",
                                             json_schema_extra=CODE)
     max_active: int = Field(2, ge=1, description="seeds alive (not DORMANT/FOSSILIZED/retired) at once")
-    param_budget: int = Field(20000, ge=1, description="max parameters of one seed (G0)")
+    param_budget: int | str = Field(
+        20000, description="max parameters of one seed (G0): a count, or a share of the host's parameters (\"5%\")")
     min_training_epochs: int = Field(2, ge=1, description="epochs in TRAINING before G2 may pass")
     g2_min_improvement: float = Field(0.02, ge=0.0, description="relative drop of the seed's own loss for G2")
     max_step_latency_ms: float = Field(1000.0, gt=0.0, description="G2 budget for the seed's step latency")
@@ -193,6 +206,35 @@ class SeedsConfig(_Section):
                                  description="budget of one blueprint load (torch.compile time not counted)")
     compile_timeout_ms: int = Field(600_000, ge=1, le=MAX_TIMEOUT_MS,
                                     description="budget of torch.compile for one blueprint (seeds.compile)")
+
+    @field_validator("param_budget")
+    @classmethod
+    def _budget(cls, v: int | str) -> int | str:
+        if isinstance(v, bool):
+            raise ValueError("must be a parameter count or a percentage of the host's parameters, e.g. \"5%\"")
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError(f"must be >= 1, got {v}")
+            return v
+        m = re.fullmatch(r"(\d{1,4}(?:\.\d{1,6})?)%", v.strip())
+        if m is None or not 0 < float(m.group(1)) <= 1000:
+            raise ValueError(f"a relative budget is a percentage of the host's parameters in (0%, 1000%], e.g. "
+                             f"\"5%\"; got {bounded.clip(v, 40)!r}")
+        return v.strip()
+
+    def budget_for(self, host_params: int) -> int:
+        """The budget in parameters for a host of ``host_params`` (a percentage rounds down, at least 1)."""
+        if isinstance(self.param_budget, int):
+            return self.param_budget
+        return max(1, int(host_params * float(self.param_budget[:-1]) / 100))
+
+    @property
+    def budget(self) -> int:
+        """The absolute budget; a relative one must have been resolved against the host first (the builder
+        does, before any part reads it)."""
+        if not isinstance(self.param_budget, int):
+            raise ValueError(f"seeds.param_budget {self.param_budget!r} is relative: resolve it with budget_for()")
+        return self.param_budget
 
     @model_validator(mode="after")
     def _check(self) -> SeedsConfig:

@@ -142,6 +142,26 @@ def _conv_dwsep(s: SlotShape) -> nn.Module:
                                    nn.ReLU(), last), last)
 
 
+BOTTLENECK_REDUCTION = 4
+
+
+def _bottleneck_width(s: SlotShape) -> int:
+    return max(4, s.channels // BOTTLENECK_REDUCTION)
+
+
+def _conv_bottleneck(s: SlotShape) -> nn.Module:
+    """x + PW(b -> C)(ReLU(Conv k(b -> b)(ReLU(PW(C -> b)(x))))), b = max(4, C/4): ResNet's bottleneck, so the
+    seed grows with C (about 2.6C^2 parameters at 3x3, not 72C^2): it fits the wide stages of real CNNs."""
+    c, b, k = s.channels, _bottleneck_width(s), _kernel(s)
+    last = _conv(s, b, c, 1)
+    return _Residual(nn.Sequential(_conv(s, c, b, 1), nn.ReLU(), _conv(s, b, b, k), nn.ReLU(), last), last)
+
+
+def _conv_bottleneck_params(s: SlotShape) -> int:
+    c, b = s.channels, _bottleneck_width(s)
+    return (c * b + b) + (b * b * _taps(s) + b) + (b * c + c)
+
+
 def _conv_block_params(s: SlotShape) -> int:
     c = s.channels
     return 2 * CONV_EXPANSION * c * c * _taps(s) + CONV_EXPANSION * c + c
@@ -170,6 +190,8 @@ BUILTIN: dict[str, Blueprint] = {
                   _conv_block, _exact(_conv_block_params)),
         Blueprint("conv_dwsep", "x + PW(ReLU(DW(ReLU(PW(x))))), 4C hidden, depthwise kernel 5 (1-D) or 3x3 (2-D)",
                   CHANNELS, _conv_dwsep, _exact(_conv_dwsep_params)),
+        Blueprint("conv_bottleneck", "x + PW(b->C)(ReLU(Conv(b->b)(ReLU(PW(C->b)(x))))), b = max(4, C/4), kernel 5 "
+                  "(1-D) or 3x3 (2-D): sized to the slot", CHANNELS, _conv_bottleneck, _exact(_conv_bottleneck_params)),
         Blueprint("block", "a pre-norm transformer block (causal attention + MLP 4w), output projections zeroed",
                   TOKENS, lambda s: BlockSeed(s.channels), _exact(lambda s: block_params(s.channels))),
         Blueprint("attention", "x + causal self-attention(LayerNorm(x)), output projection zeroed", TOKENS,
@@ -203,7 +225,7 @@ class BlueprintRegistry:
             key = f"seeds.user_blueprints.{name}"
             factory = load_factory(ref, key)
             self._items[name] = Blueprint(name, f"user blueprint {ref}", _declared_kinds(factory, key),
-                                          _checked(factory, ref, key), _user_bounds(factory, key, cfg.param_budget))
+                                          _checked(factory, ref, key), _user_bounds(factory, key, cfg))
         unknown = [b for b in cfg.blueprints if b not in self._items]
         if unknown:
             raise ConfigError(f"seeds.blueprints: unknown blueprint(s) {unknown}; known: {sorted(self._items)}",
@@ -250,10 +272,11 @@ def _checked(factory: Callable[..., object], ref: str, key: str) -> Callable[[Sl
     return build
 
 
-def _user_bounds(factory: Callable[..., object], key: str, budget: int) -> Callable[[SlotShape], tuple[int, int]]:
+def _user_bounds(factory: Callable[..., object], key: str, cfg: SeedsConfig
+                 ) -> Callable[[SlotShape], tuple[int, int]]:
     declared = getattr(factory, "bounds", None)
     if declared is None:
-        return lambda _s: (1, budget)
+        return lambda _s: (1, cfg.budget)  # read when asked: a relative budget is resolved by then
     if not callable(declared):
         raise ConfigError(f"{key}: the factory's `bounds` must be callable as bounds(kind, shape) -> (min, max)")
 

@@ -29,8 +29,12 @@ def check_slots(cfg: EsperConfig, registry: BlueprintRegistry, spec: BlendSpec, 
         shape = shapes[sc.name]
         if not registry.compatible(shape):
             why = "; ".join(registry[b].refusal(shape) for b in cfg.seeds.blueprints)
+            hint = ""
+            if shape.kind == "channels1d" and sc.kind == "auto":
+                hint = (f"; if {sc.layer!r} outputs tokens [N, T, D] (a transformer's), set kind = \"tokens\" on "
+                        f"the slot: {{ name = \"{sc.name}\", layer = \"{sc.layer}\", kind = \"tokens\" }}")
             raise ConfigError(f"seeds.slots[{i}] ({sc.name!r} at layer {sc.layer!r}, {shape}): no blueprint of "
-                              f"seeds.blueprints {list(cfg.seeds.blueprints)} accepts it ({why})")
+                              f"seeds.blueprints {list(cfg.seeds.blueprints)} accepts it ({why}){hint}")
         for name in registry.compatible(shape):
             registry[name].bounds(shape)  # a user blueprint's declared bounds are checked here, not mid-run
     if spec.mode == "channel":

@@ -46,21 +46,24 @@ class IsolationMonitor:
 
 
 def upstream_params(host: nn.Module, layer: str, x: torch.Tensor,
-                    bypassed: Callable[[], AbstractContextManager[object]]) -> list[nn.Parameter]:
+                    bypassed: Callable[[], AbstractContextManager[object]],
+                    run: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[nn.Parameter]:
     """Host parameters the output of ``layer`` depends on (where a seed's leak would land), less those the
     network also uses after it (a head tied to the embedding): their gradient from the seed's loss is no leak.
-    ``bypassed()`` runs the host with every slot bypassed; ``x`` is a small probe batch."""
+    ``bypassed()`` runs the host with every slot bypassed; ``x`` is a small probe batch; ``run`` is the host's
+    forward reduced to its trained tensor (``host.output``), the host itself by default."""
+    forward = run if run is not None else host
     captured: list[torch.Tensor] = []
     module = dict(host.named_modules())[layer]
     params = [p for p in host.parameters() if p.requires_grad]
     handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
         with bypassed():
-            host(x)
+            forward(x)
         handle.remove()
         handle = module.register_forward_hook(lambda _m, _i, out: out.detach())
         with bypassed():
-            after = host(x)
+            after = forward(x)
     finally:
         handle.remove()
     grads = torch.autograd.grad(captured[0].sum(), params, allow_unused=True)

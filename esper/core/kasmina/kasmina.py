@@ -24,7 +24,7 @@ from esper.core.kasmina.distill import distill_loss
 from esper.core.kasmina.isolation import IsolationMonitor, upstream_params
 from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.slot import LIVE, Mode, SeedSlot, SeedStats
-from esper.core.model.host import HostProbe, resumes_from
+from esper.core.model.host import HostProbe, resumes_from, select_output
 from esper.core.model.optim import ParamGroupSpec
 from esper.statemachines import SEED, StrictMachine, TransitionRecord
 
@@ -64,7 +64,9 @@ class Kasmina:
         # problems a slot would only meet mid-run are config errors now (exit 3, before any training)
         shapes = slot_shapes(cfg.seeds.slots, probe)
         check_slots(cfg, self.registry, self.spec, shapes, probe)
-        resumable = {layer: resumes_from(host, layer, probe.example) for layer in {sc.layer for sc in cfg.seeds.slots}}
+        self.output = cfg.host.output
+        resumable = {layer: resumes_from(host, layer, probe.example, self.output)
+                     for layer in {sc.layer for sc in cfg.seeds.slots}}
         self.slots: dict[str, SeedSlot] = {}
         modules = dict(host.named_modules())
         for sc in cfg.seeds.slots:
@@ -72,16 +74,40 @@ class Kasmina:
             self.slots[sc.name] = slot
             modules[sc.layer].register_forward_hook(slot.hook)  # for the host's lifetime
         self._upstream: dict[str, list[nn.Parameter]] = {}
+        self.unfit: dict[str, str] = {}  # slot -> why no allowed blueprint can grow there under the budget
+        for name, slot in self.slots.items():
+            why = self._unfit(slot)
+            if why:
+                self.unfit[name] = why
+                emit("kasmina", "slot.unfit", "WARNING", slot=name, layer=slot.layer, reason=why)
+
+    def _unfit(self, slot: SeedSlot) -> str:
+        """Why no blueprint of seeds.blueprints fits ``slot`` within the budget ('' when one does), naming the
+        smallest budget that would let one grow there."""
+        sizes = {b: self.registry[b].bounds(slot.shape)[1] for b in self.registry.compatible(slot.shape)}
+        budget = self.scfg.budget
+        if not sizes or min(sizes.values()) <= budget:
+            return ""
+        smallest = min(sizes, key=lambda b: sizes[b])
+        listed = ", ".join(f"{b} {n:,}" for b, n in sizes.items())
+        return (f"slot {slot.name!r} ({slot.layer}, {slot.shape}): no blueprint fits seeds.param_budget "
+                f"{budget:,} (parameters there: {listed}); the smallest budget that fits is {sizes[smallest]:,} "
+                f"({smallest}), or add a smaller blueprint such as conv_bottleneck to seeds.blueprints")
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Host forward with every slot applied; confidence mode first gets the host's own logits."""
         if self.spec.needs_logits and any(s.module is not None for s in self.slots.values()):
             with torch.no_grad(), self.modes(Mode.BYPASS, self.slots), sandbox.untouched(self.host):
-                logits = self.host(x)
+                logits = self.host_forward(x)
             for s in self.slots.values():
                 s.logits = logits
-        return self.host(x)
+        return self.host_forward(x)
+
+    def host_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The host's own forward (slot hooks apply), reduced to the tensor ``host.output`` names."""
+        out: torch.Tensor = select_output(self.host(x), self.output)
+        return out
 
     class _Modes:
         def __init__(self, slots: list[SeedSlot], mode: Mode) -> None:
@@ -209,7 +235,7 @@ class Kasmina:
                 out = module(slot.shape.zeros(2))
             out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         result = gates.g0_sanity(blueprint=blueprint, known=known, n_params=n, bounds=bounds,
-                                 budget=self.scfg.param_budget, finite=finite, out_shape=out_shape,
+                                 budget=self.scfg.budget, finite=finite, out_shape=out_shape,
                                  expected_shape=slot.shape.batched(2), incompatible=refusal,
                                  slot_shape=str(slot.shape))
         self._gate_event(slot, "germinate", result)
@@ -392,7 +418,8 @@ class Kasmina:
         if slot.layer not in self._upstream:
             with sandbox.untouched(self.host):
                 self._upstream[slot.layer] = upstream_params(self.host, slot.layer, x[:2],
-                                                             lambda: self.modes(Mode.BYPASS, self.slots))
+                                                             lambda: self.modes(Mode.BYPASS, self.slots),
+                                                             self.host_forward)
         return self._upstream[slot.layer]
 
     def _observer(self, record: TransitionRecord) -> None:

@@ -10,10 +10,13 @@ TRAINING seed's own loss skip the layers below its slot; Esper checks it against
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -139,6 +142,47 @@ def build_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -
     return check_type(host, nn.Module, factory, "host.factory")
 
 
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def _tensor_fields(out: object) -> list[str]:
+    """The names (or indices) under which a non-tensor output holds tensors: what ``host.output`` may name."""
+    if isinstance(out, Mapping):
+        return [repr(k) for k, v in out.items() if isinstance(v, torch.Tensor)]
+    if isinstance(out, (tuple, list)):
+        return [str(i) for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
+    if dataclasses.is_dataclass(out):
+        return [repr(f.name) for f in dataclasses.fields(out) if isinstance(getattr(out, f.name), torch.Tensor)]
+    return []
+
+
+def select_output(out: Any, key: str | int) -> Any:
+    """The part of a host's output to train on (``host.output``): the output itself for ``""``, else the entry
+    ``key`` of a dict or ``ModelOutput``, the attribute ``key`` of a dataclass, or the item ``key`` of a tuple."""
+    if key == "":
+        return out
+    if isinstance(key, int):
+        if isinstance(out, (tuple, list)) and -len(out) <= key < len(out):
+            return out[key]
+    elif isinstance(out, Mapping):
+        if key in out:
+            return out[key]
+    elif hasattr(out, key):
+        return getattr(out, key)
+    fields = _tensor_fields(out)
+    raise ConfigError(f"host.output = {key!r}: the host's output ({type(out).__name__}) has no such "
+                      f"{'index' if isinstance(key, int) else 'entry'}; tensors it holds: "
+                      f"{', '.join(fields) or 'none'}", key="host.output")
+
+
+def _not_a_tensor(out: object, example_x: torch.Tensor) -> ConfigError:
+    fields = _tensor_fields(out)
+    hint = (f"; set host.output to the one to train on, e.g. host.output = {fields[0]} (it holds tensors at "
+            f"{', '.join(fields)})" if fields else "")
+    return ConfigError(f"host.factory: the host's output for inputs {list(example_x.shape)} is a "
+                       f"{type(out).__name__}, not a tensor [N, ...] with the batch first{hint}", key="host.output")
+
+
 # --------------------------------------------------------------------------------------------- probing
 
 
@@ -153,7 +197,7 @@ class HostProbe:
 
 
 @contextmanager
-def _inference(host: nn.Module) -> Iterator[None]:
+def inference(host: nn.Module) -> Iterator[None]:
     """Probe forwards learn shapes, never state: eval mode (no BatchNorm statistics, no dropout draws from the
     global RNG), no autograd; each submodule's mode is put back after."""
     modes = [(m, m.training) for m in host.modules()]
@@ -171,22 +215,39 @@ def _refused(host: nn.Module, example: torch.Tensor, exc: Exception) -> ConfigEr
                        f"{list(example.shape)} ({type(exc).__name__}: {exc})")
 
 
-def probe_host(host: nn.Module, layers: list[str], example_x: torch.Tensor) -> HostProbe:
+def unknown_layers(host: nn.Module, layers: list[str]) -> ConfigError | None:
+    """A ConfigError naming each layer the host does not have, with its closest names (``esper layers`` lists
+    them all), or None when every layer exists."""
+    names = [n for n, _ in host.named_modules() if n]
+    missing = [name for name in layers if name not in dict(host.named_modules())]
+    if not missing:
+        return None
+    hints = []
+    for name in missing:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hints.append(f"{name!r}" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
+    return ConfigError(f"seeds.slots: the host has no layer {'; '.join(hints)}; `esper layers` lists the host's "
+                       f"{len(names)} layers with their output shapes", key="seeds.slots")
+
+
+def probe_host(host: nn.Module, layers: list[str], example_x: torch.Tensor, output: str | int = "") -> HostProbe:
     """One forward of ``example_x`` (a real batch of task inputs) recording each named layer's output shape.
 
     Config errors (exit 3), naming the key and the shapes: an unknown layer, a layer whose output is not a
-    batch tensor, a host that refuses the input, a host whose output is not a tensor.
+    batch tensor or that runs more than once per forward (a slot would act at every call), a host that
+    refuses the input, a host whose output (after ``host.output``) is not a tensor.
     """
+    unknown = unknown_layers(host, layers)
+    if unknown is not None:
+        raise unknown
     names = dict(host.named_modules())
-    missing = [name for name in layers if name not in names]
-    if missing:
-        raise ConfigError(f"seeds.slots: host has no layer {missing}; layers: {[n for n in names if n][:20]}",
-                          key="seeds.slots")
     n = int(example_x.shape[0])
     shapes: dict[str, tuple[int, ...]] = {}
+    calls = dict.fromkeys(layers, 0)
     handles = []
     for name in layers:
         def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
+            calls[name] += 1
             if not isinstance(out, torch.Tensor):
                 raise ConfigError(f"seeds.slots: layer {name!r} outputs a {type(out).__name__}, not a tensor; "
                                   "a slot needs a layer whose output is one tensor [N, ...]", key="seeds.slots")
@@ -197,8 +258,8 @@ def probe_host(host: nn.Module, layers: list[str], example_x: torch.Tensor) -> H
             shapes[name] = tuple(int(d) for d in out.shape[1:])
         handles.append(names[name].register_forward_hook(hook))
     try:
-        with _inference(host):
-            out = host(example_x)
+        with inference(host):
+            out = select_output(host(example_x), output)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 -- the user's host refusing the input is a config problem, typed here
@@ -206,10 +267,17 @@ def probe_host(host: nn.Module, layers: list[str], example_x: torch.Tensor) -> H
     finally:
         for h in handles:
             h.remove()
-    if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != n:
-        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"host.factory: the host's output for inputs {list(example_x.shape)} is {got}, not a "
-                          f"tensor [N, ...] with the batch first")
+    twice = {name: c for name, c in calls.items() if c > 1}
+    if twice:
+        raise ConfigError(f"seeds.slots: layer(s) {', '.join(f'{k!r} ({c} times)' for k, c in twice.items())} run "
+                          "more than once per forward (a module reused, like a shared ReLU), so a seed there would "
+                          "act at every call; choose a layer that runs once (`esper layers` shows how often each "
+                          "runs)", key="seeds.slots")
+    if not isinstance(out, torch.Tensor):
+        raise _not_a_tensor(out, example_x)
+    if out.dim() < 1 or out.shape[0] != n:
+        raise ConfigError(f"host.factory: the host's output for inputs {list(example_x.shape)} is "
+                          f"{list(out.shape)}, not a tensor [N, ...] with the batch first")
     return HostProbe(shapes, tuple(int(d) for d in out.shape[1:]), example_x)
 
 
@@ -227,7 +295,7 @@ def check_output(probe: HostProbe, n_outputs: int) -> None:
                           f"expected [N, {n_outputs}]")
 
 
-def resumes_from(host: nn.Module, layer: str, example_x: torch.Tensor) -> bool:
+def resumes_from(host: nn.Module, layer: str, example_x: torch.Tensor, output: str | int = "") -> bool:
     """Whether the host's optional ``forward_from`` covers ``layer``; when it claims to, its output must equal
     ``forward``'s on the example batch (a wrong one would silently train TRAINING seeds on another network)."""
     forward_from = getattr(host, "forward_from", None)
@@ -236,8 +304,8 @@ def resumes_from(host: nn.Module, layer: str, example_x: torch.Tensor) -> bool:
     captured: list[torch.Tensor] = []
     handle = dict(host.named_modules())[layer].register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        with _inference(host):
-            full = host(example_x)
+        with inference(host):
+            full = select_output(host(example_x), output)
             handle.remove()
             try:
                 rest = forward_from(layer, captured[0])

@@ -16,13 +16,14 @@ from esper.core.tamiyo.errors import ObservationError, TamiyoError
 from esper.core.tamiyo.observation import ALIVE_STAGES, Observation
 from esper.core.tamiyo.policy import Policy, Proposal, build_policy
 from esper.core.tamiyo.reports import FieldReport, Outcome, classify, report_id_for
-from esper.core.tamiyo.risk import RiskHistory, RiskStage
+from esper.core.tamiyo.risk import PARAM_BUDGET, RiskHistory, RiskStage
 from esper.core.tamiyo.state import (
     AwaitingCommand,
     ControllerState,
     ControllerStateStore,
     EpochMetrics,
     EpochRecord,
+    RefusedPair,
     ReportWindow,
 )
 from esper.core.tamiyo.validator import ValidationContext, validate
@@ -140,30 +141,45 @@ class Tamiyo:
         state = self.store.working_copy()
         self._check(obs, state)
         self._record(obs, state)
-        proposals = self.policy.decide(obs, state)
-        commands = [self._stamp(p, obs.epoch, state) for p in proposals]
+        commands = [self._stamp(p, obs.epoch, state) for p in self.policy.decide(obs, state)]
         ctx = ValidationContext.build(self._s, self.run_id, obs.epoch, frozenset(state.issued_ids), obs.slots)
         history = RiskHistory(tuple(state.history), state.rollbacks_before_history)
         stages = dict(obs.stages)
         accepted: list[Command] = []
         rejected: list[Rejection] = []
-        for cmd in commands:
+        tried: set[tuple[str, str | None]] = set()
+        queue = list(commands)
+        while queue:
+            cmd = queue.pop(0)
+            tried.add((cmd.slot, cmd.blueprint))
             verdict = self.risk.assess(cmd, obs, history, accepted)
             if not verdict.accepted:
                 rejected.append(Rejection(cmd, "risk", verdict.reason, verdict.limit, verdict.deferred))
-                continue
-            result = validate(cmd, stages, ctx)
-            if not result.ok:
+            else:
+                result = validate(cmd, stages, ctx)
+                if result.ok:
+                    # Later commands of the same decision see this slot where this command leaves it.
+                    dest = SEED.destination(stages[cmd.slot], cmd.kind)
+                    assert dest is not None
+                    stages[cmd.slot] = dest
+                    accepted.append(cmd)
+                    continue
                 rejected.append(Rejection(cmd, "validator", result.reason))
-                continue
-            # Later commands of the same decision see this slot where this command leaves it.
-            dest = SEED.destination(stages[cmd.slot], cmd.kind)
-            assert dest is not None
-            stages[cmd.slot] = dest
-            accepted.append(cmd)
+            if cmd.kind == "germinate" and (rejected[-1].stage == "validator" or rejected[-1].limit == PARAM_BUDGET):
+                # refused for this pair itself (not for the moment): remember it and ask for the next pair now
+                self._refuse(state, cmd, rejected[-1].reason)
+                retry = [self._stamp(p, obs.epoch, state) for p in self.policy.decide(obs, state)
+                         if p.kind == "germinate" and (p.slot, p.blueprint) not in tried]
+                queue.extend(retry[:1])
+                commands.extend(retry[:1])
         state.issued_ids.extend(c.command_id for c in commands)
         state.awaiting.extend(AwaitingCommand(command=c, before=_metrics(obs)) for c in accepted)
         return Decision(obs.epoch, tuple(commands), tuple(accepted), tuple(rejected)), state
+
+    def _refuse(self, state: ControllerState, cmd: Command, reason: str) -> None:
+        assert cmd.blueprint is not None  # a germinate names its blueprint
+        state.refused.append(RefusedPair(slot=cmd.slot, blueprint=cmd.blueprint, budget=self._s.budget,
+                                         epoch=cmd.epoch, reason=reason))
 
     def _check(self, obs: Observation, state: ControllerState) -> None:
         if obs.run_id != self.run_id:
@@ -238,6 +254,8 @@ class Tamiyo:
         entry = next((a for a in state.awaiting if a.command.command_id == cmd_id), None)
         if entry is not None:
             state.awaiting.remove(entry)
+            if entry.command.kind == "germinate":  # refused when applied (G0, a load failure): not asked again
+                self._refuse(state, entry.command, reason)
         else:
             window = next((w for w in state.windows if w.command.command_id == cmd_id), None)
             if window is None:

@@ -73,6 +73,13 @@ class HeuristicPolicy:
             out.append(germ)
         return out
 
+    def fits(self, slot: SlotView, blueprint: str, state: ControllerState) -> bool:
+        """Whether ``blueprint`` in ``slot`` is within seeds.param_budget and not refused under this budget."""
+        budget = self._s.budget
+        if slot.candidate_params.get(blueprint, budget + 1) > budget:
+            return False
+        return not any(r.slot == slot.name and r.blueprint == blueprint and r.budget == budget for r in state.refused)
+
     def _judge_seed(self, slot: SlotView) -> Proposal | None:
         if not slot.alive:
             return None
@@ -101,9 +108,10 @@ class HeuristicPolicy:
         if alive >= self._s.max_active:
             return None
         usable = [b for b in self._s.blueprints if b not in state.regressed_blueprints]
-        # a free slot counts only with a usable blueprint that accepts its kind: never propose a misfit
-        options = {n: [b for b in usable if b in obs.slot(n).compatible] for n in self._slot_order
-                   if obs.slot(n).stage == "DORMANT"}
+        # a free slot counts only with a usable blueprint that accepts its kind and fits the budget there, and
+        # not a pair refused before under the same budget: never propose a misfit or ask twice for a refusal
+        options = {n: [b for b in usable if b in obs.slot(n).compatible and self.fits(obs.slot(n), b, state)]
+                   for n in self._slot_order if obs.slot(n).stage == "DORMANT"}
         free = [n for n, bps in options.items() if bps]
         if not free:
             return None

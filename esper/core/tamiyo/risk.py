@@ -142,9 +142,9 @@ class RiskStage:
         if params is None:
             return RiskVerdict.reject(
                 PARAM_BUDGET, f"no parameter count for blueprint {cmd.blueprint!r} in slot {cmd.slot!r}")
-        if params > self._s.param_budget:
+        if params > self._s.budget:
             return RiskVerdict.reject(
                 PARAM_BUDGET,
                 f"blueprint {cmd.blueprint!r} in slot {cmd.slot!r} has {params} parameters > "
-                f"seeds.param_budget {self._s.param_budget}")
+                f"seeds.param_budget {self._s.budget}")
         return None

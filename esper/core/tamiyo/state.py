@@ -74,6 +74,19 @@ class ReportWindow(BaseModel):
     aborted_reason: str | None = None
 
 
+class RefusedPair(BaseModel):
+    """A (slot, blueprint) germination that was refused (by the risk stage's budget, the validator, or G0 when
+    applied) under ``budget``: the policy does not propose it again while the budget is the same."""
+
+    model_config = _MODEL
+
+    slot: str = Field(min_length=1)
+    blueprint: str = Field(min_length=1)
+    budget: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    reason: str
+
+
 class ControllerState(BaseModel):
     """Everything the controller carries across epochs; JSON-able and exactly round-trippable."""
 
@@ -90,6 +103,7 @@ class ControllerState(BaseModel):
     germinations_by_blueprint: dict[str, int] = Field(default_factory=dict)
     germinations_by_slot: dict[str, int] = Field(default_factory=dict)
     regressed_blueprints: list[str] = Field(default_factory=list)
+    refused: list[RefusedPair] = Field(default_factory=list)
     issued_ids: list[str] = Field(default_factory=list)
     awaiting: list[AwaitingCommand] = Field(default_factory=list)
     windows: list[ReportWindow] = Field(default_factory=list)

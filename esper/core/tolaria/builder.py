@@ -18,7 +18,7 @@ from torch import nn
 from esper.core.config import EsperConfig
 from esper.core.data import BatchSkips, Task, build_task, fetch, steps_per_epoch
 from esper.core.dist import DataParallel
-from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina
+from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina, param_count
 from esper.core.model.device import resolve_device
 from esper.core.model.host import build_host, check_output, probe_host
 from esper.core.model.optim import LRSchedule
@@ -102,10 +102,12 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
     device = resolve_device(cfg.run.device)
     task = task if task is not None else build_task(cfg)
     host = build_host(cfg, task.input_shape, task.n_outputs).to(device)
-    seeds_cfg = cfg.seeds if cfg.seeds.enabled else cfg.seeds.model_copy(update={"slots": []})
-    host_probe = probe_host(host, [s.layer for s in seeds_cfg.slots], task.example_x().to(device))
+    # a relative seeds.param_budget ("5%") becomes a count here, once, before any part reads it
+    resolved = {"param_budget": cfg.seeds.budget_for(param_count(host))}
+    seeds_cfg = cfg.seeds.model_copy(update=resolved if cfg.seeds.enabled else {**resolved, "slots": []})
+    host_probe = probe_host(host, [s.layer for s in seeds_cfg.slots], task.example_x().to(device), cfg.host.output)
     check_output(host_probe, task.n_outputs)
-    kcfg = cfg if cfg.seeds.enabled else cfg.model_copy(update={"seeds": seeds_cfg})
+    kcfg = cfg.model_copy(update={"seeds": seeds_cfg})
     registry = BlueprintRegistry(kcfg.seeds)
     loader = None
     if seeds_cfg.slots:
@@ -127,10 +129,10 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         emergency = EmergencyManager(cfg.emergency, emit)
         tamiyo = None
         if controller is not None and seeds_cfg.slots:
-            tamiyo = controller(cfg, run_dir.run_id)
+            tamiyo = controller(kcfg, run_dir.run_id)
             mediator = open_mediator(lambda: Mediator(cfg.controller.timeout_ms, emit, controller=open_controller(
                 cfg.controller.isolation, tamiyo_worker.FACTORY,
-                tamiyo_worker.factory_args(cfg.controller, cfg.seeds, run_dir.run_id),
+                tamiyo_worker.factory_args(cfg.controller, kcfg.seeds, run_dir.run_id),
                 start_timeout_ms=cfg.controller.start_timeout_ms)))
         state = TrainState()
         skips = BatchSkips()

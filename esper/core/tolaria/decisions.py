@@ -161,10 +161,15 @@ class Decisions:
 
     def growth(self) -> dict[str, Any]:
         """What the summary says about growth: attempts, seeds grown, and a warning when every attempt failed."""
-        out: dict[str, Any] = {**self.germinations, "failures": list(self.germination_failures), "warning": None}
+        out: dict[str, Any] = {**self.germinations, "failures": list(self.germination_failures), "warning": None,
+                               "unfit_slots": dict(self.kasmina.unfit)}
         if self.germinations["attempted"] and not self.germinations["grown"]:
             out["warning"] = (f"every germination failed ({self.germinations['attempted']} attempt(s)); growth "
                               f"never happened. First reason: {self.germination_failures[0]}")
+        elif not self.germinations["attempted"] and self.kasmina.unfit:
+            out["warning"] = (f"nothing grew: {len(self.kasmina.unfit)} of {len(self.kasmina.slots)} slot(s) have no "
+                              f"blueprint within the budget; "
+                              + "; ".join(self.kasmina.unfit.values()))
         return out
 
     def _command_event(self, cmd: Command, *, accepted: bool, stage: str, reason: str, **extra: Any) -> None:

@@ -57,7 +57,7 @@ def cmdline(pid: int) -> str:
 def test_controller_timeout_drill_as_a_process_completes_and_leaves_no_child_behind(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [str(ESPER), "--config", str(BASE_TOML), "simulate-emergency", "--fault", "controller_timeout",
-           "--run-dir", str(run), "--json"]
+           "--synthetic", "--run-dir", str(run), "--json"]
     stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
     with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, start_new_session=True,
@@ -99,11 +99,11 @@ def esper_threads() -> set[threading.Thread]:
 
 @pytest.mark.slow
 def test_controller_timeout_drill_in_process_leaves_no_thread_or_child_process(tmp_path: Path) -> None:
-    cfg = drill_config(config_mod.load(BASE_TOML).config, [])
+    cfg = drill_config(config_mod.load(BASE_TOML).config, [], synthetic=True)
     assert cfg.controller.isolation == "process"
     assert multiprocessing.active_children() == []
     before = esper_threads()
-    doc = run_drill(cfg, fault="controller_timeout", level=None, at=None, run_dir=tmp_path / "run")
+    doc = run_drill(cfg, fault="controller_timeout", level=None, at=None, run_dir=tmp_path / "run", synthetic=True)
     children = multiprocessing.active_children()
     new_threads = esper_threads() - before
     assert doc["matched"] is True, doc["mismatches"]

@@ -272,8 +272,8 @@ def test_every_catalogue_fault_and_every_forced_level_has_a_drill_check() -> Non
 FAST_SLA_MS = 600000.0
 
 
-def run_drill_cli(run: Path, *args: str) -> Doc:
-    r = esper("simulate-emergency", *args, "--run-dir", str(run), "--json",
+def run_drill_cli(run: Path, *args: str, synthetic: bool = True) -> Doc:
+    r = esper("simulate-emergency", *args, *(["--synthetic"] if synthetic else []), "--run-dir", str(run), "--json",
               *sets(f"rollback.fast_sla_ms={FAST_SLA_MS}"))
     doc = json.loads(r.stdout) if r.stdout.strip().startswith("{") else None
     assert doc is not None, out(r)
@@ -322,12 +322,31 @@ def test_drill_for_each_forced_level_matches_its_expected_outcome(level: str, tm
 
 
 @pytest.mark.slow
-def test_a_drill_on_the_shipped_config_runs_its_own_small_job(tmp_path: Path) -> None:
-    """The shipped esper.toml trains a cnn on MNIST-1D; a drill over it still runs its small synthetic job on the
-    mlp host (the model keys are the drill's), and matches the catalogue."""
+def test_a_drill_on_the_shipped_config_drills_its_cnn_on_mnist1d_and_says_so(tmp_path: Path) -> None:
+    """Issue 23: a drill trains the operator's own model and task (the shipped cnn on MNIST-1D), short; a seed
+    fault acts on one of that model's seeds."""
+    run = tmp_path / "run"
+    doc = run_drill_cli(run, "--fault", "seed_forward_error", "--config", str(SHIPPED), synthetic=False)
+    assert doc["model"] == {"host": "cnn", "task": "mnist1d", "slots": ["conv1", "conv2"], "source": "config"}
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    assert (cfg["data"]["task"], cfg["host"]["factory"], cfg["seeds"]["blueprints"]) == ("mnist1d", "cnn",
+                                                                                        ["conv_block"])
+    assert cfg["trainer"]["epochs"] == 6  # the drill's short run on top
+    events = run_events(run)
+    culled = [e for e in named(events, "seed.transition", after=injected(events)["seq"]) if dest(e) == "CULLED"]
+    assert culled and culled[0]["attributes"]["slot"] in ("s1", "s2")
+    r = esper("simulate-emergency", "--fault", "nan_loss", "--config", str(SHIPPED), "--run-dir",
+              str(tmp_path / "text"))
+    assert r.exit_code == 0, out(r)
+    assert "host cnn on task mnist1d, slots conv1, conv2 (the config's model)" in r.stdout
+
+
+@pytest.mark.slow
+def test_synthetic_drills_the_small_mlp_job_whatever_the_config_trains(tmp_path: Path) -> None:
     run = tmp_path / "run"
     doc = run_drill_cli(run, "--fault", "nan_loss", "--config", str(SHIPPED))
-    assert doc["fault"] == "nan_loss"
+    assert doc["model"] == {"host": "mlp", "task": "synthetic", "slots": ["hidden1", "hidden2"],
+                            "source": "synthetic"}
     cfg = tomllib.loads((run / "config.toml").read_text())
     assert (cfg["data"]["task"], cfg["host"]["factory"], cfg["data"]["batch_size"]) == ("synthetic", "mlp", 64)
     assert [s["layer"] for s in cfg["seeds"]["slots"]] == ["hidden1", "hidden2"]
@@ -341,7 +360,7 @@ def test_a_drill_on_the_shipped_config_runs_its_own_small_job(tmp_path: Path) ->
 def test_the_reported_detection_is_the_faults_even_when_notices_came_before(tmp_path: Path) -> None:
     """Every step is 'slow' (NOTICE from epoch 1 on); the NaN at 2:1 is what the drill must report as detected."""
     run = tmp_path / "run"
-    r = esper("simulate-emergency", "--fault", "nan_loss", "--run-dir", str(run), "--json",
+    r = esper("simulate-emergency", "--fault", "nan_loss", "--synthetic", "--run-dir", str(run), "--json",
               *sets("emergency.slow_step_ms=0.001"))
     doc = json.loads(r.stdout)
     events = run_events(run)
@@ -366,7 +385,7 @@ def test_a_drill_on_a_slow_machine_still_matches(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(Kasmina, "forward", slow_forward)
     run = tmp_path / "run"
-    r = esper("simulate-emergency", "--fault", "sigterm", "--run-dir", str(run), "--json")
+    r = esper("simulate-emergency", "--fault", "sigterm", "--synthetic", "--run-dir", str(run), "--json")
     doc = json.loads(r.stdout)
     assert r.exit_code == 0, doc["mismatches"]
     assert (doc["level_reached"], doc["final_state"], doc["exit_code"]) == ("NOMINAL", "STOPPED", 143)

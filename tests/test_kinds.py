@@ -301,7 +301,7 @@ def test_the_probe_names_a_layer_whose_output_is_not_a_tensor_and_a_host_that_re
         probe_host(host, ["pair"], torch.randn(2, 5))
     with pytest.raises(ConfigError, match=r"refuses the task's inputs \[2, 1, 8, 8\] \(RuntimeError"):
         probe_host(MLPHost(5, 3, [4], "relu"), [], torch.randn(2, 1, 8, 8))
-    with pytest.raises(ConfigError, match=r"host has no layer \['nope'\]"):
+    with pytest.raises(ConfigError, match=r"the host has no layer 'nope'; `esper layers` lists"):
         probe_host(host, ["nope"], torch.randn(2, 5))
 
 

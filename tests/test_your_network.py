@@ -101,3 +101,23 @@ def test_the_hugging_face_gpt2_example_grows_block_seeds_without_a_wrapper(tmp_p
     assert {x["blueprint"] for x in s["seeds"] if x["stage"] != "DORMANT"} == {"block"}
     model = esper_pkg.load_model(export_checkpoint(run, tmp_path / "exp").out)
     assert model(torch.zeros(2, 32, dtype=torch.long)).shape[:2] == (2, 32)
+
+
+@pytest.mark.slow
+def test_the_batchnorm_example_trains_with_its_buffers_and_its_drill_names_the_model(tmp_path: Path) -> None:
+    """fixtures/examples/cnn_batchnorm.toml as the README runs it, short: BatchNorm after each conv, dropout after
+    each block; a seed germinates, the checkpoint holds the running statistics, and a drill drills this cnn."""
+    example = EXAMPLES / "cnn_batchnorm.toml"
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["--config", str(example), "train", "--quiet", "--run-dir", str(run),
+                                 *[a for s in [*UNHURRIED, "trainer.epochs=4"] for a in ("--set", s)]],
+                           env={"COLUMNS": "250"})
+    assert r.exit_code == 0, out(r)
+    host = tensors(latest(run), "model")
+    stats = [k for k in host if k.endswith("running_var")]
+    assert len(stats) == 3 and all(host[k].ne(1.0).any() for k in stats)  # three BatchNorms that really ran
+    assert any(s["stage"] != "DORMANT" for s in summary(run)["seeds"])
+    doc = json.loads(CliRunner().invoke(app, ["--config", str(example), "simulate-emergency", "--fault", "nan_loss",
+                                              "--run-dir", str(tmp_path / "drill"), "--json",
+                                              *[a for s in UNHURRIED for a in ("--set", s)]]).stdout)
+    assert doc["matched"] and doc["model"]["host"] == "cnn" and doc["model"]["task"] == "mnist1d"

@@ -18,10 +18,9 @@ from esper.core.records.event_log import read_events
 from esper.core.records.rundir import RunDir
 from esper.core.tolaria import LEVELS, force_level
 
-# A small, fast run in which every fault has something to act on: a seed germinates at the first epoch end
-# (so seed faults find a live seed), checkpoints every epoch, steps are short.
-DRILL_OVERRIDES: dict[str, Any] = {
-    "data": {"task": "synthetic", "synthetic_samples": 256},
+# A short run in which every fault has something to act on: a seed germinates at the first epoch end (so seed
+# faults find a live seed), checkpoints every epoch. Applied on top of the config file whichever model is drilled.
+DRILL_RUN: dict[str, Any] = {
     "trainer": {"epochs": 6},
     "controller": {"warmup_epochs": 0, "plateau_window": 1, "plateau_min_delta": 1.0, "timeout_ms": 1500},
     "seeds": {"min_training_epochs": 1, "g2_min_improvement": 0.0},
@@ -44,29 +43,37 @@ FORCED = {  # what a forced level must lead to
 }
 
 
-# The drill's job is always the synthetic task on the built-in mlp host with its built-in slots and feature
-# blueprints (the schema's defaults), whatever model the config file trains (the shipped one is a cnn on MNIST-1D):
-# a fault's step positions (--at EPOCH:STEP) and expected outcome are defined on that job.
-DRILL_JOB = {"data": ("batch_size", "eval_batch_size", "drop_last", "val_fraction", "synthetic_features",
-                      "synthetic_classes"),
-             "host": ("factory", "hidden", "activation"),
-             "seeds": ("blueprints", "slots", "blend")}
+# --synthetic: the drill's own small job (a few seconds whatever the config trains): the synthetic task on the
+# built-in mlp host with its built-in slots and feature blueprints (the schema's defaults).
+SYNTHETIC_JOB = {"data": ("batch_size", "eval_batch_size", "drop_last", "val_fraction", "synthetic_features",
+                          "synthetic_classes"),
+                 "host": ("factory", "hidden", "activation", "output", "dropout"),
+                 "seeds": ("blueprints", "slots", "blend", "param_budget")}
+SYNTHETIC_DATA = {"task": "synthetic", "synthetic_samples": 256}
 
 
-def drill_config(base: EsperConfig, overrides: list[str]) -> EsperConfig:
-    """The drill's config: the config file, then the drill's small job (its model, data and small-run settings),
-    then the user's ``--set``."""
+def drill_config(base: EsperConfig, overrides: list[str], *, synthetic: bool = False) -> EsperConfig:
+    """The drill's config: the config file (its model and task, or the small synthetic job when ``synthetic``),
+    then the drill's short-run settings, then the user's ``--set``."""
     merged = base.to_dict()
-    defaults = EsperConfig().to_dict()
-    for section, keys in DRILL_JOB.items():
-        merged[section].update({k: defaults[section][k] for k in keys})
-    for section, values in DRILL_OVERRIDES.items():
+    if synthetic:
+        defaults = EsperConfig().to_dict()
+        for section, keys in SYNTHETIC_JOB.items():
+            merged[section].update({k: defaults[section][k] for k in keys})
+        merged["data"].update(SYNTHETIC_DATA)
+    for section, values in DRILL_RUN.items():
         merged[section].update(values)
     return from_dict(merged, overrides)
 
 
+def drilled_model(cfg: EsperConfig, *, synthetic: bool) -> dict[str, Any]:
+    """What the drill trains, for its report: an operator must see whether their own model was drilled."""
+    return {"host": cfg.host.factory, "task": cfg.data.task, "slots": [s.layer for s in cfg.seeds.slots],
+            "source": "synthetic" if synthetic else "config"}
+
+
 def run_drill(cfg: EsperConfig, *, fault: str | None, level: str | None, at: str | None,
-              run_dir: Path | None) -> dict[str, Any]:
+              run_dir: Path | None, synthetic: bool = False) -> dict[str, Any]:
     """Run the drill and build its report (see ``esper simulate-emergency --json``)."""
     point = check_drill(fault=fault, level=level, at=at)
     if fault == "controller_timeout" and cfg.controller.isolation != "process":
@@ -77,11 +84,13 @@ def run_drill(cfg: EsperConfig, *, fault: str | None, level: str | None, at: str
     cfg = from_dict({**cfg.to_dict(), "faults": [*cfg.to_dict()["faults"], *faults]})
     path = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="esper-drill-"))
     if fault in MULTI_RANK:
-        return _ranks_drill(cfg, fault, point, path, expected)
-    # a forced level is one more fault entry (not a config key: a resume from the drill's checkpoint is clean)
-    session = TrainSession.prepare(cfg, run_dir=path, injected=[force_level(level, point)] if level else [])
-    summary = session.run(reporter=None)
-    return report(summary, session.run_dir, expected, fault=fault, level=level, at=point)
+        doc = _ranks_drill(cfg, fault, point, path, expected)
+    else:
+        # a forced level is one more fault entry (not a config key: a resume from the drill's checkpoint is clean)
+        session = TrainSession.prepare(cfg, run_dir=path, injected=[force_level(level, point)] if level else [])
+        summary = session.run(reporter=None)
+        doc = report(summary, session.run_dir, expected, fault=fault, level=level, at=point)
+    return {"model": drilled_model(cfg, synthetic=synthetic), **doc}
 
 
 def _ranks_drill(cfg: EsperConfig, fault: str, at: str, path: Path, expected: FaultSpec) -> dict[str, Any]:

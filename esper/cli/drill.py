@@ -23,20 +23,23 @@ def simulate_emergency(
                      ] = None,
     at: Annotated[str | None, typer.Option("--at", help="EPOCH[:STEP] where it fires.")] = None,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: a temp dir).")] = None,
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Drill a small synthetic job on the built-in mlp "
+                                            "instead of the config's model and task (seconds).")] = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a short drill, inject a fault (or force a level) and check the outcome against the catalogue.
 
-    The drill takes the config file, puts a small fast run on top (synthetic task, 6 epochs, a seed that
-    germinates early), then applies --set. Exits 0 when the outcome matched the catalogue, 7 when not.
+    The drill trains the config file's own model on its own task, with a short run on top (6 epochs, a seed that
+    germinates after the first), then applies --set; --synthetic swaps in a small synthetic job on the built-in
+    mlp. Exits 0 when the outcome matched the catalogue, 7 when not.
     """
     check_drill(fault=fault, level=level, at=at)  # a bad option is a usage error before anything is read
     g = global_options(ctx)
     base = config_mod.load(config or g.config).config  # the file alone: --set goes on top of the drill defaults
-    cfg = drill_config(base, [*g.sets, *(sets or [])])
-    doc = run_drill(cfg, fault=fault, level=level, at=at, run_dir=run_dir)
+    cfg = drill_config(base, [*g.sets, *(sets or [])], synthetic=synthetic)
+    doc = run_drill(cfg, fault=fault, level=level, at=at, run_dir=run_dir, synthetic=synthetic)
     if as_json:
         print_json(doc)
     else:
@@ -52,7 +55,11 @@ def render(doc: dict[str, Any]) -> None:
     table.add_column("value")
     det = doc["detected"]
     rb = doc["rollback"]
+    model = doc["model"]
+    whose = "the synthetic drill job (--synthetic)" if model["source"] == "synthetic" else "the config's model"
     rows = [
+        ("model", f"host {model['host']} on task {model['task']}, slots {', '.join(model['slots']) or '-'} "
+                  f"({whose})"),
         ("detected", f"epoch {det['epoch']}, global step {det['global_step']} ({det['event']})" if det else "-"),
         ("level reached", f"{doc['level_reached']} (expected {doc['expected']['level']})"),
         ("actions", ", ".join(doc["actions"]) or "-"),

@@ -581,7 +581,8 @@ def _between(events: list[dict[str, Any]], start: int, end: int) -> Iterator[dic
 def test_forced_conservative_suspends_every_lifecycle_mutation_until_the_policy_clears(tmp_path: Path) -> None:
     cfg = drill_config(config_mod.load(BASE_TOML).config,
                        ['controller.isolation="inline"', "emergency.slow_step_ms=600000.0",
-                        "seeds.max_step_latency_ms=600000.0", "controller.risk.max_step_latency_ms=600000.0"], synthetic=True)
+                        "seeds.max_step_latency_ms=600000.0", "controller.risk.max_step_latency_ms=600000.0"],
+                       synthetic=True)
     doc = run_drill(cfg, fault=None, level="conservative", at="2:1", run_dir=tmp_path / "run", synthetic=True)
     assert doc["matched"], doc["mismatches"]
     events = run_events(tmp_path / "run")
@@ -623,7 +624,8 @@ def test_simulate_emergency_rejects_an_unknown_level_or_fault_before_running(tmp
 @pytest.mark.slow
 def test_a_drill_whose_outcome_does_not_match_exits_7(tmp_path: Path) -> None:
     # --set goes on top of the drill defaults: a 2-epoch run in which epoch 9 never comes
-    r = esper("simulate-emergency", "--fault", "nan_loss", "--synthetic", "--at", "9:0", "--run-dir", str(tmp_path / "run"),
+    r = esper("simulate-emergency", "--fault", "nan_loss", "--synthetic", "--at", "9:0",
+              "--run-dir", str(tmp_path / "run"),
               "--json", *sets('data.task="synthetic"', "data.synthetic_samples=128", "trainer.epochs=2",
                               'controller.isolation="inline"'))
     assert r.exit_code == int(ExitCode.EXPECTATION), out(r)

@@ -5,6 +5,7 @@ directory, however damaged, makes it fail."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import GROWING, esper, events, hold_lock, latest, metrics, out, re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from esper.app.views import read
 from esper.cli.runs import collect
 from esper.core.errors import ExitCode
 
@@ -136,3 +138,72 @@ def test_no_run_directory_however_damaged_makes_runs_fail(tmp_path_factory: pyte
     assert result.exit_code == 0 and "Traceback" not in result.output
     plotted = esper("plot", str(run), "-o", str(parent / "p.png"))
     assert plotted.exit_code in (0, ExitCode.USAGE) and "Traceback" not in plotted.output, out(plotted)
+
+
+def _odd(path: Path, kind: str) -> None:
+    """Replace a run file by a FIFO (no writer: an open that blocks would hang), a directory or an unreadable file."""
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        path.write_text("{}\n")
+        path.chmod(0)
+
+
+@pytest.mark.parametrize("name", ["events.jsonl", "metrics.jsonl", "summary.json", "config.toml"])
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_a_fifo_or_a_directory_where_a_run_file_belongs_is_reported_by_every_view_never_waited_on(
+        tmp_path: Path, name: str, kind: str) -> None:
+    """Issue 26: one odd run directory neither hangs nor breaks `runs`, `plot`, `watch` or `reports`; each names
+    the file. (A hang fails the test through the suite's timeout.)"""
+    good = _run(tmp_path, "good", summary={"run_id": "good", "status": "COMPLETED", "exit_code": 0})
+    odd = _run(tmp_path, "odd", rows=3, summary={"run_id": "odd", "status": "COMPLETED", "exit_code": 0})
+    _odd(odd / name, kind)
+    listed = esper("runs", str(tmp_path), "--json")
+    assert listed.exit_code == 0, out(listed)
+    doc = json.loads(listed.stdout)
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in doc["runs"]) == ["good", "odd"]
+    assert any(f"{name}: not a regular file (not read)" in p for r in doc["runs"] for p in r["problems"]), doc
+    plotted = esper("plot", str(odd), "-o", str(tmp_path / "p.png"))
+    assert plotted.exit_code in (0, ExitCode.USAGE) and "Traceback" not in plotted.output, out(plotted)
+    if plotted.exit_code == 0:
+        assert f"{name}: not a regular file (not read)" in plotted.stderr
+    watched = esper("watch", str(odd), "--start-timeout", "0")
+    assert "Traceback" not in watched.output and watched.exit_code in (0, ExitCode.INCOMPLETE), out(watched)
+    assert f"{name}: not a regular file (not read)" in watched.stderr or name == "config.toml"
+    assert good.is_dir()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "unreadable"])
+def test_reports_names_a_field_report_log_it_cannot_read(tmp_path: Path, kind: str) -> None:
+    run = _run(tmp_path, "run")
+    _odd(run / "field_reports.jsonl", kind)
+    if kind == "unreadable" and os.geteuid() == 0:
+        os.setegid(65534)  # root reads anything: drop to nobody for the read, as another user would be
+        os.seteuid(65534)
+    try:
+        r = esper("reports", str(run), "--json")
+    finally:
+        if kind == "unreadable" and os.geteuid() != os.getuid():
+            os.seteuid(0)
+            os.setegid(0)
+    assert r.exit_code == ExitCode.USAGE and "Traceback" not in r.output, out(r)
+    doc = json.loads(r.stdout)
+    assert doc["error"].startswith(f"{run / 'field_reports.jsonl'}: cannot be read: ") or (
+        kind == "unreadable" and doc["error"].startswith(f"{run}: cannot be read: "))  # the tmp dir is root's
+    assert {"fifo": "not a regular file", "dir": "not a regular file", "unreadable": "Permission denied"}[kind] \
+        in doc["error"]
+
+
+def test_a_big_events_file_is_read_in_bounded_pieces(tmp_path: Path) -> None:
+    """The views stream: each piece handed on holds at most one bounded read's records, never the whole file."""
+    run = _run(tmp_path, "run")
+    line = json.dumps({"utc": T1, "epoch": 1, "event": "telemetry.window", "attributes": {"pad": "x" * 1000}})
+    n = (3 * read.MAX_POLL_READ) // len(line)
+    (run / "events.jsonl").write_text((line + "\n") * n)
+    sizes: list[int] = []
+    problems = read.stream_jsonl(run, "events.jsonl", lambda lines: sizes.append(len(lines)))
+    assert problems == [] and sum(sizes) == n
+    assert max(sizes) <= read.MAX_POLL_READ // len(line) + 1 and len([s for s in sizes if s]) >= 3

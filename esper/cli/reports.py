@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,15 @@ from rich.table import Table
 
 from esper.app.views.read import read_summary
 from esper.cli.common import JsonOpt, handle_errors, print_json, stdout
-from esper.core.tamiyo import FILENAME, FieldReport, FieldReportLogMissing, Outcome, ReadProblem, read_reports
+from esper.core.tamiyo import (
+    FILENAME,
+    FieldReport,
+    FieldReportLogMissing,
+    FieldReportLogUnreadable,
+    Outcome,
+    ReadProblem,
+    read_reports,
+)
 
 _OUTCOMES = [o.value for o in Outcome]
 RUN_MARKERS = ("config.toml", "events.jsonl", "checkpoints", FILENAME)
@@ -62,10 +71,14 @@ def reports(
     as_json: JsonOpt = False,
 ) -> None:
     """Summarise a run's field reports: outcomes per blueprint and slot, regressions, skipped records."""
-    if not run.is_dir() or not any((run / name).exists() for name in RUN_MARKERS):
+    try:
+        is_run = run.is_dir() and any(os.path.lexists(run / name) for name in RUN_MARKERS)
+    except OSError as exc:  # another user's run directory: not ours to list
+        raise FieldReportLogUnreadable(f"{run}: cannot be read: {exc.strerror or exc}") from None
+    if not is_run:
         raise FieldReportLogMissing(f"{run} is not a run directory (it holds none of {', '.join(RUN_MARKERS)})")
     # a run whose controller never filed a report (no commands applied yet, or seeds disabled) has none: 0 reports
-    found, problems = read_reports(run / FILENAME) if (run / FILENAME).exists() else ([], [])
+    found, problems = read_reports(run / FILENAME) if os.path.lexists(run / FILENAME) else ([], [])
     doc = summarise(run, found, problems)
     summary, _ = read_summary(run)  # a damaged summary is the views' to report; here it only lacks the why
     growth = summary.get("growth") if isinstance(summary, dict) else None

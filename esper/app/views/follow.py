@@ -17,7 +17,6 @@ from typing import Any
 from esper.app.views import read
 from esper.app.views.history import RunHistory
 from esper.app.views.status import Run, State, current_summary, state
-from esper.core.io import jsonl
 
 
 @dataclass
@@ -41,26 +40,25 @@ class Follower:
         """What the last session plans (its start record), else the run's config.toml."""
         return Run(self.run, self.history, None, self._config).planned_epochs
 
-    def _drain(self, tail: read.Tail, update: Update) -> list[jsonl.Line]:
-        lines: list[jsonl.Line] = []
+    def _drain(self, tail: read.Tail, update: Update) -> None:
+        """Feed what is new, one bounded read at a time: a long run's 200 MB of events never sits in memory."""
         more = True
         while more:
             got = tail.poll()
-            if got.reset:
-                lines.clear()
-                update.reset = update.reset or tail is self._metrics
-            lines += got.lines
-            update.skipped += [f"{tail.path.name} {s.where()}: {s.detail}" for s in got.skipped]
+            if got.reset and tail is self._metrics:
+                update.reset, update.rows = True, []
+                self.history.reset_metrics()
+            if tail is self._metrics:
+                update.rows += self.history.feed_metrics(line.record for line in got.lines)
+            else:
+                self.history.feed_events(line.record for line in got.lines)
+            update.skipped += [f"{tail.path.name} {s.where()}: {s.detail}" for s in got.skipped] + got.problems
             more = got.more
-        return lines
 
     def poll(self) -> Update:
         update = Update()
-        self.history.feed_events(line.record for line in self._drain(self._events, update))
-        rows = self._drain(self._metrics, update)
-        if update.reset:
-            self.history.reset_metrics()
-        update.rows = self.history.feed_metrics(line.record for line in rows)
+        self._drain(self._events, update)
+        self._drain(self._metrics, update)
         return update
 
     def step(self) -> tuple[Update, State | None]:

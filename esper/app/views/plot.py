@@ -45,13 +45,21 @@ def _end(h: RunHistory) -> float:
 
 
 def _markers(ax: Axes, h: RunHistory, *, ticks: bool) -> None:
+    # one collection per kind (and level), each epoch once: a long run's tens of thousands of checkpoints are one
+    # artist, not one line each
+    groups: dict[tuple[str, str | None], set[float]] = {}
     for m in h.markers:
-        if m.kind == "emergency" and m.level is not None:
-            ax.axvline(m.epoch, color=level_colour(m.level), linestyle="--", linewidth=1.6)
-        elif m.kind == "rollback":
-            ax.axvline(m.epoch, color="black", linestyle=":", linewidth=1.4)
-        elif m.kind == "checkpoint" and ticks:
-            ax.axvline(m.epoch, ymin=0.0, ymax=0.06, color="dimgray", linewidth=1.0)
+        if m.kind in ("emergency", "rollback") or (m.kind == "checkpoint" and ticks):
+            groups.setdefault((m.kind, m.level if m.kind == "emergency" else None), set()).add(float(m.epoch))
+    across = ax.get_xaxis_transform()  # x in epochs, y in axis fractions
+    for (kind, level), xs in groups.items():
+        at = sorted(xs)
+        if kind == "emergency" and level is not None:
+            ax.vlines(at, 0.0, 1.0, transform=across, colors=[level_colour(level)], linestyles="--", linewidth=1.6)
+        elif kind == "rollback":
+            ax.vlines(at, 0.0, 1.0, transform=across, colors="black", linestyles=":", linewidth=1.4)
+        elif kind == "checkpoint":
+            ax.vlines(at, 0.0, 0.06, transform=across, colors="dimgray", linewidth=1.0)
 
 
 def render(runs: list[Run], labels: list[str], out: Path) -> dict[str, object]:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ from typing import Any
 from esper.core.checkpoint import LATEST, MANIFEST, latest_checkpoint
 from esper.core.checkpoint.manifest import MAX_MANIFEST_BYTES, validate
 from esper.core.errors import CheckpointError
-from esper.core.io import jsonl
+from esper.core.io import confine, jsonl
+from esper.core.io.confine import UnsafePath
 from esper.core.records import runlock
 
 CONFIG, EVENTS, METRICS, SUMMARY = "config.toml", "events.jsonl", "metrics.jsonl", "summary.json"
 RUN_FILES = (CONFIG, EVENTS, METRICS, SUMMARY)
 MAX_SMALL_FILE = 16 << 20  # summary.json, config.toml: far above anything Esper writes
-MAX_POLL_READ = 64 << 20  # what one Tail.poll reads at most; the rest comes on the next poll
+MAX_POLL_READ = 4 << 20  # what one Tail.poll reads at most (its parsed records too); the rest on the next poll
 
 
 def is_run_dir(path: Path) -> bool:
@@ -50,17 +52,19 @@ def had_writer(run: Path) -> bool:
 
 
 def _small(path: Path) -> tuple[bytes | None, str | None]:
-    if not path.exists():
+    if not os.path.lexists(path):
         return None, None
-    if path.is_symlink() or not path.is_file():
-        return None, f"{path.name}: not a regular file"
     try:
-        size = path.stat().st_size
-        if size > MAX_SMALL_FILE:
-            return None, f"{path.name}: {size} bytes, larger than {MAX_SMALL_FILE} (not read)"
-        return path.read_bytes(), None
+        # opened without blocking and checked to be a regular file: a FIFO or a device is never waited on
+        return confine.read_bytes(path, MAX_SMALL_FILE), None
+    except UnsafePath as exc:
+        return None, f"{path.name}: {_why(exc, path)} (not read)"
     except OSError as exc:
-        return None, f"{path.name}: cannot be read: {exc}"
+        return None, f"{path.name}: cannot be read: {exc.strerror or exc}"
+
+
+def _why(exc: UnsafePath, path: Path) -> str:
+    return str(exc).removeprefix(f"{path} ").removeprefix("is ")
 
 
 def read_summary(run: Path) -> tuple[dict[str, Any] | None, list[str]]:
@@ -88,17 +92,19 @@ def read_config(run: Path) -> tuple[dict[str, Any] | None, list[str]]:
         return None, [f"{CONFIG}: not valid TOML ({exc})"]
 
 
-def read_jsonl(run: Path, name: str) -> tuple[list[jsonl.Line], list[str]]:
-    """A whole JSONL file of the run (absent: nothing) and a problem per skipped line."""
+def stream_jsonl(run: Path, name: str, feed: Callable[[list[jsonl.Line]], object]) -> list[str]:
+    """Hand a JSONL file of the run to ``feed`` one bounded read at a time (memory stays bounded by what the
+    consumer keeps, not by the file); returns a problem per skipped line and for a file that cannot be read."""
     tail = Tail(run / name)
-    update = tail.poll()
-    lines, skipped = list(update.lines), list(update.skipped)
-    while update.more:
+    skipped: list[jsonl.Skipped] = []
+    while True:
         update = tail.poll()
-        lines += update.lines
+        feed(update.lines)
         skipped += update.skipped
+        if not update.more:
+            break
     skipped += tail.finish().skipped
-    return lines, [f"{name} {s.where()}: {s.detail}" for s in skipped] + tail.problems
+    return [f"{name} {s.where()}: {s.detail}" for s in skipped] + tail.problems
 
 
 @dataclass
@@ -107,6 +113,7 @@ class TailUpdate:
     skipped: list[jsonl.Skipped] = field(default_factory=list)
     reset: bool = False  # the file was replaced or truncated (a resume rewrites metrics.jsonl): start over
     more: bool = False  # more bytes are waiting than one poll reads
+    problems: list[str] = field(default_factory=list)  # the file turned unreadable or odd (each said once)
 
 
 class Tail:
@@ -124,17 +131,23 @@ class Tail:
         self._partial = b""
         self._lines = 0  # whole lines consumed: numbers stay file line numbers across polls
 
+    def _problem(self, problem: str) -> TailUpdate:
+        if problem in self.problems:
+            return TailUpdate()
+        self.problems.append(problem)
+        return TailUpdate(problems=[problem])
+
     def poll(self) -> TailUpdate:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            # without blocking, and only a regular file: a FIFO, a device or a directory is a problem, not a hang
+            fh = confine.open_regular(self.path)
         except FileNotFoundError:
             return TailUpdate()
+        except UnsafePath as exc:
+            return self._problem(f"{self.path.name}: {_why(exc, self.path)} (not read)")
         except OSError as exc:
-            problem = f"{self.path.name}: cannot be read: {exc}"
-            if problem not in self.problems:
-                self.problems.append(problem)
-            return TailUpdate()
-        with os.fdopen(fd, "rb") as fh:
+            return self._problem(f"{self.path.name}: cannot be read: {exc.strerror or exc}")
+        with fh:
             st = os.fstat(fh.fileno())
             reset = self._ident is not None and ((st.st_dev, st.st_ino) != self._ident or st.st_size < self._offset)
             if reset:

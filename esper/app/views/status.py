@@ -34,10 +34,8 @@ class Run:
     @classmethod
     def load(cls, path: Path) -> Run:
         history = RunHistory()
-        events, p1 = read.read_jsonl(path, read.EVENTS)
-        history.feed_events(line.record for line in events)
-        rows, p2 = read.read_jsonl(path, read.METRICS)
-        history.feed_metrics(line.record for line in rows)
+        p1 = read.stream_jsonl(path, read.EVENTS, lambda lines: history.feed_events(x.record for x in lines))
+        p2 = read.stream_jsonl(path, read.METRICS, lambda lines: history.feed_metrics(x.record for x in lines))
         summary, p3 = read.read_summary(path)
         config, p4 = read.read_config(path)
         return cls(path, history, summary, config, [*p1, *p2, *p3, *p4])

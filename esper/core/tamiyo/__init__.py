@@ -15,6 +15,7 @@ from esper.core.tamiyo.errors import (
     ControllerStateError,
     FieldReportError,
     FieldReportLogMissing,
+    FieldReportLogUnreadable,
     ObservationError,
     TamiyoError,
 )
@@ -37,6 +38,7 @@ from esper.core.tamiyo.validator import ValidationContext, ValidationResult, val
 __all__ = [
     "ALIVE_STAGES", "FILENAME", "Command", "ControllerState", "ControllerStateError", "ControllerStateStore",
     "Decision", "EpochMetrics", "FieldReport", "FieldReportError", "FieldReportLog", "FieldReportLogMissing",
+    "FieldReportLogUnreadable",
     "HeuristicPolicy", "ObservationError", "Observation", "Outcome", "Policy", "Proposal", "ReadProblem",
     "Rejection", "RiskHistory", "RiskStage", "RiskVerdict", "SlotView", "Tamiyo", "TamiyoError",
     "ValidationContext", "ValidationResult", "build_policy", "classify", "command_id", "prune",

@@ -27,3 +27,9 @@ class FieldReportLogMissing(FieldReportError):
     """The run directory holds no ``field_reports.jsonl``."""
 
     exit_code = ExitCode.USAGE
+
+
+class FieldReportLogUnreadable(FieldReportError):
+    """``field_reports.jsonl`` exists but cannot be read: no permission, not a regular file (a FIFO, a directory)."""
+
+    exit_code = ExitCode.USAGE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,8 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from esper.core.io import jsonl
+from esper.core.io.confine import UnsafePath
 from esper.core.tamiyo._util import describe, parse_utc
-from esper.core.tamiyo.errors import FieldReportError, FieldReportLogMissing
+from esper.core.tamiyo.errors import FieldReportError, FieldReportLogMissing, FieldReportLogUnreadable
 from esper.core.tamiyo.state import EpochMetrics
 
 FILENAME = "field_reports.jsonl"
@@ -153,9 +155,14 @@ def _skipped(s: jsonl.Skipped) -> ReadProblem:
 def read_reports(path: Path) -> tuple[list[FieldReport], list[ReadProblem]]:
     """Every intact report in file order, plus each skipped record. A bad record never hides later ones;
     a record without ``issued_at`` or repeating an earlier report id is skipped and reported."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FieldReportLogMissing(f"no field report log at {path}")
-    lines, skipped = jsonl.read(path)
+    try:
+        lines, skipped = jsonl.read(path)  # only a regular file, opened without blocking (a FIFO is refused)
+    except UnsafePath as exc:
+        raise FieldReportLogUnreadable(f"{path}: cannot be read: {exc}") from None
+    except OSError as exc:
+        raise FieldReportLogUnreadable(f"{path}: cannot be read: {exc.strerror or exc}") from None
     problems = {s.number: _skipped(s) for s in skipped if s.kind != "blank"}
     reports: list[FieldReport] = []
     seen: dict[str, int] = {}

@@ -121,3 +121,39 @@ def test_the_batchnorm_example_trains_with_its_buffers_and_its_drill_names_the_m
                                               "--run-dir", str(tmp_path / "drill"), "--json",
                                               *[a for s in UNHURRIED for a in ("--set", s)]]).stdout)
     assert doc["matched"] and doc["model"]["host"] == "cnn" and doc["model"]["task"] == "mnist1d"
+
+
+ZOO = {  # model -> (factory, two slots); only the task, the factory, host.output and slots are set
+    "hf-resnet": ("hf_zoo:make_resnet", "resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0"),
+    "hf-mobilenet-v2": ("hf_zoo:make_mobilenet", "mobilenet_v2.layer.1", "mobilenet_v2.layer.3"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(ZOO))
+def test_a_zoo_network_grows_with_the_default_budget_resumes_exactly_and_exports_identically(
+        tmp_path: Path, model: str) -> None:
+    """Issue 23's 'done when', on the third-party networks installable here (Hugging Face's ResNet and
+    MobileNetV2: BatchNorm, depthwise convs, dropout, a ModelOutput): the default budget, a seed that fossilizes,
+    G1 restoring the BatchNorm buffers a seed's pass moved, resume bit for bit, an export whose outputs equal the
+    checkpoint's own network bit for bit."""
+    factory, first, second = ZOO[model]
+    job = ["data.task=digits_images", "data.batch_size=256", f"host.factory='{factory}'", "host.output='logits'",
+           "seeds.blueprints=['conv_bottleneck', 'conv_dwsep', 'conv_block']", "seeds.blend.mode='residual'",
+           f"seeds.slots=[{{name='s1', layer='{first}'}}, {{name='s2', layer='{second}'}}]", *GROW]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    r = train(straight, *job, "trainer.epochs=6")
+    assert r.exit_code == 0, out(r)
+    assert "FOSSILIZED" in [s["stage"] for s in summary(straight)["seeds"]], summary(straight)["seeds"]
+    g1 = [e["attributes"] for e in events(straight, "gate.result") if e["attributes"]["gate"] == "G1"]
+    assert g1 and all(a["passed"] and a["attributes"]["buffers_restored"] > 0 for a in g1)
+    assert train(split, *job, "trainer.epochs=3").exit_code == 0
+    r = resume(split, *job, "trainer.epochs=6", allow=["trainer.epochs"])
+    assert r.exit_code == 0, out(r)
+    for stem in ("model", "optimizer", "rng"):
+        assert_same_tensors(tensors(latest(straight), stem), tensors(latest(split), stem))
+    exported = esper_pkg.load_model(export_checkpoint(straight, tmp_path / "exp", live=True).out)
+    again = esper_pkg.load_model(export_checkpoint(latest(split), tmp_path / "exp2", live=True).out)
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(x), again(x)) and exported(x).shape == (16, 10)

@@ -5,7 +5,12 @@ Nothing here knows Esper: a factory per model, as a user would write it."""
 from __future__ import annotations
 
 from torch import nn
-from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, ResNetConfig, ResNetForImageClassification
+from transformers import (
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+)
 
 
 def make_resnet(cfg: object, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:

@@ -312,6 +312,29 @@ def test_batchnorm_statistics_stay_in_step_across_ranks(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_gate_that_measures_decides_alike_on_every_rank_and_as_one_process(tmp_path: Path) -> None:
+    """Issue 26: G2 judges a seed's own loss. Each rank measures it on its shard; judged per rank, rank 0 passed
+    G2 and rank 1 culled the seed at epoch 15 of this run (HALT, rank divergence). The losses now travel in the
+    gradient all-reduce, so every rank judges the global batch's figure: COMPLETED, with the lifecycle that one
+    process goes through."""
+    job = ['data.task="synthetic"', "trainer.epochs=17"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(two), *sets(*job))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not events(two, "rank.divergence")
+    assert _esper("train", "--quiet", "--run-dir", str(one), *sets(*job)).returncode == 0
+
+    def lifecycle(run: Path) -> list[tuple[str, str, int]]:
+        return [(e["attributes"]["slot"], e["attributes"]["transition"]["dest"], e["epoch"])
+                for e in events(run, "seed.transition")]
+
+    assert lifecycle(two) == lifecycle(one) and any(d == "BLENDING" for _, d, _ in lifecycle(two))
+    g2 = [e["attributes"] for e in events(two, "gate.result") if e["attributes"]["gate"] == "G2"]
+    assert g2 and g2 == [e["attributes"] for e in events(two / "rank-1", "gate.result")
+                         if e["attributes"]["gate"] == "G2"]
+
+
+@pytest.mark.slow
 def test_resume_at_two_ranks_is_bit_identical_and_at_one_keeps_the_lifecycle(two: Path, tmp_path: Path) -> None:
     start = two / "checkpoints" / "epoch-0002"
     r22, r21 = tmp_path / "r22", tmp_path / "r21"

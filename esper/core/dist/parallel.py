@@ -102,10 +102,12 @@ class DataParallel:
             tdist.all_reduce(t)
         return t.tolist()
 
-    def grads(self, named: Sequence[tuple[str, nn.Parameter]]) -> None:
-        """Replace every gradient by the global batch's: the weighted sum over ranks, in the registered order."""
+    def grads(self, named: Sequence[tuple[str, nn.Parameter]], measured: Sequence[float] = ()) -> list[float]:
+        """Replace every gradient by the global batch's: the weighted sum over ranks, in the registered order.
+        ``measured`` (per-shard figures a gate reads: the seeds' losses and latencies) travel in the same
+        all-reduce and come back as the global batch's sample-weighted means, equal on every rank."""
         if not self.active:
-            return
+            return list(measured)
         layout = tuple((name, tuple(p.shape), p.grad is not None) for name, p in named)
         if layout != self._layout:
             self._layout, self._code = layout, int(_digest(layout)[:15], 16)
@@ -115,17 +117,22 @@ class DataParallel:
         with collective("the parameter layout all-reduce"):
             tdist.all_reduce(codes, op=tdist.ReduceOp.MAX)
         if int(codes[0]) != -int(codes[1]) and not self.check_layout(layout):
-            return  # never a collective over buffers that differ (the HALT has been raised)
+            return list(measured)  # never a collective over buffers that differ (the HALT has been raised)
         grads = [p.grad for _, p in named if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads]).mul_(self._weight)
+        if not grads and not measured:
+            return []
+        # one collective: the figures ride in the gradients' buffer (their dtype: only equality across ranks matters)
+        dtype = grads[0].dtype if grads else torch.float32
+        extra = torch.tensor(list(measured), dtype=dtype)
+        flat = torch.cat([*(g.reshape(-1) for g in grads), extra]).mul_(self._weight)
         with collective("the gradient all-reduce"):
             tdist.all_reduce(flat)
+        extra = flat[flat.numel() - len(measured):]
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+        return extra.tolist()
 
     def buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers (BatchNorm statistics, ``num_batches_tracked``, any registered buffer) copied to every

@@ -128,21 +128,40 @@ class Kasmina:
 
     def seed_passes(self, slots: list[SeedSlot], x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
                     scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    teacher: torch.Tensor | None = None) -> None:
+                    teacher: torch.Tensor | None = None) -> list[float]:
         """Own steps of every TRAINING seed, each from the slot input this step's main forward produced
         (captured first: one seed's pass runs downstream hooks that would overwrite another's). ``scale``: the
         fp16 loss scaler's, so seed gradients are scaled like the host's; ``teacher``: the main forward's
-        output, distilled into each seed's pass when ``seeds.distill`` is on."""
+        output, distilled into each seed's pass when ``seeds.distill`` is on.
+
+        Returns each slot's loss and latency (ms), in order, *unrecorded*: under data parallel they are this
+        rank's shard's, and G2 must judge the global batch's on every rank alike, so the trainer reduces them
+        (with the gradients) and hands them to :meth:`record_seed_steps`."""
         inputs = {s.name: s.last_input for s in slots}
         teacher = teacher if self.scfg.distill.enabled else None
+        measured: list[float] = []
         for slot in slots:
-            self.seed_pass(slot, x, y, loss_fn, h=inputs[slot.name], scale=scale, teacher=teacher)
+            t0 = time.perf_counter()
+            loss = self.seed_pass(slot, x, y, loss_fn, h=inputs[slot.name], scale=scale, teacher=teacher,
+                                  record=False)
+            measured += [loss, (time.perf_counter() - t0) * 1000.0]
+        return measured
+
+    @staticmethod
+    def record_seed_steps(slots: list[SeedSlot], measured: list[float]) -> None:
+        """Add one step's seed losses and latencies (as :meth:`seed_passes` returned them, reduced over the
+        ranks) to each TRAINING slot's epoch figures, which G2 reads."""
+        for i, slot in enumerate(slots):
+            slot.stats.loss_sum += measured[2 * i]
+            slot.stats.loss_count += 1
+            slot.stats.latency_ms_sum += measured[2 * i + 1]
 
     def seed_pass(self, slot: SeedSlot, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
                   h: torch.Tensor | None = None, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  teacher: torch.Tensor | None = None) -> float:
+                  teacher: torch.Tensor | None = None, record: bool = True) -> float:
         """TRAINING seed's own step: task loss with the seed substituted; gradients go to the seed only. The
-        host's buffers and the RNG streams are left as the host's own step left them (``sandbox``)."""
+        host's buffers and the RNG streams are left as the host's own step left them (``sandbox``). ``record``:
+        add the loss and latency to the slot's epoch figures (:meth:`seed_passes` leaves that to the trainer)."""
         t0 = time.perf_counter()
         with sandbox.untouched(self.host):
             if slot.resumable and h is not None:
@@ -160,9 +179,8 @@ class Kasmina:
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         value = float(loss.detach())
-        slot.stats.loss_sum += value
-        slot.stats.loss_count += 1
-        slot.stats.latency_ms_sum += (time.perf_counter() - t0) * 1000.0
+        if record:
+            self.record_seed_steps([slot], [value, (time.perf_counter() - t0) * 1000.0])
         return value
 
     # -------------------------------------------------------------- parameters

@@ -298,12 +298,16 @@ class Trainer:
                 return self._bad_step(p, bad, stats)
             amp.scale(loss).backward()
             with amp.autocast():
-                p.kasmina.seed_passes(training_slots, x, y, task.loss, scale=amp.scale, teacher=out.detach())
+                measured = p.kasmina.seed_passes(training_slots, x, y, task.loss, scale=amp.scale,
+                                                 teacher=out.detach())
         except SeedForwardError as exc:
             return self._bad_step(p, Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
                                   cull=exc.slot)
         p.faults.after_backward(p.host.parameters())
-        p.parallel.grads(p.optimizer.named_params())  # reduced while still scaled: every rank sees one overflow
+        # reduced while still scaled (every rank sees one overflow); the seeds' losses and latencies ride along, so
+        # G2 judges the global batch's figures on every rank alike
+        measured = p.parallel.grads(p.optimizer.named_params(), measured)
+        p.kasmina.record_seed_steps(training_slots, measured)
         overflowed = amp.unscale(opt)  # fp16: the scaler skips this step; not an emergency
         bad = None if overflowed else p.emergency.check_grads(p.optimizer.named_params())
         if bad is not None:

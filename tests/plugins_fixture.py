@@ -28,6 +28,61 @@ def make_data(cfg: EsperConfig) -> tuple[Dataset[tuple[torch.Tensor, ...]], Data
     return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
 
 
+class Flaky(TensorDataset):
+    """A dataset whose read of sample 20 fails (``times`` times; -1: always) with the error ``kind`` names: a network
+    filesystem's EIO, a decoder's RuntimeError. Each instance counts its own failures; it names its classes, so
+    Esper reads no sample at build."""
+
+    classes = ["a", "b", "c"]
+
+    def __init__(self, kind: str, times: int, *tensors: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.kind, self.left = kind, times
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        if index == 20 and self.left != 0:
+            self.left -= 1
+            if self.kind == "eio":
+                raise OSError(5, "Input/output error", "/mnt/nfs/shard-0003.bin")
+            raise RuntimeError("corrupt JPEG data: premature end of data segment")
+        return super().__getitem__(index)
+
+
+def _flaky(kind: str, times: int) -> object:
+    def make(cfg: EsperConfig) -> tuple[Flaky, TensorDataset]:
+        x, y = _separable(cfg)
+        return Flaky(kind, times, x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+    return make
+
+
+flaky_eio_once, flaky_runtime_once, flaky_always = _flaky("eio", 1), _flaky("runtime", 1), _flaky("runtime", -1)
+
+
+def flaky_unnamed(cfg: EsperConfig) -> tuple[Flaky, TensorDataset]:
+    """The EIO dataset without a ``classes`` list: Esper scans its labels at build and meets the error there."""
+    train, val = flaky_eio_once(cfg)  # type: ignore[operator]
+    train.classes = None
+    return train, val
+
+
+class RaisingHost(nn.Module):
+    """An MLP whose forward raises after 30 calls, as a user's custom layer with a latent bug would."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.hidden1, self.head, self.calls = nn.Linear(n_in, 6), nn.Linear(6, n_out), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 30:
+            raise ValueError("shape mismatch in my custom layer")
+        return self.head(torch.relu(self.hidden1(x.flatten(1))))
+
+
+def raising_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    return RaisingHost(int(torch.tensor(input_shape).prod()), n_outputs)
+
+
 class Named(TensorDataset):
     """A dataset that names its classes (torchvision's ``classes``): more classes than its labels use."""
 

@@ -10,6 +10,7 @@ as Rich markup, so bracketed text is shown as it is.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
@@ -149,6 +150,15 @@ def render_summary(console: Console, summary: dict[str, Any]) -> None:
     if isinstance(failure, dict):
         console.print(Text.assemble(("failure:", "red"), f" {failure.get('type')}: {failure.get('message')}"),
                       highlight=False)
+        where = failure.get("raised_at")
+        if isinstance(where, dict):
+            whose = {"user": "your code", "library": "a library", "esper": "Esper's code"}.get(str(where.get("origin")),
+                                                                                             "?")
+            console.print(Text(f"  raised in {whose}: {where.get('file')}:{where.get('line')} in "
+                               f"{where.get('function')}"), highlight=False)
+        if failure.get("traceback"):
+            console.print(Text(f"  the traceback: {Path(str(summary.get('run_dir')), 'summary.json')} "
+                               "(failure.traceback)"), highlight=False)
     console.print(Text(f"run directory: {summary.get('run_dir')}"), highlight=False)
     if summary.get("checkpoint"):
         console.print(Text(f"last verified checkpoint: {summary.get('checkpoint')}"), highlight=False)

@@ -26,7 +26,7 @@ from esper.core.config import EsperConfig
 from esper.core.config.plugins import call_factory, load_factory
 from esper.core.data.chars import chars_task
 from esper.core.data.task import Task, TensorPairs, classification, fetch
-from esper.core.errors import ConfigError
+from esper.core.errors import ConfigError, EsperError
 from esper.core.model import rng
 
 KEY = "data.task"
@@ -120,7 +120,14 @@ def _from_factory(ref: str, made: Any) -> Task:
         _check_dataset(train, "train_ds", ref)
         _check_dataset(val, "val_ds", ref)
         x, _ = _sample(train, "train_ds", ref)
-        n = _n_classes(train, val, ref)
+        try:
+            n = _n_classes(train, val, ref)
+        except EsperError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's dataset failing a read at build is that key's problem
+            raise ConfigError(f"{KEY} = {ref!r}: the dataset raised {type(exc).__name__} while Esper read its labels "
+                              f"to count the classes: {exc} (give the train dataset a `classes` list to skip the "
+                              "scan)") from exc
         return classification(ref, train, val, tuple(x.shape[1:]), n)
     raise ConfigError(f"{KEY} = {ref!r}: factory returned {_typename(made)}, expected a Task or a "
                       "(train_ds, val_ds) pair of torch.utils.data.Dataset")
@@ -144,7 +151,9 @@ def _sample(ds: Dataset[Any], what: str, ref: str) -> tuple[torch.Tensor, torch.
     """The first two samples as one batch; a dataset that cannot give them is the config's problem."""
     try:
         x, y = fetch(ds, range(min(2, len(ds))))  # type: ignore[arg-type]
-    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as exc:
+    except EsperError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's dataset, however it fails, is that key's problem (exit 3)
         raise ConfigError(f"{KEY} = {ref!r}: {what} does not give (x, y) tensor pairs: "
                           f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):

@@ -10,9 +10,12 @@ import torch
 
 from esper.core.config import DataConfig
 from esper.core.data import train_batches, val_batches
+from esper.core.errors import EsperError
+from esper.core.io import bounded
 from esper.core.kasmina import Mode
 from esper.core.records.telemetry import Emitter
 from esper.core.tolaria.builder import Parts
+from esper.core.tolaria.injector import DataLoaderError
 
 
 def epoch_batches(p: Parts, cfg: DataConfig, seed: int, epoch: int, start: int, emitter: Emitter,
@@ -32,7 +35,14 @@ def epoch_batches(p: Parts, cfg: DataConfig, seed: int, epoch: int, start: int, 
             p.state.step_in_epoch = index  # the batch of this step (where a bad step's skip points)
             p.faults.arm(epoch, index, p.state.global_step)
             p.faults.before_batch(epoch, index)
-            x, y = next(data)
+            try:
+                x, y = next(data)
+            except EsperError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the user's dataset or loader, however it fails: a data error
+                # (an OSError here is the dataset's read, never a run-directory write: not a disk fault)
+                raise DataLoaderError(f"the training data raised {type(exc).__name__} reading batch {index} of "
+                                      f"epoch {epoch}: {bounded.clip(str(exc), 300)}") from exc
             yield index, x, y
     finally:
         del data  # a loader's worker processes end with its iterator

@@ -4,6 +4,7 @@ an epoch (T-9), the failure record, and the summary (``summary.json``, SPEC §8)
 from __future__ import annotations
 
 import platform
+import sysconfig
 import traceback
 from collections import Counter
 from datetime import UTC, datetime
@@ -86,7 +87,32 @@ def failure_record(exc: BaseException, parts: Parts | None, exit_code: int | Non
     code = exit_code if exit_code is not None else exc.exit_code if isinstance(exc, EsperError) else ExitCode.INTERNAL
     return {"type": type(exc).__name__, "message": str(exc), "epoch": parts.state.epoch if parts else 0,
             "global_step": parts.state.global_step if parts else 0, "exit_code": int(code),
-            "traceback": traceback.format_exc()}
+            "raised_at": raised_at(exc), "traceback": traceback.format_exc()}
+
+
+_ESPER_DIR = Path(esper.__file__).resolve().parent
+_LIBRARY_DIRS = tuple({Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib",
+                                                                          "platlib")})
+
+
+def raised_at(exc: BaseException) -> dict[str, Any] | None:
+    """Where the exception came from, for the operator: the innermost frame of the user's own code (a plug-in
+    host, dataset or blueprint: neither Esper nor an installed library) when there is one, else the innermost
+    frame, with ``origin`` saying whose code it is."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+
+    def origin(filename: str) -> str:
+        path = Path(filename).resolve()
+        if path.is_relative_to(_ESPER_DIR):
+            return "esper"
+        if filename.startswith("<") or any(path.is_relative_to(d) for d in _LIBRARY_DIRS):
+            return "library"
+        return "user"
+
+    frame = next((f for f in reversed(frames) if origin(f.filename) == "user"), frames[-1])
+    return {"file": frame.filename, "line": frame.lineno, "function": frame.name, "origin": origin(frame.filename)}
 
 
 def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failure: dict[str, Any] | None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
@@ -81,6 +83,19 @@ class RaisingHost(nn.Module):
 
 def raising_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     return RaisingHost(int(torch.tensor(input_shape).prod()), n_outputs)
+
+
+class PrintingHost(RaisingHost):
+    """A host that prints as it builds and writes to file descriptor 1 on every forward (a chatty library)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        os.write(1, b"raw write to fd 1\n")
+        return self.head(torch.relu(self.hidden1(x.flatten(1))))
+
+
+def printing_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    print("my host says hello")
+    return PrintingHost(int(torch.tensor(input_shape).prod()), n_outputs)
 
 
 class Named(TensorDataset):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TextIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -65,16 +67,57 @@ def stderr() -> Console:
 
 
 class _Output:
-    """Whether this invocation already printed its one JSON document (an error after it must not add a second)."""
+    """Whether this invocation already printed its one JSON document (an error after it must not add a second),
+    and where it goes while user code runs with stdout pointed at stderr (:func:`json_stdout`)."""
 
     json_printed = False
+    redirected = False
+    stream: TextIO | None = None
 
 
 def print_json(doc: Any) -> None:
-    """Write one JSON document to stdout (and nothing else)."""
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-    sys.stdout.flush()
+    """Write one JSON document to stdout (and nothing else). A closed stdout (``>&-``) takes nothing: the run's
+    outcome is in its run directory and its exit code stays the run's."""
+    out = _Output.stream if _Output.redirected else sys.stdout
     _Output.json_printed = True
+    if out is None:
+        return
+    out.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    out.flush()
+
+
+@contextlib.contextmanager
+def json_stdout() -> Iterator[None]:
+    """Under ``--json``, stdout holds exactly Esper's one document: while the command runs, whatever else writes
+    to stdout -- a user's host or dataset calling ``print``, a C library writing to file descriptor 1, a worker
+    process inheriting it -- goes to stderr, and :func:`print_json` writes to the real stdout."""
+    real = sys.stdout
+    try:
+        fd = real.fileno() if real is not None else None
+    except (AttributeError, OSError, ValueError):  # not a file (a test runner's buffer): swap the object only
+        fd = None
+    saved = None
+    if fd is not None and sys.stderr is not None:
+        real.flush()
+        saved = os.dup(fd)
+        os.dup2(sys.stderr.fileno(), fd)
+        _Output.stream = os.fdopen(os.dup(saved), "w", encoding=getattr(real, "encoding", None) or "utf-8")
+    else:
+        _Output.stream = real
+    _Output.redirected = True
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        sys.stdout = real
+        stream, _Output.stream, _Output.redirected = _Output.stream, None, False
+        if saved is not None and fd is not None:
+            with contextlib.suppress(OSError):  # a reader that went away: the document is lost, not the run
+                stream.close()  # type: ignore[union-attr]
+            os.dup2(saved, fd)
+            os.close(saved)
 
 
 def report_error(message: str, code: int, key: str | None, *, as_json: bool) -> None:
@@ -100,7 +143,10 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
         as_json = bool(kwargs.get("as_json"))
         _Output.json_printed = False
         try:
-            return fn(*args, **kwargs)
+            if not as_json:
+                return fn(*args, **kwargs)
+            with json_stdout():
+                return fn(*args, **kwargs)
         except EsperError as exc:
             raise fail(str(exc), exc.exit_code, exc.key, as_json=as_json) from None
         except (IllegalTransition, GateRejected) as exc:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from esper import __version__
@@ -67,6 +70,29 @@ app.command("layers")(layers)
 app.command("export")(export)
 
 
+def _standard_fds() -> None:
+    """A closed stdin, stdout or stderr (``esper train --json >&-``) is opened on /dev/null: else the first file
+    Esper opens (the events log) would take descriptor 1, and whatever writes to "stdout" would write into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if os.open(os.devnull, os.O_RDWR) != fd:  # the lowest free descriptor: this one
+                raise RuntimeError(f"could not reopen file descriptor {fd} on {os.devnull}") from None
+
+
+def _encodable_output() -> None:
+    """Under an ASCII-only locale (``LC_ALL=C PYTHONUTF8=0``) a character the terminal cannot show (×, …, a box
+    line) is written as ``?`` rather than ending the command with UnicodeEncodeError; Rich draws ASCII boxes
+    there by itself."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("_", "-")
+        if stream is not None and not encoding.startswith("utf") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
 def run() -> None:
     """Console-script entry point."""
+    _standard_fds()
+    _encodable_output()
     app()

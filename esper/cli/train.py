@@ -22,9 +22,9 @@ from esper.cli.common import (
     load_config,
     print_json,
     stderr,
-    stdout,
 )
 from esper.cli.launch import launch
+from esper.cli.unblocked import consoles
 from esper.cli.view import RunView, last_text, plain_line, render_summary
 from esper.core.config import ENV_VAR, operator_config
 from esper.core.dist import joined
@@ -154,14 +154,20 @@ def _run(session: TrainSession | scaleout.FollowerSession, as_json: bool, quiet:
     if as_json:
         summary = session.run(reporter=None)
         print_json(summary)
-    elif quiet:
-        with PlainReporter(stdout(), epochs) as reporter:
-            summary = session.run(reporter=reporter)
-        render_summary(stdout(), summary)
-    else:
-        with RichReporter(stderr(), epochs, title=f"run {session.run_dir.run_id}") as reporter:
-            summary = session.run(reporter=reporter)
-        render_summary(stdout(), summary)
-    for lost in summary.get("record_errors") or []:
-        stderr().print(f"error: {lost}", highlight=False, markup=False)
+        _record_errors(stderr(), summary)
+        raise typer.Exit(summary["exit_code"])
+    with consoles() as (out, err):  # a terminal or pipe nobody reads never blocks a step (nor a stop)
+        if quiet:
+            with PlainReporter(out, epochs) as reporter:
+                summary = session.run(reporter=reporter)
+        else:
+            with RichReporter(err, epochs, title=f"run {session.run_dir.run_id}") as reporter:
+                summary = session.run(reporter=reporter)
+        render_summary(out, summary)
+        _record_errors(err, summary)
     raise typer.Exit(summary["exit_code"])
+
+
+def _record_errors(console: Console, summary: dict[str, Any]) -> None:
+    for lost in summary.get("record_errors") or []:
+        console.print(f"error: {lost}", highlight=False, markup=False)

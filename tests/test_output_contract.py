@@ -1,0 +1,97 @@
+"""Issue 26: the terminal never decides a run's fate. Under --json stdout is exactly one document whatever the
+user's code prints; a closed stdout, a reader that went away and a stdout nobody reads leave the run, its outcome
+and its exit code alone, and a signal still stops a run whose stdout is full."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import BASE_TOML, ESPER, REPO, checkpoint_dirs, sets, summary, wait_for
+
+from esper.core.errors import ExitCode
+
+JOB = ['data.task="synthetic"', "run.threads=1"]
+PRINTING = ["host.factory='plugins_fixture:printing_host'", "seeds.slots=[{name='s1', layer='hidden1'}]"]
+ENV = {**os.environ, "COLUMNS": "250", "PYTHONPATH": str(REPO / "tests")}
+
+
+def _cmd(run: Path, *items: str, flags: tuple[str, ...] = ("--quiet",)) -> list[str]:
+    return [str(ESPER), "--config", str(BASE_TOML), "train", *flags, "--run-dir", str(run), *sets(*JOB, *items)]
+
+
+def test_under_json_stdout_is_one_document_though_the_users_host_prints(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    done = subprocess.run(_cmd(run, *PRINTING, "trainer.epochs=2", flags=("--json",)), capture_output=True,
+                          env=ENV, timeout=240)
+    assert done.returncode == 0, done.stderr.decode()
+    doc = json.loads(done.stdout)  # the whole of stdout parses as one document
+    assert doc["status"] == "COMPLETED" and doc["run_dir"] == str(run)
+    assert b"my host says hello" in done.stderr and b"raw write to fd 1" in done.stderr
+
+
+def test_a_closed_stdout_keeps_the_run_its_outcome_and_its_exit_code(tmp_path: Path) -> None:
+    for flags, name in ((("--json",), "json"), (("--quiet",), "quiet"), ((), "rich")):
+        run = tmp_path / name
+        done = subprocess.run(_cmd(run, "trainer.epochs=2", flags=flags), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=ENV, timeout=240,
+                              preexec_fn=lambda: os.close(1))  # the child starts with descriptor 1 closed
+        assert done.returncode == 0, (name, done.stderr.decode())
+        assert b"Traceback" not in done.stderr and summary(run)["status"] == "COMPLETED"
+        assert not (run / "events.jsonl").read_bytes().startswith(b"epoch")  # nothing printed into a run file
+
+
+def test_a_reader_that_goes_away_does_not_fail_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    child = subprocess.Popen(_cmd(run, "trainer.epochs=40"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert child.stdout is not None and child.stdout.readline().startswith(b"epoch 1/40")
+    child.stdout.close()  # `esper train | head -1`
+    _, err = child.communicate(timeout=240)
+    assert child.returncode == 0 and b"Traceback" not in err, err.decode()
+    assert summary(run)["status"] == "COMPLETED" and summary(run)["epochs_completed"] == 40
+
+
+def test_a_stdout_nobody_reads_neither_blocks_the_run_nor_a_stop(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)  # fill the pipe: the child's first write would block for ever
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    run = tmp_path / "run"
+    log = tmp_path / "stderr"
+    with open(log, "wb") as err:
+        child = subprocess.Popen(_cmd(run, "trainer.epochs=100000"), stdout=w, stderr=err, env=ENV,
+                                 start_new_session=True)
+    os.close(w)
+    try:
+        wait_for(lambda: (run / "checkpoints").is_dir() and len(checkpoint_dirs(run)) >= 3, child, log,
+                 "three epochs with a full stdout")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=120) == ExitCode.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+        os.close(r)
+    assert summary(run)["status"] == "STOPPED"
+    assert sys.platform.startswith("linux")  # F_SETPIPE_SZ: the suite runs on Linux
+
+
+def test_an_ascii_only_locale_gets_ascii_output_not_a_crash(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = {**ENV, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
+    done = subprocess.run(_cmd(run, "trainer.epochs=2", flags=()), capture_output=True, env=env, timeout=240)
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
+    for args in (["inspect-checkpoint", str(run), "--verify"], ["runs", str(tmp_path)], ["faults", "list"],
+                 ["lifecycle", "seed"]):
+        shown = subprocess.run([str(ESPER), *args], capture_output=True, env=env, timeout=120)
+        assert shown.returncode == 0, (args, shown.stderr.decode(errors="replace"))
+        assert shown.stdout.isascii() and shown.stdout.strip(), args

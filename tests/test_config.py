@@ -392,3 +392,26 @@ def test_resolve_path_with_explicit_env_mapping() -> None:
     assert cfg.resolve_path(None, {}) == Path("esper.toml")
     assert cfg.resolve_path(None, {cfg.ENV_VAR: "/x.toml"}) == Path("/x.toml")
     assert cfg.resolve_path(Path("/y.toml"), {cfg.ENV_VAR: "/x.toml"}) == Path("/y.toml")
+
+
+def test_an_unreadable_config_is_exit_3_whichever_way_it_was_named(tmp_path: Path) -> None:
+    """Issue 26: --config used to be refused by the CLI framework (exit 2) while $ESPER_CONFIG got exit 3."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    path = tmp_path / "esper.toml"
+    shutil.copy(Path(__file__).resolve().parents[1] / "esper.toml", path)
+    path.chmod(0)
+    esper = str(Path(sys.executable).parent / "esper")
+
+    # root reads anything: run as another user would (util-linux's setpriv, as CI runs as root)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    tmp_path.chmod(0o755)
+    env = {**os.environ, "MPLCONFIGDIR": "/tmp"}
+    for args, extra in (([esper, "--config", str(path), "config", "show"], {}),
+                        ([esper, "config", "show"], {"ESPER_CONFIG": str(path)})):
+        done = subprocess.run([*nobody, *args], capture_output=True, text=True, env={**env, **extra}, timeout=120)
+        assert done.returncode == ExitCode.CONFIG, done.stderr
+        assert f"cannot read {path}: Permission denied" in done.stderr and "Traceback" not in done.stderr

@@ -31,6 +31,7 @@ from conftest import (
     metrics_without_wall_clock,
     out,
     resume,
+    rewrite_manifest,
     snapshot,
     summary,
     tensors,
@@ -299,3 +300,15 @@ def test_changed_config_is_refused_naming_the_key_unless_allowed(run2: Path) -> 
     assert latest(run2).name == "epoch-0003"
     assert manifest(latest(run2))["config_hash"] != manifest(run2 / "checkpoints" / "epoch-0002")["config_hash"]
     assert checkpoint_dirs(run2) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+
+
+@pytest.mark.parametrize("key", ["config_toml", "config_hash", "seeds", "history"])
+def test_verify_passes_a_run_checkpoint_exactly_when_resume_can_use_it(run2: Path, key: str) -> None:
+    """Issue 26: with ``config_toml`` removed (the seal recomputed) --verify said ok while --resume refused it."""
+    ckpt = latest(run2)
+    rewrite_manifest(ckpt, lambda doc: doc.pop(key))
+    checked = esper("inspect-checkpoint", str(ckpt), "--verify")
+    assert checked.exit_code == ExitCode.CHECKPOINT, checked.output
+    assert f"missing key '{key}' (not a training checkpoint)" in checked.output.replace("\n", " ")
+    resumed = esper("train", "--resume", str(ckpt))
+    assert resumed.exit_code == ExitCode.CHECKPOINT, resumed.output

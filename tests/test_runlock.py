@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import esper, out
 from conftest import hold_lock as _holder
 
 from esper.core.errors import ExitCode
@@ -62,3 +63,16 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path: Pat
         pass
     assert not writer_alive(run)
     assert target.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("command", [["train"], ["simulate-emergency", "--fault", "nan_loss", "--synthetic"]])
+def test_a_refused_start_in_a_users_directory_writes_nothing_there(tmp_path: Path, command: list[str]) -> None:
+    """Issue 26: a non-empty directory that is not a run is refused, and keeps exactly what it held."""
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    r = esper(*command, "--run-dir", str(target))
+    assert r.exit_code == ExitCode.USAGE and "it is not empty (it holds notes.txt)" in r.stderr, out(r)
+    assert sorted(os.listdir(target)) == ["notes.txt"] and (target / "notes.txt").read_text() == "keep me"
+    resumed = esper("train", "--resume", str(tmp_path / "none"), "--run-dir", str(target))
+    assert resumed.exit_code != 0 and sorted(os.listdir(target)) == ["notes.txt"]

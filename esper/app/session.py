@@ -136,6 +136,7 @@ class TrainSession:
         path = resume_dir(ckpt, run_dir)
         created = not os.path.lexists(path)
         make_dir(path, "--run-dir")
+        lock_new = not os.path.lexists(path / LOCK_NAME)
         lock = _take(path)
         try:
             own = ckpt.parent.parent.resolve() == path.resolve() and ckpt.parent.name == "checkpoints"
@@ -150,7 +151,7 @@ class TrainSession:
             assert run_id is not None  # training_problems checked it
             return cls(used, RunDir(path, run_id), lock, loaded.checkpoint, changes, created, tuple(injected))
         except BaseException:
-            _give_up(lock, path, created)
+            _give_up(lock, path, created, lock_new)
             raise
 
     @classmethod
@@ -160,11 +161,12 @@ class TrainSession:
         created = not os.path.lexists(path)
         make_dir(path, "--run-dir" if explicit is not None else "run.output_dir")
         rd = RunDir(path, run_id)
+        lock_new = not os.path.lexists(path / LOCK_NAME)
         lock = _take(path)
         try:
             _require_empty(rd, "start a new run in")
         except BaseException:
-            _give_up(lock, path, created)
+            _give_up(lock, path, created, lock_new)
             raise
         return cls(cfg, rd, lock, created=created, injected=tuple(injected))
 
@@ -246,12 +248,15 @@ def _drift(loaded: Resume, used: EsperConfig, allowed: Sequence[str]) -> list[st
     return changes
 
 
-def _give_up(lock: RunLock, path: Path, created: bool) -> None:
-    """Release the lock; a directory this session created, and nothing was written to, goes again."""
+def _give_up(lock: RunLock, path: Path, created: bool, lock_new: bool = False) -> None:
+    """Release the lock; a directory this session created, and nothing was written to, goes again, and so does a
+    lock file this session created in a directory it refused (a refused start writes nothing)."""
     # best effort: on a disk that refuses even this, the empty directory stays and the error that brought us
     # here is the one the operator sees
     with contextlib.suppress(OSError):
         if created and lock.held and os.listdir(path) == [LOCK_NAME]:
             (path / LOCK_NAME).unlink()
             path.rmdir()
+        elif lock_new and lock.held:
+            (path / LOCK_NAME).unlink()
     lock.release()

@@ -29,8 +29,9 @@ _ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if
 
 ConfigOpt = Annotated[
     Path | None,
+    # readable=False: the loader checks it, so an unreadable --config is exit 3 like one found any other way
     typer.Option("--config", "-c", help="Config file (else $ESPER_CONFIG, else ./esper.toml).",
-                 show_default=False),
+                 show_default=False, readable=False),
 ]
 SetOpt = Annotated[
     list[str] | None,

@@ -24,6 +24,7 @@ import torch
 from esper.core.checkpoint import stream
 from esper.core.checkpoint.locate import NAME_RE, SUFFIX, resolve_checkpoint
 from esper.core.checkpoint.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, validate
+from esper.core.checkpoint.payload import TRAINING_KEYS
 from esper.core.config import from_toml_text
 from esper.core.config.trust import Reference, references
 from esper.core.errors import CheckpointError, ConfigError
@@ -118,6 +119,10 @@ class LoadedCheckpoint:
         return self.manifest.payload()
 
 
+# keys only a training run writes (a bare store checkpoint may carry a run id, an epoch or a reason)
+_RUN_ONLY = frozenset(TRAINING_KEYS) - {"run_id", "reason", "epoch"}
+
+
 def verify_checkpoint(path: Path) -> VerifyReport:
     """Check the manifest (JSON, schema, seal) and every file (name, size, digest, safetensors header, no
     extra files). Integrity problems are reported, not raised; only "there is no checkpoint here" raises
@@ -151,8 +156,9 @@ def _verify(ckpt: Path, *, keep_bytes: bool) -> tuple[VerifyReport, dict[str, Lo
     refs: list[Reference] = []
     if doc is not None:
         manifest, problems = validate(doc)
-        if manifest is not None and "config_toml" in manifest.model_fields_set:
-            # a run's checkpoint (it carries its config): what resume needs is part of its integrity
+        if manifest is not None and manifest.model_fields_set & _RUN_ONLY:
+            # a run's checkpoint (it carries what only the trainer writes): what resume needs is part of its
+            # integrity, so --verify passes a checkpoint exactly when --resume could use it
             problems += [f"{MANIFEST}: {p}" for p in manifest.training_problems()]
         if manifest is not None and manifest.config_toml is not None:
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,13 +16,27 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import BASE_TOML, ESPER, GROWING, WALL_CLOCK_FIELDS, events, make_config, sets, tensors
+from conftest import (
+    BASE_TOML,
+    ESPER,
+    GROWING,
+    WALL_CLOCK_FIELDS,
+    checkpoint_dirs,
+    events,
+    latest,
+    make_config,
+    sets,
+    summary,
+    tensors,
+    verify,
+    wait_for,
+)
 
 from esper.cli.launch import worker_argv
 from esper.core.data.loader import EpochBatches, epoch_order
 from esper.core.dist import DataParallel, World, check_config
 from esper.core.dist.world import resolve_backend
-from esper.core.errors import ConfigError
+from esper.core.errors import ConfigError, ExitCode
 from esper.core.tolaria.signals import StopRequest
 
 TESTS = Path(__file__).parent
@@ -402,3 +417,37 @@ def test_rank_crash_needs_more_than_one_rank(tmp_path: Path) -> None:
     r = esper_cli("train", "--quiet", "--run-dir", str(tmp_path / "one"), "--fault", "rank_crash@1:0")
     assert r.exit_code == 2 and "the rank_crash fault needs 2 ranks or more" in r.output
     assert not (tmp_path / "one").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code", "group"), [(signal.SIGTERM, ExitCode.SIGTERM, False),
+                                                    (signal.SIGINT, ExitCode.SIGINT, True)])
+def test_a_signal_to_the_launcher_stops_every_rank_and_keeps_the_exit_code(tmp_path: Path, sig: int, code: int,
+                                                                           group: bool) -> None:
+    """Issue 26: SIGTERM to `esper train --nproc 2` (or Ctrl-C to its process group) stops the ranks at one step
+    with their stop checkpoint, and the launcher exits 143 / 130 -- not 1 with torch's SignalException -- leaving
+    no torchelastic_* directory in $TMPDIR."""
+    run, tmp, log = tmp_path / "run", tmp_path / "tmp", tmp_path / "log"
+    tmp.mkdir()
+    cmd = [str(ESPER), "--config", str(BASE_TOML), "train", "--nproc", "2", "--quiet", "--run-dir", str(run),
+           *sets(*JOB, "trainer.epochs=100000")]
+    with open(log, "wb") as fh:
+        child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**_env(), "TMPDIR": str(tmp)},
+                                 start_new_session=True)
+    try:
+        wait_for(lambda: (run / "checkpoints").is_dir() and len(checkpoint_dirs(run)) >= 2, child, log,
+                 "two checkpoints")
+        if group:
+            os.killpg(child.pid, sig)
+        else:
+            child.send_signal(sig)
+        assert child.wait(timeout=120) == code, log.read_text()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Traceback" not in text and "SignalException" not in text, text
+    s = summary(run)
+    assert s["status"] == "STOPPED" and s["exit_code"] == code
+    assert verify(latest(run)).exit_code == 0
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("torchelastic_")]

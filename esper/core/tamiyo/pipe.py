@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing.connection
 import os
+import signal
 import traceback
 from typing import Any
 
@@ -42,6 +43,8 @@ def decode(raw: bytes) -> list[Any]:
 
 def child_main(conn: multiprocessing.connection.Connection, factory_ref: str, args_json: str) -> None:
     """Entry point of the worker process: build the controller, then answer requests until EOF."""
+    # a Ctrl-C reaches the whole process group; the trainer decides what it means and ends this worker itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         controller = load_factory(factory_ref, CONFIG_KEY)(**json.loads(args_json))
     except Exception:  # noqa: BLE001 -- not swallowed: sent to the parent, which raises ControllerCrashed

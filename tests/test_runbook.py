@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -385,3 +387,48 @@ def test_a_step_timeout_kills_a_tree_that_left_its_process_group(tmp_path: Path,
     assert done.exit_code is None
     middle, grandchild = (int(x) for x in pids.read_text().split())
     wait_until(lambda: not _live(middle, grandchild), "the tree to be gone", 30)
+
+
+_LONG = ('[[step]]\nname = "train for ever"\nrun = "esper --config {config} train --run-dir {workdir}/run --json '
+         '--set data.task=\\"synthetic\\" --set trainer.epochs=100000"\ntimeout_s = 600\n')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_a_runbook_stops_its_step_tree_and_removes_its_work_directory(tmp_path: Path, sig: int) -> None:
+    """Issue 26: SIGTERM left the step training as an orphan and the work directory behind; SIGINT raced the
+    removal of a directory the step still wrote into."""
+    book = write(tmp_path, '[vars]\nconfig = "' + str(REPO / "tests" / "data" / "base.toml") + '"\n' + _LONG)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    child = subprocess.Popen([sys.executable, "-m", "esper", "runbook", "run", str(book), "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
+    runs = lambda: [p for p in tmp.glob("esper-runbook-*/run/checkpoints/epoch-*")]  # noqa: E731
+    wait_until(lambda: len(runs()) >= 2, "the step to train two epochs", 180)
+    step = descendants(child.pid)
+    assert step
+    child.send_signal(sig)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + sig and "Traceback" not in err, err
+    doc = json.loads(out)
+    assert doc["exit_code"] == 128 + sig and "its step was stopped, its work directory removed" in doc["error"]
+    assert not list(tmp.glob("esper-runbook-*"))  # (torch keeps its own cache dir there)
+    wait_until(lambda: not _live(*step), "the step's tree to be gone", 30)
+
+
+@pytest.mark.slow
+def test_an_outer_step_timeout_lets_a_nested_runbook_remove_its_work_directory(tmp_path: Path) -> None:
+    inner = write(tmp_path, '[vars]\nconfig = "' + str(REPO / "tests" / "data" / "base.toml") + '"\n' + _LONG)
+    outer = tmp_path / "outer.toml"
+    outer.write_text(f'name = "outer"\ndescription = "runs a nested runbook"\n[[step]]\nname = "nested"\n'
+                     f'run = "esper runbook run {inner}"\ntimeout_s = 15\n')
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    done = subprocess.run([sys.executable, "-m", "esper", "runbook", "run", str(outer), "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp)},
+                          timeout=300)
+    assert done.returncode == ExitCode.EXPECTATION, done.stderr
+    [step] = json.loads(done.stdout)["steps"]
+    assert step["timed_out"] is True
+    assert not list(tmp.glob("esper-runbook-*"))  # the inner runbook's directory (checkpoints included) is gone

@@ -1,4 +1,4 @@
-"""Kill a whole process tree: what a runbook step's timeout must end (issue 12 §8).
+"""Stop a whole process tree: what a runbook step's timeout, or a signal to the runbook, must end (issues 12, 26).
 
 A step runs in its own session, so one ``killpg`` ends its process group; but a step may itself start
 processes in sessions of their own (a nested runbook's steps, a drill's workers), which a group kill misses. So
@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 _PROC = Path("/proc")
@@ -72,3 +74,48 @@ def kill_tree(pid: int) -> set[int]:
     for member in tree:
         _signal(member, signal.SIGKILL)
     return tree
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived while a runbook ran a step (a BaseException, like KeyboardInterrupt: nothing on
+    the way may swallow it); the step's tree is stopped and the work directory removed before the exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` in the main thread while the block runs."""
+
+    stopping = False
+
+    def raise_it(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if stopping:  # a second signal while the step is being stopped: the stop goes on to its end
+            return
+        stopping = True
+        raise Interrupted(signum)
+
+    before = {s: signal.signal(s, raise_it) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def stop_tree(proc: subprocess.Popen[str], grace_s: float) -> None:
+    """Stop a step started in its own session: SIGTERM to its group first (an `esper train` writes its stop
+    checkpoint, a nested runbook stops its own step and removes its work directory), then, after ``grace_s``,
+    SIGKILL to the group and every descendant; the process is reaped either way."""
+    before = descendants(proc.pid)  # once it exits, members in other sessions no longer lead back to it
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    kill_tree(proc.pid)  # whatever is left of its group and its tree
+    for member in before:  # and what it left behind in sessions of their own
+        _signal(member, signal.SIGKILL)
+    proc.wait()

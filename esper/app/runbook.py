@@ -368,18 +368,27 @@ class Completed:
 Executor = Callable[[list[str], Path, float], Completed]
 
 
+STOP_GRACE_S = 20.0  # how long a stopped step may take to stop itself (a stop checkpoint, a nested cleanup)
+
+
 def run_command(argv: list[str], cwd: Path, timeout_s: float) -> Completed:
-    """Run ``argv`` in its own session; on timeout kill the whole process tree (drills fork workers, a nested
-    runbook's steps run in sessions of their own)."""
+    """Run ``argv`` in its own session. On timeout, and on a signal to the runbook (:class:`proctree.Interrupted`,
+    re-raised), stop its whole process tree: SIGTERM first, so a nested runbook removes its own work directory
+    and a training step writes its stop checkpoint, then SIGKILL to whatever is left (drills fork workers, a
+    nested runbook's steps run in sessions of their own)."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proctree.kill_tree(proc.pid)  # its group and every descendant, a nested runbook's steps included
+        proctree.stop_tree(proc, STOP_GRACE_S)
         out, err = proc.communicate()
         return Completed(None, out, err, time.monotonic() - start)
+    except BaseException:
+        proctree.stop_tree(proc, STOP_GRACE_S)  # nothing of the step outlives the runbook
+        proc.communicate()
+        raise
     return Completed(proc.returncode, out, err, time.monotonic() - start)
 
 

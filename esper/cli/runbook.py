@@ -12,11 +12,20 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from esper.app import proctree
 from esper.app.runbook import RunbookResult, Step, load_runbook, run_runbook
 from esper.cli.common import JsonOpt, handle_errors, print_json, stderr, stdout
-from esper.core.errors import ExpectationFailed
+from esper.core.errors import EsperError, ExitCode, ExpectationFailed
 
 app = typer.Typer(help="Run operational runbooks: esper command steps with expectations.", no_args_is_help=True)
+
+class RunbookStopped(EsperError):
+    """A signal stopped the runbook; its exit code is the signal's (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = ExitCode(code)
+
 
 KeepOpt = Annotated[bool, typer.Option("--keep", help="Keep the shared work directory (its path is printed).")]
 
@@ -36,17 +45,24 @@ def run(
     """Run every step in order in one temporary work directory; exit 7 at the first unmet expectation."""
     rb = load_runbook(file)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", rb.name)[:40]
-    workdir = Path(tempfile.mkdtemp(prefix=f"esper-runbook-{slug}-"))
     err = stderr()
     total = len(rb.steps)
 
     def announce(index: int, step: Step) -> None:
         err.print(f"[dim]step {index + 1}/{total}:[/] {step.name}", highlight=False)
 
+    workdir: Path | None = None
     try:
-        result = run_runbook(rb, workdir, on_step=None if as_json else announce)
+        with proctree.interruptible():  # from before the directory exists: no signal can leave it behind
+            workdir = Path(tempfile.mkdtemp(prefix=f"esper-runbook-{slug}-"))
+            result = run_runbook(rb, workdir, on_step=None if as_json else announce)
+    except proctree.Interrupted as stop:
+        # the step's whole tree has ended (run_command), so nothing writes into the work directory any more
+        where = f"kept: {workdir}" if keep else "removed"
+        raise RunbookStopped(f"runbook {rb.name!r} {stop}: its step was stopped, its work directory {where}",
+                             128 + stop.signum) from None
     finally:
-        if not keep:
+        if not keep and workdir is not None:
             shutil.rmtree(workdir)
     if as_json:
         print_json(result.to_dict(kept=keep))

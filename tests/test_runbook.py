@@ -430,5 +430,5 @@ def test_an_outer_step_timeout_lets_a_nested_runbook_remove_its_work_directory(t
                           timeout=300)
     assert done.returncode == ExitCode.EXPECTATION, done.stderr
     [step] = json.loads(done.stdout)["steps"]
-    assert step["timed_out"] is True
-    assert not list(tmp.glob("esper-runbook-*"))  # the inner runbook's directory (checkpoints included) is gone
+    assert step["timed_out"] is True, step
+    assert not list(tmp.glob("esper-runbook-*")), step  # the inner runbook directory (checkpoints too) is gone

@@ -43,8 +43,11 @@ def decode(raw: bytes) -> list[Any]:
 
 def child_main(conn: multiprocessing.connection.Connection, factory_ref: str, args_json: str) -> None:
     """Entry point of the worker process: build the controller, then answer requests until EOF."""
-    # a Ctrl-C reaches the whole process group; the trainer decides what it means and ends this worker itself
+    # a Ctrl-C or a `kill -TERM -PGID` reaches the whole process group: the trainer decides what it means (a
+    # graceful stop that may still ask this worker) and ends the worker itself (EOF on the pipe, or the
+    # mediator's kill after its grace)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         controller = load_factory(factory_ref, CONFIG_KEY)(**json.loads(args_json))
     except Exception:  # noqa: BLE001 -- not swallowed: sent to the parent, which raises ControllerCrashed

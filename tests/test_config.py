@@ -415,3 +415,11 @@ def test_an_unreadable_config_is_exit_3_whichever_way_it_was_named(tmp_path: Pat
         done = subprocess.run([*nobody, *args], capture_output=True, text=True, env={**env, **extra}, timeout=120)
         assert done.returncode == ExitCode.CONFIG, done.stderr
         assert f"cannot read {path}: Permission denied" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_toml_nested_past_the_parsers_recursion_limit_names_its_line_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text('[run]\nseed = 3  # "[[[[" in a comment and a string do not count\nname = "[[[["\n\n'
+                    "[trainer]\nbetas = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"nested deeper than 64 levels at line 6 \(key 'betas'\)"):
+        cfg.load(path)

@@ -475,3 +475,33 @@ def test_reader_missing_file_is_typed(tmp_path: Path) -> None:
 def test_module_does_not_import_torch() -> None:
     code = "import sys, esper.core.records.telemetry; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+_FSIZE = """
+import resource, signal, sys
+from pathlib import Path
+from esper.core.config import TelemetryConfig
+from esper.core.errors import EsperError
+from esper.core.records.telemetry import Emitter
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead of a signal
+path = Path(sys.argv[1])
+em = Emitter(path, "run-1", TelemetryConfig(batch_size=1, critical_retries=1))
+em.emit("cli", "first", "CRITICAL", pad="x" * 100)
+size = path.stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 150, resource.RLIM_INFINITY))  # the next record is torn
+try:
+    em.emit("cli", "second", "CRITICAL", pad="y" * 400)
+except EsperError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def test_a_record_torn_by_the_file_size_limit_is_cut_back_not_left_in_the_log(tmp_path: Path) -> None:
+    """Issue 26: a record torn part-way (the file-size limit, a full disk) stayed in events.jsonl after the halt."""
+    path = tmp_path / "events.jsonl"
+    done = subprocess.run([sys.executable, "-c", _FSIZE, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "TelemetryDeliveryError", done.stderr
+    data = path.read_bytes()
+    assert data.endswith(b"\n") and data.count(b"\n") == 1  # the whole first record, nothing of the torn one
+    assert [e["event"] for e in disk(path)] == ["first"]

@@ -11,6 +11,7 @@ to their own error (exit 3 for a config or runbook, 4 for a checkpoint, a skippe
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from typing import Any
 
@@ -74,11 +75,43 @@ def loads_toml(text: str, *, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ParseError(f"TOML syntax error: {exc}") from None
     except RecursionError:
-        raise ParseError(f"nested deeper than {max_depth} levels") from None
+        raise ParseError(f"nested deeper than {max_depth} levels{_toml_where(text, max_depth)}") from None
     except ValueError as exc:  # an integer past the int/str conversion limit
         raise ParseError(f"a number is out of range ({clip(str(exc), 60)})") from None
     check_depth(doc, max_depth)
     return doc
+
+
+_TOML_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\.\"' ]+?)\s*=")
+
+
+def _toml_where(text: str, max_depth: int) -> str:
+    """Where a TOML document first nests past ``max_depth`` (the parser's own RecursionError says nowhere): the
+    line and the key whose value it is. A scan of brackets outside strings, for the message only."""
+    depth, quote, key = 0, "", None
+    for number, line in enumerate(text.splitlines(), 1):
+        if depth == 0 and (m := _TOML_KEY.match(line)):
+            key = m.group(1).strip()
+        i = 0
+        while i < len(line):
+            ch = line[i]
+            if quote:
+                if ch == "\\" and quote == '"':
+                    i += 1
+                elif ch == quote:
+                    quote = ""
+            elif ch in "\"'":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in "[{":
+                depth += 1
+                if depth > max_depth:
+                    return f" at line {number}" + (f" (key {clip(key, 60)!r})" if key else "")
+            elif ch in "]}":
+                depth = max(depth - 1, 0)
+            i += 1
+    return ""
 
 
 def check_depth(value: Any, max_depth: int = MAX_DEPTH) -> None:

@@ -74,6 +74,34 @@ def open_append(path: Path) -> IO[str]:
     return fh
 
 
+def size_of(fh: object) -> int | None:
+    """The size of the file behind an open handle (None for a handle that is no file: a test's stand-in)."""
+    fileno = getattr(fh, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        return os.fstat(fileno()).st_size
+    except (OSError, ValueError):
+        return None
+
+
+def cut_back(path: Path, size: int) -> bool:
+    """Truncate ``path`` (never through a link) back to ``size`` bytes when it grew past them: a batch whose
+    write failed part-way leaves no torn record. False when the disk refused even that."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def append(path: Path, lines: Iterable[str], *, durable: bool) -> None:
     """Append encoded records (one JSON text each, without the newline). ``durable``: flushed and fsynced
     before returning, and the directory entry too when this call created the file."""

@@ -392,9 +392,11 @@ class Emitter:
         for attempt in range(attempts):
             if attempt:
                 self._count("retries")
+            start: int | None = None
             try:
                 if self._fh is None:
                     self._fh = self._opener(self.path)
+                start = jsonl.size_of(self._fh)
                 self._fh.write(text)
                 self._fh.flush()
                 if durable:
@@ -404,6 +406,7 @@ class Emitter:
                     self._count("deferred", n=newly_deferred)
                 last = e
                 self._discard_handle()
+                self._cut_torn(start)
                 continue
             self._deferred = []
             self._count("batches")
@@ -416,6 +419,13 @@ class Emitter:
             raise TelemetryDeliveryError(f"{critical} CRITICAL record(s) not durable: {msg}") from last
         raise TelemetryWriteError(msg) from last
 
+    def _cut_torn(self, start: int | None) -> None:
+        """A write that failed part-way (a full disk, the file-size limit) leaves a torn record: cut the file back
+        to where the batch began, so the log stays whole records and the retry writes the batch once. Where even
+        that fails, the next open ends the torn line (readers skip one line)."""
+        if start is not None and self.path is not None and not jsonl.cut_back(self.path, start):
+            self._count("write_errors")
+
     def _discard_handle(self) -> None:
         """Drop a handle that failed so the next attempt re-opens the file."""
         fh, self._fh = self._fh, None
@@ -426,3 +436,4 @@ class Emitter:
         except OSError:
             # The handle already failed a write and is being replaced; its close error adds nothing.
             self._count("write_errors")
+

@@ -95,3 +95,14 @@ def test_an_ascii_only_locale_gets_ascii_output_not_a_crash(tmp_path: Path) -> N
         shown = subprocess.run([str(ESPER), *args], capture_output=True, env=env, timeout=120)
         assert shown.returncode == 0, (args, shown.stderr.decode(errors="replace"))
         assert shown.stdout.isascii() and shown.stdout.strip(), args
+
+
+def test_a_reader_that_stops_reading_a_view_gets_no_traceback_and_the_sigpipe_code(tmp_path: Path) -> None:
+    """`esper config show | head -1`: Click's own handler exited 1 (a bug, in Esper's codes) and Rich's too."""
+    for args in (["config", "show"], ["lifecycle", "seed"]):
+        child = subprocess.Popen([str(ESPER), "--config", str(BASE_TOML), *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=ENV)
+        assert child.stdout is not None and child.stdout.read(5)
+        child.stdout.close()
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == ExitCode.SIGPIPE and b"Traceback" not in err and b"BrokenPipe" not in err, err

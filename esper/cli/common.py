@@ -59,12 +59,35 @@ def load_config(ctx: typer.Context, config: Path | None, sets: list[str] | None)
     return config_mod.load(config or g.config, [*g.sets, *(sets or [])])
 
 
+class EsperConsole(Console):
+    """Rich's console, with Esper's exit code when the reader goes away: 141 (SIGPIPE's), not 1 (a bug)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        reader_gone()
+        raise SystemExit(int(ExitCode.SIGPIPE))
+
+
+def reader_gone() -> None:
+    """stdout's reader went away (``esper runs | head``): what is left unwritten goes to /dev/null, so neither a
+    later write nor the interpreter's flush at exit ends in a BrokenPipeError traceback."""
+    if sys.stdout is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (a test runner's buffer): nothing to redirect
+        return
+    finally:
+        os.close(devnull)
+
+
 def stdout() -> Console:
-    return Console(soft_wrap=True)
+    return EsperConsole(soft_wrap=True)
 
 
 def stderr() -> Console:
-    return Console(stderr=True, soft_wrap=True)
+    return EsperConsole(stderr=True, soft_wrap=True)
 
 
 class _Output:
@@ -159,6 +182,13 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
 class EsperGroup(TyperGroup):
     """The root command group: usage errors Click finds before a command runs (a bad option value, a missing
     argument) and bugs go through the same error path, so ``--json`` gets its error document there too."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # before Click's own handler, which exits 1 (a bug, in Esper's codes)
+            reader_gone()
+            raise SystemExit(int(ExitCode.SIGPIPE)) from None
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:

@@ -10,7 +10,7 @@ import typer
 from esper import __version__
 from esper.cli import config_cmd, emergency, faults, runbook
 from esper.cli.bench import bench
-from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt
+from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt, reader_gone
 from esper.cli.compare import compare_cmd
 from esper.cli.drill import simulate_emergency
 from esper.cli.export import export
@@ -22,6 +22,7 @@ from esper.cli.reports import reports
 from esper.cli.runs import runs
 from esper.cli.train import train
 from esper.cli.watch import watch
+from esper.core.errors import ExitCode
 
 app = typer.Typer(
     name="esper",
@@ -95,4 +96,16 @@ def run() -> None:
     """Console-script entry point."""
     _standard_fds()
     _encodable_output()
-    app()
+    try:
+        app()
+    except BrokenPipeError:
+        reader_gone()
+        sys.exit(int(ExitCode.SIGPIPE))
+    except SystemExit:
+        try:
+            if sys.stdout is not None:
+                sys.stdout.flush()
+        except BrokenPipeError:
+            reader_gone()
+            sys.exit(int(ExitCode.SIGPIPE))
+        raise

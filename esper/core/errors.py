@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     BUSY = 8
     INCOMPLETE = 9  # a run ended without a summary: its writer was killed or crashed (`esper watch`)
     SIGINT = 130
+    SIGPIPE = 141  # stdout's reader went away (`esper runs | head`), as a Unix tool killed by SIGPIPE reports
     SIGTERM = 143
 
 

@@ -106,3 +106,22 @@ def test_a_reader_that_stops_reading_a_view_gets_no_traceback_and_the_sigpipe_co
         child.stdout.close()
         _, err = child.communicate(timeout=120)
         assert child.returncode == ExitCode.SIGPIPE and b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+def test_a_signal_after_the_outcome_is_written_does_not_change_the_exit_status(tmp_path: Path) -> None:
+    """Issue 26: in the second after summary.json, SIGINT/SIGTERM gave exit 0, 130 without the outcome lines, or
+    death by the signal, for a COMPLETED run. Signals are sent as soon as the summary appears, until exit."""
+    run = tmp_path / "run"
+    log = tmp_path / "log"
+    with open(log, "wb") as fh:
+        child = subprocess.Popen(_cmd(run, "trainer.epochs=3"), stdout=fh, stderr=subprocess.STDOUT, env=ENV,
+                                 start_new_session=True)
+    wait_for(lambda: (run / "summary.json").exists(), child, log, "the summary", timeout=240)
+    while child.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                child.send_signal(sig)
+            except ProcessLookupError:
+                break
+    assert child.wait(timeout=60) == 0 == summary(run)["exit_code"], log.read_text()
+    assert summary(run)["status"] == "COMPLETED" and "Traceback" not in log.read_text()

@@ -59,6 +59,19 @@ def load_config(ctx: typer.Context, config: Path | None, sets: list[str] | None)
     return config_mod.load(config or g.config, [*g.sets, *(sets or [])])
 
 
+class _Process:
+    entry = False  # set by the console script: this process ends when the command does (not a test's runner)
+
+
+def console_script() -> bool:
+    """Whether this command runs as the `esper` process itself (what it may do to its signal handling)."""
+    return _Process.entry
+
+
+def mark_console_script() -> None:
+    _Process.entry = True
+
+
 class EsperConsole(Console):
     """Rich's console, with Esper's exit code when the reader goes away: 141 (SIGPIPE's), not 1 (a bug)."""
 

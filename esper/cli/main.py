@@ -10,7 +10,7 @@ import typer
 from esper import __version__
 from esper.cli import config_cmd, emergency, faults, runbook
 from esper.cli.bench import bench
-from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt, reader_gone
+from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt, mark_console_script, reader_gone
 from esper.cli.compare import compare_cmd
 from esper.cli.drill import simulate_emergency
 from esper.cli.export import export
@@ -94,6 +94,7 @@ def _encodable_output() -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    mark_console_script()
     _standard_fds()
     _encodable_output()
     try:

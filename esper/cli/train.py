@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +22,7 @@ from esper.cli.common import (
     JsonOpt,
     QuietOpt,
     SetOpt,
+    console_script,
     global_options,
     handle_errors,
     load_config,
@@ -149,7 +155,50 @@ def train(
         _run(session, as_json, quiet)
 
 
+@contextlib.contextmanager
+def settled_outcome(summary: Path) -> Iterator[None]:
+    """Once this session's ``summary.json`` is written the outcome is decided: a SIGINT/SIGTERM in the second
+    after it (while the run directory is released and the outcome printed) is ignored, so the exit status is
+    always the recorded one. Before that, a signal means what it always does (training's own handlers stop the
+    run gracefully; outside them SIGINT raises KeyboardInterrupt and SIGTERM ends the process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    started = time.time_ns()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if _settled(summary, started):
+            return  # this session's outcome is on disk: exit with it
+        if signum == signal.SIGINT:
+            signal.default_int_handler(signum, frame)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        if _settled(summary, started) and console_script():
+            for s in previous:  # the process exits with the recorded outcome; nothing may change that now
+                signal.signal(s, signal.SIG_IGN)
+        else:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _settled(summary: Path, started: int) -> bool:
+    try:
+        return os.stat(summary).st_mtime_ns >= started
+    except OSError:  # no summary yet
+        return False
+
+
 def _run(session: TrainSession | scaleout.FollowerSession, as_json: bool, quiet: bool) -> None:
+    with settled_outcome(session.run_dir.summary):
+        _run_settled(session, as_json, quiet)
+
+
+def _run_settled(session: TrainSession | scaleout.FollowerSession, as_json: bool, quiet: bool) -> None:
     epochs = session.cfg.trainer.epochs
     if as_json:
         summary = session.run(reporter=None)

@@ -431,4 +431,5 @@ def test_an_outer_step_timeout_lets_a_nested_runbook_remove_its_work_directory(t
     assert done.returncode == ExitCode.EXPECTATION, done.stderr
     [step] = json.loads(done.stdout)["steps"]
     assert step["timed_out"] is True, step
-    assert not list(tmp.glob("esper-runbook-*")), step  # the inner runbook directory (checkpoints too) is gone
+    left = list(tmp.glob("esper-runbook-*"))
+    assert not left, (step["duration_s"], step["stderr_tail"])  # the inner runbook directory (checkpoints too)

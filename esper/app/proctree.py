@@ -13,7 +13,9 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 _PROC = Path("/proc")
@@ -119,3 +121,50 @@ def stop_tree(proc: subprocess.Popen[str], grace_s: float) -> None:
     for member in before:  # and what it left behind in sessions of their own
         _signal(member, signal.SIGKILL)
     proc.wait()
+
+
+@dataclass(frozen=True)
+class Completed:
+    """What one command did: exit code (None on timeout), streams, wall time."""
+
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    duration_s: float
+
+
+Executor = Callable[[list[str], Path, float], Completed]
+
+
+STOP_GRACE_S = 20.0  # how long a stopped step may take to stop itself (a stop checkpoint, a nested cleanup)
+DEPTH_ENV = "ESPER_RUNBOOK_DEPTH"  # how deep this runbook is nested: a nested one gives its own step less grace
+
+
+def stop_grace_s() -> float:
+    """The grace of this runbook's steps: halved at each level of nesting, so a nested runbook has stopped its
+    own step and removed its work directory before the runbook around it gives up on it."""
+    depth = os.environ.get(DEPTH_ENV, "0")
+    return STOP_GRACE_S / 2 ** min(int(depth) if depth.isdigit() else 0, 8)
+
+
+def run_command(argv: list[str], cwd: Path, timeout_s: float) -> Completed:
+    """Run ``argv`` in its own session. On timeout, and on a signal to the runbook (:class:`Interrupted`,
+    re-raised), stop its whole process tree: SIGTERM first, so a nested runbook removes its own work directory
+    and a training step writes its stop checkpoint, then SIGKILL to whatever is left (drills fork workers, a
+    nested runbook's steps run in sessions of their own)."""
+    start = time.monotonic()
+    depth = os.environ.get(DEPTH_ENV, "0")
+    env = {**os.environ, DEPTH_ENV: str(int(depth) + 1 if depth.isdigit() else 1)}
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop_tree(proc, stop_grace_s())
+        out, err = proc.communicate()
+        return Completed(None, out, err, time.monotonic() - start)
+    except BaseException:
+        stop_tree(proc, stop_grace_s())  # nothing of the step outlives the runbook
+        proc.communicate()
+        raise
+    return Completed(proc.returncode, out, err, time.monotonic() - start)

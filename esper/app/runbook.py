@@ -32,9 +32,7 @@ import json
 import math
 import re
 import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from esper.app import proctree
+from esper.app.proctree import Completed, Executor, run_command
 from esper.core.errors import EsperError, ExitCode
 from esper.core.io.tomlfile import read_toml
 
@@ -353,43 +351,6 @@ class RunbookResult:
                 "passed": self.passed, "workdir": str(self.workdir), "workdir_kept": kept,
                 "steps": [s.to_dict() for s in self.steps], "failed_step": failed.name if failed else None,
                 "failure": failed.failure if failed else None}
-
-
-@dataclass(frozen=True)
-class Completed:
-    """What one command did: exit code (None on timeout), streams, wall time."""
-
-    exit_code: int | None
-    stdout: str
-    stderr: str
-    duration_s: float
-
-
-Executor = Callable[[list[str], Path, float], Completed]
-
-
-STOP_GRACE_S = 20.0  # how long a stopped step may take to stop itself (a stop checkpoint, a nested cleanup)
-
-
-def run_command(argv: list[str], cwd: Path, timeout_s: float) -> Completed:
-    """Run ``argv`` in its own session. On timeout, and on a signal to the runbook (:class:`proctree.Interrupted`,
-    re-raised), stop its whole process tree: SIGTERM first, so a nested runbook removes its own work directory
-    and a training step writes its stop checkpoint, then SIGKILL to whatever is left (drills fork workers, a
-    nested runbook's steps run in sessions of their own)."""
-    start = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proctree.stop_tree(proc, STOP_GRACE_S)
-        out, err = proc.communicate()
-        return Completed(None, out, err, time.monotonic() - start)
-    except BaseException:
-        proctree.stop_tree(proc, STOP_GRACE_S)  # nothing of the step outlives the runbook
-        proc.communicate()
-        raise
-    return Completed(proc.returncode, out, err, time.monotonic() - start)
 
 
 def esper_argv(args: Sequence[str]) -> list[str]:

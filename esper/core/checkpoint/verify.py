@@ -119,8 +119,9 @@ class LoadedCheckpoint:
         return self.manifest.payload()
 
 
-# keys only a training run writes (a bare store checkpoint may carry a run id, an epoch or a reason)
-_RUN_ONLY = frozenset(TRAINING_KEYS) - {"run_id", "reason", "epoch"}
+# keys only a training run writes (a store checkpoint, a bench one, may carry a run id, epoch, step, metrics,
+# reason, optimizer)
+_RUN_ONLY = frozenset(TRAINING_KEYS) - {"run_id", "reason", "epoch", "global_step", "metrics", "optimizer"}
 
 
 def verify_checkpoint(path: Path) -> VerifyReport:

@@ -273,3 +273,37 @@ def test_installed_console_script(tmp_path: Path) -> None:
     assert fail.returncode == 3, fail.stderr
     assert "trainer.epochs" in fail.stderr and str(bad) in fail.stderr
     assert "Traceback" not in fail.stderr and fail.stdout == ""
+
+
+@pytest.mark.parametrize("fmt", [["--format", "json"], ["-f", "json"], ["--format=json"]])
+def test_format_json_gets_the_json_error_document_too(fmt: list[str]) -> None:
+    """Issue 27: `esper lifecycle nosuch --format json` exited 2 with nothing on stdout."""
+    r = CliRunner().invoke(app, ["lifecycle", "nosuch", *fmt])
+    assert r.exit_code == 2
+    doc = json.loads(r.stdout)
+    assert doc["exit_code"] == 2 and "'nosuch' is not one of" in doc["error"] and doc["key"] == "machine"
+
+
+def test_a_skipped_bench_row_keeps_its_brackets() -> None:
+    """Issue 27: Rich markup ate `[bench]` from `pip install -e ".[bench]"` in a skipped row's reason."""
+    from rich.console import Console
+
+    from esper.cli.bench import results_table
+
+    machine = {"cores_available": 2, "torch": "2.13", "torch_threads": 1, "python": "3.11.7"}
+    doc = {"machine": machine, "quick": True, "results": [{"id": "P-1L", "name": "vs Lightning", "kind": "skipped",
+                        "reason": 'the lightning package is not installed (pip install -e ".[bench]")'}]}
+    console = Console(width=250, record=True)
+    console.print(results_table(doc))
+    assert 'pip install -e ".[bench]"' in console.export_text()
+
+
+def test_no_config_file_anywhere_runs_on_the_built_in_defaults(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    shown = CliRunner().invoke(app, ["config", "show", "--set", "trainer.epochs=2"])
+    assert shown.exit_code == 0 and "built-in defaults" in shown.stdout
+    assert tomllib.loads(shown.stdout)["trainer"]["epochs"] == 2
+    listed = CliRunner().invoke(app, ["runs", str(tmp_path), "--json"])
+    assert listed.exit_code == 0, listed.output

@@ -381,11 +381,16 @@ def test_env_pointing_at_missing_file_does_not_fall_back(
     assert str(missing) in str(info.value)
 
 
-def test_no_config_anywhere_names_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_config_anywhere_is_the_built_in_defaults_but_a_named_file_must_exist(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27: `esper runs` or `esper train --set ...` without ./esper.toml ran into "config file not found"."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(cfg.ENV_VAR, raising=False)
+    resolved = cfg.load(None, ["trainer.epochs=2"])
+    assert resolved.path is None and "built-in defaults" in resolved.source
+    assert resolved.config == cfg.from_dict({"trainer": {"epochs": 2}})
     with pytest.raises(ConfigError, match=r"config file not found: esper\.toml"):
-        cfg.load()
+        cfg.load(Path("esper.toml"))  # named: never the defaults in its place
 
 
 def test_resolve_path_with_explicit_env_mapping() -> None:

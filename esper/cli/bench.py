@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from esper.app.bench.p7 import run_p7
 from esper.app.bench.run import run_bench
@@ -63,7 +64,7 @@ def results_table(doc: dict[str, Any]) -> Table:
     for r in doc["results"]:
         name = f"{r['id']} {r['name']}"
         if r["kind"] == "skipped":
-            table.add_row(name, "-", f"skipped: {r['reason']}", "-", "-", "-")
+            table.add_row(name, "-", Text(f"skipped: {r['reason']}"), "-", "-", "-")  # Text: "[bench]" stays
             continue
         unit = r["unit"]
         if r["kind"] == "ratio":

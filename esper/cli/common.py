@@ -206,7 +206,7 @@ class EsperGroup(TyperGroup):
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
-        as_json = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+        as_json = _wants_json(argv[: argv.index("--")] if "--" in argv else argv)
         _Output.json_printed = False
         try:
             rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
@@ -229,6 +229,13 @@ class EsperGroup(TyperGroup):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """``--json``, or ``--format json`` (`esper lifecycle`): an error then is a JSON document on stdout too."""
+    pairs = zip(argv, [*argv[1:], ""], strict=True)
+    return "--json" in argv or "--format=json" in argv or any(a in ("--format", "-f") and b == "json"
+                                                               for a, b in pairs)
 
 
 def _usage_text(exc: Exception) -> str:

@@ -19,7 +19,7 @@ def show(ctx: typer.Context, config: ConfigOpt = None, sets: SetOpt = None, as_j
         print_json(resolved.config.to_dict())
     else:
         extra = f" with {list(resolved.overrides)}" if resolved.overrides else ""
-        typer.echo(f"# resolved from {resolved.path}{extra}")
+        typer.echo(f"# resolved from {resolved.source}{extra}")
         typer.echo(resolved.config.to_toml(), nl=False)
 
 
@@ -32,8 +32,8 @@ def validate(
     every blueprint name; exit 0 when valid, 3 naming the key when not."""
     resolved = load_config(ctx, config, sets)
     preflight(resolved.config)
-    doc = {"valid": True, "path": str(resolved.path), "hash": resolved.config.config_hash()}
+    doc = {"valid": True, "path": str(resolved.path) if resolved.path else None, "hash": resolved.config.config_hash()}
     if as_json:
         print_json(doc)
     else:
-        stderr().print(f"ok: {resolved.path} is valid (hash {doc['hash'][:12]})", highlight=False, markup=False)
+        stderr().print(f"ok: {resolved.source} is valid (hash {doc['hash'][:12]})", highlight=False, markup=False)

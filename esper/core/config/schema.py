@@ -369,8 +369,16 @@ class EsperConfig(_Section):
 @dataclass(frozen=True)
 class ResolvedConfig:
     config: EsperConfig
-    path: Path
+    path: Path | None  # None: no file anywhere, the built-in defaults
     overrides: tuple[str, ...]
+
+    @property
+    def source(self) -> str:
+        """Where the config came from, for people: the file, or the built-in defaults."""
+        return str(self.path) if self.path is not None else BUILTIN_SOURCE
+
+
+BUILTIN_SOURCE = "the built-in defaults (no --config, $ESPER_CONFIG or ./esper.toml)"
 
 
 def resolve_path(explicit: Path | None, env: Mapping[str, str] | None = None) -> Path:
@@ -388,8 +396,12 @@ def load(
     overrides: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> ResolvedConfig:
-    """Read, override and validate the config; every problem is a ConfigError with a readable message."""
+    """Read, override and validate the config; every problem is a ConfigError with a readable message. With no
+    file named anywhere and no ./esper.toml, the built-in defaults (a file that was *named* and is missing is
+    still an error: never another file in its place)."""
     path = resolve_path(explicit, env)
+    if explicit is None and path == DEFAULT_PATH and not os.path.lexists(path):
+        return ResolvedConfig(from_dict({}, overrides), None, tuple(overrides))
     raw = read_toml(path, ConfigError,
                     f"config file not found: {path} (tried --config, ${ENV_VAR}, ./esper.toml in that order)")
     for item in overrides:
@@ -400,10 +412,7 @@ def load(
 def operator_config(overrides: Sequence[str] = (), env: Mapping[str, str] | None = None) -> EsperConfig:
     """The operator's own config where none was named (a plain ``--resume``): what the normal resolution finds
     (``$ESPER_CONFIG``, else ``./esper.toml``), or the schema's defaults when there is no file; then ``--set``."""
-    path = resolve_path(None, env)
-    if path == DEFAULT_PATH and not os.path.lexists(path):
-        return from_dict({}, overrides)
-    return load(path, overrides, env).config
+    return load(None, overrides, env).config
 
 
 def from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> EsperConfig:

@@ -119,8 +119,13 @@ def test_watch_of_a_finished_run_shows_it_and_exits_with_its_code(tmp_path: Path
 
 
 def test_watch_refuses_what_is_not_a_run_and_gives_up_on_one_that_never_starts(tmp_path: Path) -> None:
-    refused = esper("watch", str(tmp_path / "nope"))
+    refused = esper("watch", str(tmp_path / "nope"), "--start-timeout", "0")
     assert refused.exit_code == ExitCode.USAGE and "not a run directory" in refused.output
+    assert "(waited 0 s for one to appear)" in refused.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    other = esper("watch", str(tmp_path / "other"))  # something else entirely: refused at once, never waited on
+    assert other.exit_code == ExitCode.USAGE and "waited" not in other.output
     (tmp_path / "config.toml").write_text("")
     never = esper("watch", str(tmp_path), "--start-timeout", "0")
     assert never.exit_code == ExitCode.INCOMPLETE and "no esper process has started writing it" in never.output
@@ -142,3 +147,14 @@ def test_watch_of_a_resumed_run_follows_the_new_session_not_the_old_summary(tmp_
     assert proc.returncode == 0, p_out + p_err
     assert watcher.returncode == 0, w_out + w_err  # not the stopped session's 143
     assert "COMPLETED run " in w_out and "epoch 6/6 " in w_out
+
+
+@pytest.mark.slow
+def test_watch_started_before_the_run_waits_for_it_and_follows_it(tmp_path: Path) -> None:
+    """Issue 27: `esper watch RUN` right after `esper train --run-dir RUN` failed 'not a run directory'."""
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    watcher = _watch(run)  # nothing there yet
+    proc = spawn(run, *GROWING, "trainer.epochs=3", log=log)
+    w_out, w_err = watcher.communicate(timeout=240)
+    assert proc.wait(240) == 0 and watcher.returncode == 0, w_out + w_err
+    assert _epoch_lines(w_out) == _epoch_lines(log.read_text()) and "COMPLETED run " in w_out

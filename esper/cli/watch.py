@@ -6,6 +6,7 @@ Exits when the run ends, with the run's own exit code (so `esper watch RUN; echo
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +21,7 @@ from esper.app.views.status import INCOMPLETE, State
 from esper.cli.common import QuietOpt, global_options, handle_errors, stderr, stdout
 from esper.cli.view import RunView, last_text, plain_line, render_summary
 from esper.core.errors import ExitCode
+from esper.core.records.runlock import LOCK_NAME
 
 IntervalOpt = Annotated[float, typer.Option("--interval", min=0.05, max=10.0,
                                             help="Seconds between looks at the run directory.")]
@@ -65,14 +67,14 @@ def watch(
     start_timeout: StartOpt = 60.0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Follow a run from its directory until it ends; exit with the run's exit code (9: ended without a summary)."""
-    if not read.is_run_dir(run):
-        raise ViewUsageError(f"{run}: not a run directory (no config.toml, events.jsonl, metrics.jsonl or "
-                             f"summary.json)")
+    """Follow a run from its directory until it ends; exit with the run's exit code (9: ended without a summary).
+    A directory that does not exist yet (or is still empty) is waited for, up to --start-timeout: `esper watch`
+    may be started before the `esper train` it watches."""
+    began = time.monotonic()
+    _wait_for_run(run, interval, start_timeout, began)
     follower = Follower(run)
     console = stderr()
     plain = quiet or global_options(ctx).quiet or not console.is_terminal
-    began = time.monotonic()
     try:
         if plain:
             ending = _follow(follower, _Plain(follower), interval, start_timeout, began)
@@ -100,6 +102,25 @@ def _follow(follower: Follower, shown: _Plain | _Live, interval: float, start_ti
                                 f"(no writer lock, no summary): a run that never started, or one that died "
                                 f"before it took its lock")
         time.sleep(interval)  # the polling interval itself: the files are read by offset, only what is new
+
+
+def _not_yet(run: Path) -> bool:
+    """Nothing there yet, or a directory a starting `esper train` has made but not written its files in."""
+    if not os.path.lexists(run):
+        return True
+    try:
+        return run.is_dir() and not run.is_symlink() and set(os.listdir(run)) <= {LOCK_NAME}
+    except OSError:
+        return False
+
+
+def _wait_for_run(run: Path, interval: float, start_timeout: float, began: float) -> None:
+    while not read.is_run_dir(run):
+        if not _not_yet(run) or time.monotonic() - began > start_timeout:
+            waited = f" (waited {start_timeout:g} s for one to appear)" if _not_yet(run) else ""
+            raise ViewUsageError(f"{run}: not a run directory (no config.toml, events.jsonl, metrics.jsonl or "
+                                 f"summary.json){waited}")
+        time.sleep(interval)  # the polling interval: a run that is starting writes its files within seconds
 
 
 def _end(follower: Follower, ending: State) -> None:

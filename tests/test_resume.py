@@ -122,6 +122,9 @@ class SignalAt:
         if row["epoch"] == self.at_epoch_end and not self.sent:
             self._send()
 
+    def notice(self, text: str) -> None:
+        return None
+
 
 def stop_with_signal(run: Path, items: list[str], reporter: SignalAt) -> dict[str, Any]:
     cfg = config_mod.load(BASE_TOML, items).config

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BASE_TOML, ESPER, GROWING, sets
+from conftest import BASE_TOML, ESPER, GROWING, UNHURRIED, out, sets, train
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -76,6 +76,9 @@ class _Steps:
         self.last_of_epoch.append(self.steps[-1])
         self.rows.append(row)
 
+    def notice(self, text: str) -> None:
+        return None
+
 
 def test_the_loss_shown_per_step_is_the_epochs_running_mean(tmp_path: Path) -> None:
     cfg = config_mod.load(BASE_TOML, [*GROWING, "trainer.epochs=3", "controller.isolation=inline",
@@ -105,3 +108,14 @@ def test_shell_completion_is_offered_and_completes_commands() -> None:
     env = {**os.environ, "_ESPER_COMPLETE": "complete_bash", "COMP_WORDS": "esper pl", "COMP_CWORD": "1"}
     done = subprocess.run([str(ESPER)], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and done.stdout.split() == ["plot"]
+
+
+def test_quiet_output_says_when_a_rollback_replays_an_epoch(tmp_path: Path) -> None:
+    """Issue 27: after a rollback `--quiet` repeated `epoch 2/3` with no line saying why."""
+    r = train(tmp_path / "run", 'data.task="synthetic"', "trainer.epochs=3", *UNHURRIED,
+              extra=["--fault", "nan_loss@2:1"])
+    assert r.exit_code == 0, out(r)
+    lines = r.stdout.splitlines()
+    [notice] = [i for i, line in enumerate(lines) if line.startswith("rollback (fast tier, ")]
+    assert "after non_finite_loss: epoch 2 is replayed from step 0, leaving out batch 1 of epoch 2" in lines[notice]
+    assert lines[notice - 1].startswith("epoch 1/3") and lines[notice + 1].startswith("epoch 2/3")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import sys
@@ -233,9 +234,8 @@ class EsperGroup(TyperGroup):
 
 def _wants_json(argv: Sequence[str]) -> bool:
     """``--json``, or ``--format json`` (`esper lifecycle`): an error then is a JSON document on stdout too."""
-    pairs = zip(argv, [*argv[1:], ""], strict=True)
     return "--json" in argv or "--format=json" in argv or any(a in ("--format", "-f") and b == "json"
-                                                               for a, b in pairs)
+                                                               for a, b in itertools.pairwise(argv))
 
 
 def _usage_text(exc: Exception) -> str:

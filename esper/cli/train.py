@@ -93,6 +93,9 @@ class RichReporter:
         self.last = last_text(row)
         self.view.epoch_end(plain_line(row, self.epochs), self.last, slots)
 
+    def notice(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False)
+
 
 class PlainReporter:
     """One line per epoch, for logs and CI."""
@@ -115,6 +118,9 @@ class PlainReporter:
 
     def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None:
         self.console.print(plain_line(row, self.epochs), highlight=False, markup=False)
+
+    def notice(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False)
 
 
 @handle_errors

@@ -28,6 +28,7 @@ class Reporter(Protocol):
     def epoch_start(self, epoch: int, steps: int) -> None: ...
     def step(self, loss: float) -> None: ...
     def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None: ...
+    def notice(self, text: str) -> None: ...  # something the operator must see between epoch lines (a rollback)
 
 
 class Silent:
@@ -40,6 +41,9 @@ class Silent:
         pass
 
     def epoch_end(self, row: dict[str, Any], slots: list[dict[str, Any]]) -> None:
+        pass
+
+    def notice(self, text: str) -> None:
         pass
 
 

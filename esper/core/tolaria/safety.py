@@ -31,9 +31,10 @@ SKIP_CAUSES = frozenset({"loss_explosion", "non_finite_loss"})
 class Restart(Exception):  # noqa: N818 - control flow, not an error
     """Training resumes from ``position`` (after a rollback)."""
 
-    def __init__(self, position: Position) -> None:
+    def __init__(self, position: Position, reason: str = "") -> None:
         super().__init__(f"restart at {position}")
         self.position = position
+        self.reason = reason  # what the operator is told (the epoch about to be replayed, and why)
 
 
 class Halt(Exception):  # noqa: N818 - control flow, not an error
@@ -113,7 +114,10 @@ class Safety:
         if n == limit:
             self.emergency.escalate("CONSERVATIVE", f"{n} rollbacks without a healthy epoch")
         self.machine.fire("pause" if self.paused else "train", reason=f"rolled back ({result.tier} tier)")
-        raise Restart(self.state.position)
+        pos = self.state.position
+        raise Restart(pos, f"rollback ({result.tier} tier, {result.latency_ms:.1f} ms) after {signal.cause}: "
+                           f"epoch {pos.epochs_done + 1} is replayed from step {pos.step_in_epoch}"
+                           + (f", leaving out batch {at[1]} of epoch {at[0]}" if record["skip"] else ""))
 
     def halt(self, reason: str) -> None:
         """Emergency checkpoint of the last-known-good state, then HALTED (exit 6)."""

@@ -184,6 +184,7 @@ class Trainer:
                 if not self._run_epoch(p, epoch, skip):
                     return  # operator stop
             except Restart as r:
+                self.reporter.notice(r.reason)  # else the next epoch line silently repeats the epoch
                 epoch, skip = r.position.epochs_done + 1, r.position.step_in_epoch
                 continue
             epoch, skip = epoch + 1, 0

@@ -307,3 +307,13 @@ def test_no_config_file_anywhere_runs_on_the_built_in_defaults(tmp_path: Path,
     assert tomllib.loads(shown.stdout)["trainer"]["epochs"] == 2
     listed = CliRunner().invoke(app, ["runs", str(tmp_path), "--json"])
     assert listed.exit_code == 0, listed.output
+
+
+def test_tables_written_to_a_pipe_are_not_squeezed_to_80_columns() -> None:
+    """Issue 27: `esper faults list | cat` squeezed "what it does" to ~6 characters; `esper runs | cat` cut every
+    column to "COM…"."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([str(Path(sys.executable).parent / "esper"), "faults", "list"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "…" not in done.stdout
+    assert "the training loss of one step becomes NaN" in done.stdout

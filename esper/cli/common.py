@@ -96,12 +96,24 @@ def reader_gone() -> None:
         os.close(devnull)
 
 
+PIPE_WIDTH = 200  # a table written to a pipe or a file (`esper runs | cat`, a CI log): no terminal to fit
+
+
+def _width(stream: TextIO | None) -> int | None:
+    """Rich's 80 columns squeeze a table into '…' when nobody sees a terminal; COLUMNS still wins."""
+    try:
+        tty = stream is not None and stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return None if tty or os.environ.get("COLUMNS") else PIPE_WIDTH
+
+
 def stdout() -> Console:
-    return EsperConsole(soft_wrap=True)
+    return EsperConsole(soft_wrap=True, width=_width(sys.stdout))
 
 
 def stderr() -> Console:
-    return EsperConsole(stderr=True, soft_wrap=True)
+    return EsperConsole(stderr=True, soft_wrap=True, width=_width(sys.stderr))
 
 
 class _Output:

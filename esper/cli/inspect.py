@@ -176,7 +176,10 @@ def render(doc: dict[str, Any], console: Console) -> None:
 
     groups = doc["optimizer"]["groups"]
     if isinstance(groups, list) and groups:
-        console.print(_records_table("optimizer param groups", groups, index="group"))
+        # a group's parameter indices as their count: a real model's would fill the terminal (--json has them)
+        shown = [{**g, "params": f"{len(g['params'])} tensors"} if isinstance(g, dict) and isinstance(
+            g.get("params"), list) else g for g in groups]
+        console.print(_records_table("optimizer param groups", shown, index="group"))
     else:
         table = _kv_table("optimizer param groups")
         table.add_row(_MISSING, _cell(groups))

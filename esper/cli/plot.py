@@ -9,7 +9,6 @@ import typer
 
 from esper.app.views import read
 from esper.app.views.errors import ViewUsageError
-from esper.app.views.plot import render
 from esper.app.views.status import Run
 from esper.cli.common import JsonOpt, handle_errors, print_json, stderr
 
@@ -45,6 +44,8 @@ def plot(
     empty = [str(r.path) for r in loaded if not r.history.rows]
     if len(empty) == len(loaded):
         raise ViewUsageError(f"nothing to plot: no epoch has completed in {', '.join(empty)}")
+    from esper.app.views.plot import render  # matplotlib: paid by `esper plot` alone, not every command
+
     drawn = render(loaded, names, output)
     drawn["problems"] = {r.run_id: r.problems for r in loaded if r.problems}
     if as_json:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from torch.utils.data import Dataset, IterableDataset
 
 from esper.core.config import EsperConfig
@@ -46,6 +45,8 @@ def _build(cfg: EsperConfig) -> Task:
     if name == "mnist1d":
         task = _mnist1d()
     elif name in ("digits", "digits_images"):
+        from sklearn.datasets import load_digits  # 0.85 s of imports: paid by the digits tasks alone
+
         bunch = load_digits()
         x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
         shape = (64,) if name == "digits" else (1, 8, 8)

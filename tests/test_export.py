@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import UNHURRIED, esper, metrics, out, summary, train
+from conftest import GROWING, UNHURRIED, esper, metrics, out, summary, train
 
 import esper as esper_pkg
 from esper.app.export import MANIFEST, WEIGHTS, export_checkpoint
@@ -147,3 +147,22 @@ def test_a_broken_manifest_is_a_checkpoint_error(exported: Path, content: bytes)
 def test_a_directory_that_is_no_export_is_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not an Esper export"):
         esper_pkg.load_model(tmp_path)
+
+
+@pytest.mark.slow
+def test_eval_gives_the_runs_own_validation_figures_without_training(tmp_path: Path) -> None:
+    """Issue 27: a checkpoint evaluated on the validation set (mid-lifecycle seeds at their alpha, as the run's
+    validation sees them) without training; --set goes on the checkpoint's config."""
+    run = tmp_path / "run"
+    assert train(run, *GROWING, "trainer.epochs=5").exit_code == 0
+    stages = {s["stage"] for s in summary(run)["seeds"]}
+    r = esper("eval", str(run), "--json")
+    assert r.exit_code == 0, out(r)
+    doc = json.loads(r.stdout)
+    last = metrics(run)[-1]
+    assert doc["epoch"] == 5 and doc["metrics"]["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    assert doc["metrics"]["val_accuracy"] == pytest.approx(last["val_accuracy"], abs=1e-9)
+    assert stages & {"BLENDING", "SHADOWING", "PROBATIONARY", "FOSSILIZED"}, stages  # a seed is in the network
+    small = json.loads(esper("eval", str(run), "--json", "--set", "data.eval_batch_size=7").stdout)
+    assert small["metrics"]["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)  # other batches, same sums
+    assert esper("eval", str(tmp_path / "none")).exit_code == 4

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,9 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load, save_file
 
 from esper.app.session import Resume
+from esper.core.checkpoint import LoadedCheckpoint
 from esper.core.checkpoint.payload import SeedRecord
 from esper.core.config import EsperConfig, from_toml_text
-from esper.core.data import build_task
+from esper.core.data import Task, build_task
 from esper.core.errors import CheckpointError, ConfigError, UsageError
 from esper.core.io import bounded, confine
 from esper.core.io.durable import fsync_dir, fsync_file
@@ -111,33 +113,26 @@ def _kept(records: list[SeedRecord], live: bool) -> tuple[list[SeedRecord], dict
     return kept, dropped
 
 
+@dataclass
+class Grown:
+    """A checkpoint's network as a plain module, with what built it."""
+
+    model: GrownModel
+    cfg: EsperConfig
+    task: Task
+    checkpoint: LoadedCheckpoint
+    seeds: list[ExportedSeed]
+    dropped: dict[str, str]
+
+
 def export_checkpoint(target: Path, out: Path, *, live: bool = False) -> Exported:
     """Write the network of a verified checkpoint (a run directory means its ``latest``) to ``out``, which must
     not exist or be empty; everything is written to a temporary directory first and renamed into place."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty directory: export writes a directory of its own",
                          key="-o")
-    resume = Resume.load(target)
-    loaded, cfg = resume.checkpoint, resume.config
-    kept, dropped = _kept(loaded.manifest.seeds or [], live)
-    task = build_task(cfg)
-    host = build_host(cfg, task.input_shape, task.n_outputs)
-    probe = probe_host(host, [r.layer for r in kept], task.example_x(), cfg.host.output)
-    declared = {sc.name: sc.kind for sc in cfg.seeds.slots}
-    shapes = {r.slot: resolve(declared.get(r.slot, "auto"), probe.shapes[r.layer], f"seeds.slots ({r.slot})", r.layer)
-              for r in kept}
-    model = _assemble(cfg, host, [(r.slot, r.layer, shapes[r.slot], r.blueprint, r.alpha) for r in kept])
-    tensors = loaded.tensors["model"]
-    state = {f"host.{k.removeprefix('host.')}": v for k, v in tensors.items() if k.startswith("host.")}
-    for r in kept:
-        head = f"seed.{r.slot}."
-        state.update({f"seeds.{r.slot}.{k.removeprefix(head)}": v for k, v in tensors.items() if k.startswith(head)})
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{loaded.path}: its tensors do not fit the network its config builds: {exc}") from exc
-    seeds = [ExportedSeed(slot=r.slot, layer=r.layer, kind=shapes[r.slot].kind, shape=list(shapes[r.slot].shape),
-                          blueprint=r.blueprint, stage=r.stage, alpha=r.alpha) for r in kept]
+    grown = grown_network(target, live=live)
+    model, task, loaded, seeds, dropped = grown.model, grown.task, grown.checkpoint, grown.seeds, grown.dropped
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -164,6 +159,35 @@ def export_checkpoint(target: Path, out: Path, *, live: bool = False) -> Exporte
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Exported(out, manifest)
+
+
+def grown_network(target: Path, *, live: bool = False, overrides: Sequence[str] = ()) -> Grown:
+    """The network of a verified checkpoint as a plain module (FOSSILIZED seeds kept; with ``live``, seeds still
+    blending at their current alpha), built from the checkpoint's config (``overrides`` on top) and loaded
+    strictly with its weights."""
+    resume = Resume.load(target)
+    loaded = resume.checkpoint
+    cfg = resume.config_with(overrides) if overrides else resume.config
+    kept, dropped = _kept(loaded.manifest.seeds or [], live)
+    task = build_task(cfg)
+    host = build_host(cfg, task.input_shape, task.n_outputs)
+    probe = probe_host(host, [r.layer for r in kept], task.example_x(), cfg.host.output)
+    declared = {sc.name: sc.kind for sc in cfg.seeds.slots}
+    shapes = {r.slot: resolve(declared.get(r.slot, "auto"), probe.shapes[r.layer], f"seeds.slots ({r.slot})", r.layer)
+              for r in kept}
+    model = _assemble(cfg, host, [(r.slot, r.layer, shapes[r.slot], r.blueprint, r.alpha) for r in kept])
+    tensors = loaded.tensors["model"]
+    state = {f"host.{k.removeprefix('host.')}": v for k, v in tensors.items() if k.startswith("host.")}
+    for r in kept:
+        head = f"seed.{r.slot}."
+        state.update({f"seeds.{r.slot}.{k.removeprefix(head)}": v for k, v in tensors.items() if k.startswith(head)})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{loaded.path}: its tensors do not fit the network its config builds: {exc}") from exc
+    seeds = [ExportedSeed(slot=r.slot, layer=r.layer, kind=shapes[r.slot].kind, shape=list(shapes[r.slot].shape),
+                          blueprint=r.blueprint, stage=r.stage, alpha=r.alpha) for r in kept]
+    return Grown(model.eval(), cfg, task, loaded, seeds, dropped)
 
 
 def read_manifest(directory: Path) -> ExportManifest:

@@ -13,6 +13,7 @@ from esper.cli.bench import bench
 from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt, mark_console_script, reader_gone
 from esper.cli.compare import compare_cmd
 from esper.cli.drill import simulate_emergency
+from esper.cli.evaluate import evaluate
 from esper.cli.export import export
 from esper.cli.inspect import inspect_checkpoint
 from esper.cli.layers import layers
@@ -69,6 +70,7 @@ app.command("runs")(runs)
 app.command("compare")(compare_cmd)
 app.command("layers")(layers)
 app.command("export")(export)
+app.command("eval")(evaluate)
 
 
 def _standard_fds() -> None:

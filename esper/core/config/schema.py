@@ -316,6 +316,10 @@ class TrainerConfig(_Section):
     step_size: int = Field(200, ge=1, description="step policy: steps between decays")
     step_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step policy: decay factor")
     grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 disables clipping")
+    early_stop_patience: int = Field(0, ge=0, le=100000, description="end the run once the primary metric has not "
+                                     "improved for this many epochs; 0 never stops early")
+    early_stop_min_delta: float = Field(0.0, ge=0.0, description="the smallest change of the primary metric that "
+                                        "counts as an improvement (absolute)")
     profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
 
     @field_validator("betas")

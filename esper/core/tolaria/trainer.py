@@ -29,6 +29,7 @@ from esper.core.records import requests
 from esper.core.records.rundir import RunDir, disk_fault, is_disk_error
 from esper.core.records.telemetry import Emitter, TelemetryDeliveryError, TelemetryError, TelemetryWriteError
 from esper.core.tolaria.builder import ControllerFactory, Parts, build_parts, controller_factory
+from esper.core.tolaria.early_stop import early_stop
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.injector import DataLoaderError, FaultEntry
 from esper.core.tolaria.safety import Halt, Restart
@@ -179,7 +180,9 @@ class Trainer:
 
     def _loop(self, p: Parts) -> None:
         epoch, skip = p.state.epochs_done + 1, p.state.step_in_epoch
-        while epoch <= self.cfg.trainer.epochs:
+        t = self.cfg.trainer
+        reason = f"{t.epochs} epochs done"
+        while epoch <= t.epochs:
             try:
                 if not self._run_epoch(p, epoch, skip):
                     return  # operator stop
@@ -187,8 +190,14 @@ class Trainer:
                 self.reporter.notice(r.reason)  # else the next epoch line silently repeats the epoch
                 epoch, skip = r.position.epochs_done + 1, r.position.step_in_epoch
                 continue
+            stop = early_stop(p.state.history, p.task, t) if epoch < t.epochs else None
+            if stop is not None:
+                self.emit("tolaria", "early_stop", "WARNING", reason=stop, epochs_done=epoch, planned=t.epochs)
+                self.reporter.notice(stop)
+                reason = stop
+                break
             epoch, skip = epoch + 1, 0
-        self.machine.fire("complete", reason=f"{self.cfg.trainer.epochs} epochs done")
+        self.machine.fire("complete", reason=reason)
 
     def _run_epoch(self, p: Parts, epoch: int, skip: int) -> bool:
         """One epoch; returns False when an operator stop ended the run inside it."""

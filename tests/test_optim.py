@@ -333,8 +333,8 @@ def test_group_with_bad_base_lr_is_an_error() -> None:
 
 
 def test_unknown_policy_is_an_error() -> None:
-    with pytest.raises(OptimizerError, match="unknown LR policy 'linear'"):
-        LRSchedule(TrainerConfig.model_construct(lr_policy="linear"), 100)
+    with pytest.raises(OptimizerError, match="unknown LR policy 'onecycle'"):
+        LRSchedule(TrainerConfig.model_construct(lr_policy="onecycle"), 100)
     with pytest.raises(OptimizerError, match="cosine_past_t_max"):
         LRSchedule(TrainerConfig.model_construct(lr_policy="cosine", cosine_past_t_max="bounce"), 100)
     with pytest.raises(OptimizerError, match="unknown optimizer"):
@@ -381,3 +381,18 @@ def test_factor_is_finite_and_bounded(kw: dict[str, Any], steps: list[int]) -> N
         elif cfg.lr_policy == "cosine":
             assert f >= s.floor
         assert s.factor(n) == f  # pure
+
+
+def test_linear_falls_from_1_after_the_warm_up_to_min_lr_at_the_runs_end() -> None:
+    s = _sched(100, lr_policy="linear", lr=0.1, min_lr=0.01, warmup_steps=10, warmup_start_factor=0.5)
+    assert s.factor(0) == 0.5 and s.factor(10) == 1.0
+    assert s.factor(55) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the 90 steps after the warm-up
+    assert s.factor(100) == pytest.approx(0.1) and s.factor(500) == pytest.approx(0.1)  # the floor, not below
+    factors = [s.factor(n) for n in range(10, 101)]
+    assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))
+
+
+def test_inverse_sqrt_is_1_where_the_warm_up_ends_and_falls_as_one_over_root_step() -> None:
+    s = _sched(1000, lr_policy="inverse_sqrt", warmup_steps=16)
+    assert s.factor(16) == 1.0 and s.factor(16 + 48) == pytest.approx(0.5)  # sqrt(16 / 64)
+    assert _sched(1000, lr_policy="inverse_sqrt").factor(3) == pytest.approx(0.5)  # no warm-up: W = 1

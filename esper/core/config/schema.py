@@ -307,7 +307,9 @@ class TrainerConfig(_Section):
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2,
                                description="AdamW betas (beta1, beta2), each in [0, 1)")
     weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
-    lr_policy: Literal["constant", "cosine", "step"] = Field("cosine", description="LR policy")
+    lr_policy: Literal["constant", "cosine", "step", "linear", "inverse_sqrt"] = Field(
+        "cosine", description="LR policy after the warm-up: constant | cosine | step | linear (to min_lr at the run's "
+                              "end) | inverse_sqrt (sqrt(warmup_steps / step))")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up length in global steps")
     warmup_start_factor: float = Field(0.1, gt=0.0, le=1.0, description="warm-up starts at this factor of lr")
     cosine_t_max: int = Field(176, ge=0, description="cosine period in steps (176 = 8 digits epochs); 0 = the run")

@@ -32,7 +32,7 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adamw": torch.optim.AdamW,
 }
-_POLICIES = ("constant", "cosine", "step")
+_POLICIES = ("constant", "cosine", "step", "linear", "inverse_sqrt")
 _PAST_T_MAX = ("floor", "restart")
 # Scalar per-parameter counters; every other tensor in a parameter's state is shaped like the parameter.
 _SCALAR_STATE_KEYS = frozenset({"step"})
@@ -232,7 +232,10 @@ class LRSchedule:
     Warm-up is linear from ``warmup_start_factor`` at step 0 to 1.0 at ``warmup_steps``. After it:
     ``constant`` is 1; ``step`` is ``step_gamma ** ((step - warmup) // step_size)``; ``cosine`` anneals
     from 1 to ``min_lr / lr`` over ``t_max`` steps and then stays at that floor (``floor``) or starts a new
-    cycle at 1 (``restart``, as SGDR: the step at ``t_max`` is the first of the next cycle).
+    cycle at 1 (``restart``, as SGDR: the step at ``t_max`` is the first of the next cycle); ``linear`` falls
+    from 1 to ``min_lr / lr`` over the rest of the run (the Hugging Face Trainer's default); ``inverse_sqrt`` is
+    ``sqrt(W / (W + t))`` with ``W = max(warmup_steps, 1)``, ``t`` the steps since the warm-up (the Transformer's
+    schedule, 1 where the warm-up ends).
     """
 
     def __init__(self, cfg: TrainerConfig, total_steps: int) -> None:
@@ -263,6 +266,11 @@ class LRSchedule:
         if self.policy == "step" and not (cfg.step_size >= 1 and 0 < cfg.step_gamma <= 1):
             raise OptimizerError(f"step policy needs step_size >= 1 and step_gamma in (0, 1], got "
                                  f"{cfg.step_size!r}, {cfg.step_gamma!r}")
+        if self.policy == "linear":
+            if not 0 <= cfg.min_lr <= cfg.lr:
+                raise OptimizerError(f"min_lr {cfg.min_lr!r} must be within [0, lr={cfg.lr!r}]")
+            self.floor = cfg.min_lr / cfg.lr
+            self.t_max = max(total_steps - cfg.warmup_steps, 1)
         if self.policy == "cosine":
             if not 0 <= cfg.min_lr <= cfg.lr:
                 raise OptimizerError(f"min_lr {cfg.min_lr!r} must be within [0, lr={cfg.lr!r}]")
@@ -293,6 +301,11 @@ class LRSchedule:
             return 1.0
         if self.policy == "step":
             return self.step_gamma ** (t // self.step_size)
+        if self.policy == "linear":
+            return self.floor + (1.0 - self.floor) * max(0.0, 1.0 - t / self.t_max)
+        if self.policy == "inverse_sqrt":
+            w = max(self.warmup_steps, 1)
+            return math.sqrt(w / (w + t))
         if t >= self.t_max:
             if self.past_t_max == "floor":
                 return self.floor

@@ -1,10 +1,24 @@
-"""The one typed configuration (``schema``): every section model, resolution, ``--set`` overrides and readable
-errors (``messages``); the operational sections (``ops``), their shared base (``base``), plug-in loading
-(``plugins``), the trust rules for code a config names (``trust``) and the fault catalogue (``faults``).
+"""The one typed configuration (``schema``: every section model), its resolution and ``--set`` overrides
+(``resolve``), readable errors (``messages``); the operational sections (``ops``), their shared base
+(``base``), plug-in loading (``plugins``), the trust rules for code a config names (``trust``) and the fault
+catalogue (``faults``).
 
 The facade: code outside the package imports from here (``from esper.core.config import EsperConfig``).
 """
 
+from esper.core.config.base import is_factory_ref
+from esper.core.config.messages import describe
+from esper.core.config.resolve import (
+    ResolvedConfig,
+    apply_override,
+    from_dict,
+    from_toml_text,
+    load,
+    operator_config,
+    parse_override,
+    resolve_path,
+    validate,
+)
 from esper.core.config.schema import (
     BUILTIN_TASKS,
     CODE,
@@ -27,7 +41,6 @@ from esper.core.config.schema import (
     FaultConfig,
     HostConfig,
     ProfilerConfig,
-    ResolvedConfig,
     RiskConfig,
     RollbackConfig,
     RunConfig,
@@ -36,16 +49,6 @@ from esper.core.config.schema import (
     SlotKind,
     TelemetryConfig,
     TrainerConfig,
-    apply_override,
-    describe,
-    from_dict,
-    from_toml_text,
-    is_factory_ref,
-    load,
-    operator_config,
-    parse_override,
-    resolve_path,
-    validate,
 )
 
 __all__ = [

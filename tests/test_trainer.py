@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import EventRecorder, events, make_config, metrics
+from conftest import WALL_CLOCK_FIELDS, EventRecorder, events, make_config, metrics
 from typer.testing import CliRunner, Result
 
 from esper.cli.main import app
@@ -305,7 +305,7 @@ def test_loss_explosion_and_non_finite_detection_rules() -> None:
 
 
 def _comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k != "step_time_ms"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK_FIELDS} for row in rows]
 
 
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:

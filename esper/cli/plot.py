@@ -21,10 +21,17 @@ def plot(
                                                      "runs).")] = None,
     labels: Annotated[list[str] | None, typer.Option("--label", help="Legend name of each run, in order "
                                                      "(default: run ids).", show_default=False)] = None,
+    x_axis: Annotated[str, typer.Option("--x", help="The x axis: epoch, or flops (the run's cumulative "
+                                         "training FLOPs: compare a grown run with a larger one at equal "
+                                         "compute).")] = "epoch",
     as_json: JsonOpt = False,
 ) -> None:
     """Write a PNG: train/val loss and the primary metric per epoch, parameters, a band per slot coloured by seed
     stage, markers for emergencies (by level), rollbacks and checkpoints."""
+    from esper.app.views.plot import X_AXES, render  # matplotlib: paid by `esper plot` alone, not every command
+
+    if x_axis not in X_AXES:
+        raise ViewUsageError(f"--x {x_axis!r}: choose one of {', '.join(X_AXES)}")
     for run in runs:
         if not read.is_run_dir(run):
             raise ViewUsageError(f"{run}: not a run directory (no config.toml, events.jsonl, metrics.jsonl or "
@@ -44,9 +51,7 @@ def plot(
     empty = [str(r.path) for r in loaded if not r.history.rows]
     if len(empty) == len(loaded):
         raise ViewUsageError(f"nothing to plot: no epoch has completed in {', '.join(empty)}")
-    from esper.app.views.plot import render  # matplotlib: paid by `esper plot` alone, not every command
-
-    drawn = render(loaded, names, output)
+    drawn = render(loaded, names, output, x_axis)
     drawn["problems"] = {r.run_id: r.problems for r in loaded if r.problems}
     if as_json:
         print_json(drawn)

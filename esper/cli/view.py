@@ -51,7 +51,16 @@ def plain_line(row: dict[str, Any], epochs: int | None) -> str:
     stages = row.get("seeds_by_stage")
     stages = ",".join(f"{k}:{v}" for k, v in stages.items()) if isinstance(stages, dict) and stages else "-"
     return (f"epoch {fmt(row.get('epoch'))}/{fmt(epochs)} {metrics_text(row, 'train_')} {metrics_text(row, 'val_')} "
-            f"params={fmt(row.get('params'))} seeds={stages} level={fmt(row.get('emergency_level'))}")
+            f"params={fmt(row.get('params'))} seeds={stages} level={fmt(row.get('emergency_level'))}"
+            + (f" flops={si(row['flops'])}" if isinstance(row.get("flops"), int) else ""))
+
+
+def si(n: float) -> str:
+    """A count for a person: 3.58G, 912M, 41.2k."""
+    for div, unit in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:g}"
 
 
 def metrics_text(row: dict[str, Any], prefix: str) -> str:
@@ -61,7 +70,8 @@ def metrics_text(row: dict[str, Any], prefix: str) -> str:
 
 
 def last_text(row: dict[str, Any]) -> str:
-    return (f"{metrics_text(row, 'val_').replace('=', ' ')} params {fmt(row.get('params'))} "
+    flops = f" flops {si(row['flops'])}" if isinstance(row.get("flops"), int) else ""
+    return (f"{metrics_text(row, 'val_').replace('=', ' ')} params {fmt(row.get('params'))}{flops} "
             f"level {fmt(row.get('emergency_level'))}")
 
 

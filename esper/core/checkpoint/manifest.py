@@ -23,6 +23,7 @@ from esper.core.checkpoint.payload import (
     RUN_ID,
     SHA256,
     TRAINING_KEYS,
+    ComputeRecord,
     ControllerState,
     DataRecord,
     EmergencyRecord,
@@ -93,6 +94,7 @@ class Manifest(BaseModel):
     epoch_stats: EpochStatsRecord | None = None
     data: DataRecord | None = None  # batches skipped on replays (H-6)
     precision: PrecisionRecord | None = None  # the fp16 loss scaler
+    compute: ComputeRecord | None = None  # FLOPs and training seconds so far
     rollbacks: list[dict[str, Any]] | None = None
     commands: dict[str, int] | None = None
     optimizer: OptimizerRecord | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from esper.core.tamiyo import ControllerState
 from esper.statemachines import EMERGENCY, SEED, TRAINER
@@ -154,6 +154,23 @@ class PrecisionRecord(BaseModel):
     overflow_steps: int = Field(ge=0)
 
 
+class ComputeRecord(BaseModel):
+    """``tolaria.compute.ComputeMeter.state_dict()`` (manifest key ``compute``; absent before FLOP accounting)."""
+
+    model_config = _CLOSED
+
+    flops: dict[Literal["forward", "backward", "seeds", "validation"], int]
+    train_seconds: float = Field(ge=0.0, allow_inf_nan=False)
+    uncounted_ops: dict[str, int]
+
+    @field_validator("flops", "uncounted_ops")
+    @classmethod
+    def _counts(cls, v: dict[str, int]) -> dict[str, int]:
+        if len(v) > 256 or any(n < 0 or n > 2**100 or len(k) > 256 for k, n in v.items()):
+            raise ValueError("counts must be non-negative, at most 256 entries, names at most 256 characters")
+        return v
+
+
 class DataRecord(BaseModel):
     """``BatchSkips.state_dict()`` (manifest key ``data``; absent before H-6)."""
 
@@ -213,6 +230,6 @@ class TensorSummary(BaseModel):
 TRAINING_KEYS = ("run_id", "reason", "epoch", "step_in_epoch", "global_step", "trainer_state", "emergency", "seeds",
                  "controller", "metrics", "history", "epoch_stats", "rollbacks", "commands", "optimizer",
                  "config_toml", "config_hash")
-__all__ = ["RUN_ID", "SHA256", "TRAINING_KEYS", "ControllerState", "DataRecord", "EmergencyRecord",
+__all__ = ["RUN_ID", "SHA256", "TRAINING_KEYS", "ComputeRecord", "ControllerState", "DataRecord", "EmergencyRecord",
            "PrecisionRecord", "EpochStatsRecord", "MetricsRow", "OptimizerRecord", "SeedRecord", "TensorSummary",
            "TrainerStateName"]

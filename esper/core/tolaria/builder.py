@@ -18,6 +18,7 @@ from torch import nn
 from esper.core.config import EsperConfig
 from esper.core.data import BatchSkips, Task, build_task, fetch, steps_per_epoch
 from esper.core.dist import DataParallel
+from esper.core.dist import current as current_world
 from esper.core.kasmina import BlueprintLoadManager, BlueprintRegistry, Kasmina, param_count
 from esper.core.model.device import resolve_device
 from esper.core.model.host import build_host, check_output, probe_host
@@ -28,6 +29,7 @@ from esper.core.tamiyo import FieldReportLog, Tamiyo
 from esper.core.tamiyo import worker as tamiyo_worker
 from esper.core.tolaria.checkpointer import Checkpointer
 from esper.core.tolaria.components import Components, Layout, ModuleState
+from esper.core.tolaria.compute import ComputeMeter
 from esper.core.tolaria.decisions import Decisions
 from esper.core.tolaria.emergency import EmergencyManager, Signal
 from esper.core.tolaria.injector import FaultEntry, FaultInjector
@@ -78,6 +80,7 @@ class Parts:
     pin_memory: bool  # data.pin_memory, on a CUDA device
     precision: Precision
     parallel: DataParallel  # the reductions and cross-rank checks under torchrun (no-ops in a world of one)
+    compute: ComputeMeter  # FLOPs and training seconds so far
 
     def close(self) -> None:
         """Stop the controller worker and the blueprint prefetcher, and let a background checkpoint write end (its
@@ -137,6 +140,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         state = TrainState()
         skips = BatchSkips()
         rng = RngState()
+        compute = ComputeMeter(world_size=current_world().size)
         precision = Precision(cfg.run.precision, device, emit, max_overflow_steps=cfg.emergency.max_overflow_steps)
 
         components = Components()  # restore order: the modules before the optimizer that holds their parameters
@@ -147,6 +151,9 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         components.register("train", state, Layout(keys=(
             "epoch", "step_in_epoch", "global_step", "metrics", "history", "epoch_stats", "rollbacks", "commands")),
             keep_on_rollback=TrainState.KEEP_ON_ROLLBACK)
+        # what the run has cost: a rollback keeps it (the undone steps' compute was spent)
+        components.register("compute", compute, Layout(key="compute", absent=ComputeMeter.ABSENT),
+                            keep_on_rollback=True)
         components.register("data", skips, Layout(key="data", absent=BatchSkips.ABSENT), keep_on_rollback=True)
         components.register("emergency", emergency, Layout(key="emergency"), keep_on_rollback=True)
         components.register("controller", tamiyo, Layout(key="controller"), keep_on_rollback=True)  # rewound instead
@@ -182,4 +189,4 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         raise
     return Parts(device, task, host, kasmina, loader, optimizer, schedule, emergency, tamiyo, mediator, state, skips,
                  rng, components, injector, checkpointer, rollback, safety, decisions, profiler, probe, n_steps,
-                 cfg.data.pin_memory and device.type == "cuda", precision, parallel)
+                 cfg.data.pin_memory and device.type == "cuda", precision, parallel, compute)

@@ -15,6 +15,7 @@ from esper.core.io import bounded
 from esper.core.kasmina import Mode
 from esper.core.records.telemetry import Emitter
 from esper.core.tolaria.builder import Parts
+from esper.core.tolaria.compute import layout_key
 from esper.core.tolaria.injector import DataLoaderError
 
 
@@ -61,7 +62,8 @@ def validate(p: Parts, cfg: DataConfig, bypass: frozenset[str]) -> dict[str, flo
         with p.kasmina.modes(Mode.BYPASS, bypass):
             for x, y in val_batches(task, cfg, p.pin_memory, (p.parallel.world.rank, p.parallel.world.size)):
                 x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
-                with p.precision.autocast():
+                layout = layout_key(x, False, p.kasmina.slots.values(), bypass)
+                with p.precision.autocast(), p.compute.phase("validation", layout):
                     out = p.kasmina.forward(x)
                 n = len(y)
                 sums["loss"] += float(task.loss(out, y)) * n

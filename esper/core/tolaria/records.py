@@ -64,8 +64,9 @@ def utc_now() -> str:
 
 def metrics_row(epoch: int, global_step: int, stats: EpochStats, task: Task, val: dict[str, float],
                 kasmina: Kasmina, optimizer: torch.optim.Optimizer, level: str,
-                decisions: dict[str, int]) -> dict[str, Any]:
-    """One epoch's row: ``train_loss``/``train_<metric>`` and ``val_loss``/``val_<metric>`` of the task (C1)."""
+                decisions: dict[str, int], compute: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One epoch's row: ``train_loss``/``train_<metric>`` and ``val_loss``/``val_<metric>`` of the task (C1), and
+    ``compute``: the run's cumulative FLOPs and training seconds at the epoch's end (``ComputeMeter.row``)."""
     stages = Counter(s.stage for s in kasmina.slots.values())
     # per seed blended in this epoch: mean alpha, and gate sparsity for channel/confidence (Kasmina arch 1); the
     # key is there only when one was, so rows of epochs without blending are what they always were
@@ -83,6 +84,7 @@ def metrics_row(epoch: int, global_step: int, stats: EpochStats, task: Task, val
         "commands": decisions,
         **({"blend": blend} if blend else {}),
         "step_time_ms": round(stats.mean_step_ms, 4),  # wall-clock
+        **(compute or {}),
     }
 
 
@@ -146,6 +148,7 @@ def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failu
         "commands": dict(parts.state.commands) if parts else {},
         "growth": parts.decisions.growth() if parts and parts.decisions else None,
         "precision": parts.precision.describe() if parts else None,  # fp16: steps the loss scaler skipped
+        "compute": parts.compute.describe() if parts else None,  # FLOPs and training seconds (issue 24)
         "checkpoint": str(checkpoint) if checkpoint else None,
         "failure": failure,
         "run_dir": run_dir,

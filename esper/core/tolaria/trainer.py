@@ -29,6 +29,7 @@ from esper.core.records import requests
 from esper.core.records.rundir import RunDir, disk_fault, is_disk_error
 from esper.core.records.telemetry import Emitter, TelemetryDeliveryError, TelemetryError, TelemetryWriteError
 from esper.core.tolaria.builder import ControllerFactory, Parts, build_parts, controller_factory
+from esper.core.tolaria.compute import layout_key
 from esper.core.tolaria.early_stop import early_stop
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.injector import DataLoaderError, FaultEntry
@@ -228,7 +229,7 @@ class Trainer:
         p.parallel.check_epoch(epoch, p.kasmina.records(), p.optimizer.named_params(),  # every rank alike, or HALT
                                list(p.host.named_buffers()))
         row = records.metrics_row(epoch, p.state.global_step, stats, p.task, val, p.kasmina,
-                                  p.optimizer.optimizer, p.emergency.level, decisions)
+                                  p.optimizer.optimizer, p.emergency.level, decisions, p.compute.row())
         for slot in p.kasmina.slots.values():
             slot.clear_blend_telemetry()  # the row holds this epoch's; the next starts from zero
         p.state.end_epoch(row)
@@ -298,16 +299,18 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         p.parallel.buffers(p.host)  # rank 0's BatchNorm statistics on every rank, as DDP's broadcast_buffers
         amp = p.precision
+        layout = layout_key(x, True, p.kasmina.slots.values())  # what this step's FLOPs depend on
         try:
-            with amp.autocast():
+            with amp.autocast(), p.compute.phase("forward", layout):
                 out = p.kasmina.forward(x)
                 loss = p.faults.corrupt_loss(task.loss(out, y))
             value, n = p.parallel.loss(loss, len(y), self.stop)  # the global batch's, under torchrun
             bad = p.emergency.check_loss(value)  # a non-finite loss is an emergency in every precision
             if bad is not None:
                 return self._bad_step(p, bad, stats)
-            amp.scale(loss).backward()
-            with amp.autocast():
+            with p.compute.phase("backward", layout):
+                amp.scale(loss).backward()
+            with amp.autocast(), p.compute.phase("seeds", layout):
                 measured = p.kasmina.seed_passes(training_slots, x, y, task.loss, scale=amp.scale,
                                                  teacher=out.detach())
         except SeedForwardError as exc:
@@ -337,6 +340,7 @@ class Trainer:
             metrics = p.parallel.metrics({name: float(fn(out, y)) for name, fn in task.metrics.items()}, len(y))
         ms = (time.perf_counter() - t0) * 1000.0
         stats.add(value, metrics, n, ms)
+        p.compute.add_step_time(ms)
         self.reporter.step(stats.loss_sum / stats.seen)  # the epoch's running mean, not this batch's loss
         if ms > self.cfg.emergency.slow_step_ms:
             p.safety.handle(Signal("NOTICE", "slow_step", f"step took {ms:.0f} ms > "

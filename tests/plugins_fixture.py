@@ -429,3 +429,31 @@ class MiniResNet(nn.Module):
 
 def make_resnet(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     return MiniResNet(input_shape[0], n_outputs, width=cfg.host.d_model, dropout=cfg.host.dropout)
+
+
+@torch.library.custom_op("esper_test::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    """A custom operator the FLOP table cannot know (a user's fused kernel, say)."""
+    return x * 2
+
+
+@_double.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_double.register_autograd(lambda ctx, grad: grad * 2)
+
+
+class CustomOpHost(nn.Module):
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.hidden1 = nn.Linear(n_in, 8)
+        self.out = nn.Linear(8, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.ops.esper_test.double(self.hidden1(x.flatten(1))))
+
+
+def custom_op_host(cfg: EsperConfig, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    return CustomOpHost(int(torch.tensor(input_shape).prod()), n_outputs)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import GROWING, esper, out, sets, summary
 
-from esper.app.compare import parse_seeds
+from esper.app.compare import Comparison, RunResult, parse_seeds, variants
+from esper.app.compute_target import compute_to_target
 from esper.core.errors import ConfigError
 
 # grows at once on the synthetic task, so the grown runs really differ from the host alone
@@ -174,3 +175,63 @@ def test_parse_seeds() -> None:
     for bad in ("3..1", "a", "1-3", "1..", "1;2"):
         with pytest.raises(ConfigError):
             parse_seeds(bad)
+
+
+# --- the compute question: the final size from scratch, FLOPs to the target ---------------------------------
+
+
+def test_scratch_variant_gives_flops_to_target_and_the_saving_from_the_runs_own_rows(tmp_path: Path) -> None:
+    out_dir = tmp_path / "cmp"
+    result = compare(out_dir, "--seeds", "1", "--scratch", STATIC)
+    assert result.exit_code == 0, out(result)
+    doc = json.loads((out_dir / "compare.json").read_text())
+    section = doc["compute_to_target"]["per_seed"]["1"]
+    scratch = summary(out_dir / "scratch-s1")
+    assert section["target"] == scratch["final"]["val_accuracy"]
+    assert scratch["compute"]["flops"] == doc["variants"]["scratch"]["flops"]["mean"] > 0
+    for variant in ("grown", "host", "scratch"):
+        rows = [json.loads(line) for line in (out_dir / f"{variant}-s1" / "metrics.jsonl").read_text().splitlines()]
+        first = next((r for r in rows if r["val_accuracy"] >= section["target"]), None)
+        hit = section["reached"][variant]
+        assert (hit is None) == (first is None)
+        if first is not None:
+            assert (hit["epoch"], hit["flops"]) == (first["epoch"], first["flops"])
+    grown, base = section["reached"]["grown"], section["reached"]["scratch"]
+    assert section["saving"]["grown"] == (None if grown is None else 1 - grown["flops"] / base["flops"])
+    assert "training FLOPs to reach the target" in result.stdout
+    assert (out_dir / "compute.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_scratch_key_is_exit_3_naming_it_before_any_run(tmp_path: Path) -> None:
+    out_dir = tmp_path / "cmp"
+    result = compare(out_dir, "--seeds", "1", "--scratch", "host.hiden=[12]")
+    assert result.exit_code == 3 and "--scratch" in result.stderr and "host.hiden" in result.stderr
+    assert not out_dir.exists()
+
+
+def _run(variant: str, seed: int, curve: list[tuple[int, int, float, float]], exit_code: int = 0) -> RunResult:
+    return RunResult(variant, seed, f"/runs/{variant}-s{seed}", exit_code, "COMPLETED" if not exit_code else "FAILED",
+                     primary=curve[-1][3] if curve else None, curve=curve)
+
+
+def test_compute_to_target_arithmetic_not_reached_and_a_failed_scratch_run() -> None:
+    c = Comparison("/runs", [1, 2], variants([], ["host.hidden=[12, 12]"]), "val_accuracy", "max")
+    c.runs = [
+        _run("grown", 1, [(1, 30, 0.1, 0.5), (2, 60, 0.2, 0.81), (3, 90, 0.3, 0.79)]),
+        _run("host", 1, [(1, 10, 0.1, 0.5), (2, 20, 0.2, 0.6)]),
+        _run("scratch", 1, [(1, 40, 0.1, 0.6), (2, 80, 0.2, 0.8)]),
+        _run("grown", 2, [(1, 30, 0.1, 0.9)]),
+        _run("host", 2, [(1, 10, 0.1, 0.5)]),
+        _run("scratch", 2, [], exit_code=1),
+    ]
+    doc = compute_to_target(c)
+    assert doc is not None
+    one = doc["per_seed"]["1"]
+    assert one["target"] == 0.8 and one["reached"]["grown"]["flops"] == 60 and one["reached"]["host"] is None
+    assert one["saving"] == {"grown": pytest.approx(0.25), "host": None}
+    assert doc["per_seed"]["2"]["target"] is None  # no scratch final, no target: nothing is claimed
+    assert doc["saving"]["grown"]["seeds"] == 1
+    c.target = 0.55  # an explicit target applies to every seed
+    fixed = compute_to_target(c)
+    assert fixed is not None and fixed["per_seed"]["2"]["reached"]["grown"]["flops"] == 30
+    assert fixed["per_seed"]["1"]["saving"]["host"] == pytest.approx(1 - 20 / 40)

@@ -1,8 +1,11 @@
 """`esper compare`: does growing pay on this model? The configured run grown, the host alone (seeds disabled) and
-optionally a static larger host, each over the same run seeds; every run is a real run directory.
+optionally a static larger host and the final-size network trained from scratch, each over the same run seeds;
+every run is a real run directory.
 
 The figures are read back from each run's own ``summary.json`` (its task's primary metric, ``final.val_loss``,
-``final.params``), so the comparison says exactly what ``esper train`` would have said for each run.
+``final.params``, ``compute``) and ``metrics.jsonl`` (the primary metric against cumulative training FLOPs), so the
+comparison says exactly what ``esper train`` would have said for each run. With a scratch variant (or a
+``--target``) it also answers the compute question (``compute_to_target``).
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from esper.app.compute_target import compute_to_target, curve
 from esper.app.session import TrainSession
 from esper.core.config import EsperConfig, from_dict
 from esper.core.errors import ConfigError, EsperError, ExitCode
 from esper.core.records import machine
 from esper.core.records.rundir import new_run_id, write_atomic
 
-GROWN, HOST, STATIC = "grown", "host", "static"
+GROWN, HOST, STATIC, SCRATCH = "grown", "host", "static", "scratch"
 SEEDS_OFF = "seeds.enabled=false"
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 _LIST = re.compile(r"^\d+(,\d+)*$")
@@ -54,10 +58,12 @@ class Variant:
     overrides: tuple[str, ...]  # --set items applied on top of the configured run
 
 
-def variants(static_host: Sequence[str]) -> list[Variant]:
+def variants(static_host: Sequence[str], scratch: Sequence[str] = ()) -> list[Variant]:
     out = [Variant(GROWN, ()), Variant(HOST, (SEEDS_OFF,))]
     if static_host:
         out.append(Variant(STATIC, (*static_host, SEEDS_OFF)))
+    if scratch:
+        out.append(Variant(SCRATCH, (*scratch, SEEDS_OFF)))
     return out
 
 
@@ -71,7 +77,7 @@ def check_variants(base: EsperConfig, found: list[Variant], seed: int) -> None:
         try:
             variant_config(base, v, seed)
         except ConfigError as exc:
-            origin = "--static-host" if v.name == STATIC else v.name
+            origin = {STATIC: "--static-host", SCRATCH: "--scratch"}.get(v.name, v.name)
             raise ConfigError(f"{origin} {list(v.overrides[:-1]) or list(v.overrides)}: {exc}") from exc
 
 
@@ -87,6 +93,9 @@ class RunResult:
     params: int | None = None
     wall_s: float = 0.0
     error: str | None = None
+    flops: int | None = None  # the run's cumulative training FLOPs (summary.json compute)
+    uncounted_ops: dict[str, int] = field(default_factory=dict)
+    curve: list[tuple[int, int, float, float]] = field(default_factory=list)  # (epoch, FLOPs, seconds, primary)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +111,7 @@ class Comparison:
     direction: str | None = None
     runs: list[RunResult] = field(default_factory=list)
     stopped: bool = False
+    target: float | None = None  # --target; None: each seed's scratch run's final primary metric
 
     @property
     def exit_code(self) -> int:
@@ -140,9 +150,11 @@ class Comparison:
                 "val_loss": _stats([r.val_loss for r in ok]),
                 "params": _stats([r.params for r in ok]),
                 "wall_s": _stats([r.wall_s for r in runs]),
+                "flops": _stats([r.flops for r in ok]),
             }
         doc["deltas"] = {name: d for name, d in (("grown-host", self.delta(GROWN, HOST)),
                                                   ("grown-static", self.delta(GROWN, STATIC))) if d is not None}
+        doc["compute_to_target"] = compute_to_target(self)
         return doc
 
 
@@ -168,10 +180,13 @@ def run_one(cfg: EsperConfig, variant: str, seed: int, run_dir: Path) -> tuple[R
     written = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     task, final = written.get("task") or {}, written.get("final") or {}
     key = task.get("primary_metric")
+    compute = written.get("compute") or {}
     result = RunResult(variant, seed, str(run_dir), int(written["exit_code"]), str(written["status"]),
                        primary=final.get(key) if key else None, val_loss=final.get("val_loss"),
                        params=final.get("params"), wall_s=wall,
-                       error=_failure_text(written.get("failure")))
+                       error=_failure_text(written.get("failure")), flops=compute.get("flops"),
+                       uncounted_ops=dict(compute.get("uncounted_ops") or {}),
+                       curve=curve(run_dir, key) if key else [])
     return result, task
 
 
@@ -184,9 +199,10 @@ def _failure_text(failure: Any) -> str | None:
 
 
 def compare(base: EsperConfig, seeds: Sequence[int], static_host: Sequence[str], out: Path | None,
-            progress: Progress | None = None) -> Comparison:
-    """Run every variant over every seed, sequentially (each run uses ``run.threads`` as configured)."""
-    found = variants(static_host)
+            progress: Progress | None = None, scratch: Sequence[str] = (), target: float | None = None) -> Comparison:
+    """Run every variant over every seed, sequentially (each run uses ``run.threads`` as configured); with a
+    scratch variant, also draw OUT/compute.png (the primary metric against training FLOPs)."""
+    found = variants(static_host, scratch)
     check_variants(base, found, seeds[0])
     if out is None:
         fresh = from_dict(base.to_dict(), ['run.run_id=""'])  # a new id even when the config pins run.run_id
@@ -198,7 +214,7 @@ def compare(base: EsperConfig, seeds: Sequence[int], static_host: Sequence[str],
         raise ConfigError(f"--out {out}: run directories already exist ({', '.join(p.name for p in taken[:3])}); "
                           f"choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    result = Comparison(str(out), list(seeds), found)
+    result = Comparison(str(out), list(seeds), found, target=target)
     total = len(found) * len(seeds)
     for seed in seeds:  # seed-major: an interrupted comparison still has whole seeds to compare
         for v in found:
@@ -214,4 +230,8 @@ def compare(base: EsperConfig, seeds: Sequence[int], static_host: Sequence[str],
         if result.stopped:
             break
     write_atomic(out / "compare.json", json.dumps(result.to_doc(), indent=2) + "\n")
+    if any(r.curve for r in result.runs) and (scratch or target is not None):
+        from esper.app.compute_plot import render  # matplotlib: paid only when there is a figure to draw
+
+        render(result, out / "compute.png")
     return result

@@ -242,6 +242,7 @@ def _assemble(cfg: EsperConfig, host: torch.nn.Module, seeds: list[tuple[str, st
     unknown = [b for _, _, _, b, _ in seeds if b not in registry]
     if unknown:
         raise CheckpointError(f"blueprint(s) {unknown} are neither built in nor in the config's seeds.user_blueprints")
-    kept = [KeptSeed(slot, layer, shape, alpha, registry.build(blueprint, shape, cfg.run.seed))
+    modules = dict(host.named_modules())  # a copied layer's seed is rebuilt from the layer (its weights are loaded)
+    kept = [KeptSeed(slot, layer, shape, alpha, registry.make(blueprint, shape, cfg.run.seed, modules[layer]))
             for slot, layer, shape, blueprint, alpha in seeds]
     return GrownModel(host, kept, parse_blend(cfg.seeds.blend), cfg.host.output)

@@ -20,6 +20,7 @@ from esper.core.data import build_task
 from esper.core.errors import ConfigError
 from esper.core.kasmina import BlueprintRegistry, SlotShape, param_count
 from esper.core.kasmina.blueprints import BUILTIN
+from esper.core.kasmina.inherit import InheritError
 from esper.core.kasmina.kinds import layout, resolve
 from esper.core.model.host import build_host, inference, select_output
 
@@ -50,8 +51,21 @@ class HostLayers:
                 "layers": [asdict(x) for x in self.layers]}
 
 
-def _sizes(registry: BlueprintRegistry, names: list[str], shape: SlotShape) -> dict[str, int]:
-    return {b: registry[b].bounds(shape)[1] for b in names if registry[b].accepts(shape)}
+def _sizes(registry: BlueprintRegistry, names: list[str], shape: SlotShape, layer: nn.Module,
+           activation: torch.Tensor) -> dict[str, int]:
+    """Each blueprint's parameter count in a slot of ``shape`` after ``layer``; a copy of the layer only where it
+    can be made (its output has its input's shape), tried on the layer's real ``activation``."""
+    out = {}
+    for b in names:
+        if not registry[b].accepts(shape):
+            continue
+        if registry.inherits(b):
+            try:
+                registry.make(b, shape, 0, layer, activation[:2].detach())
+            except InheritError:
+                continue
+        out[b] = registry.size(b, shape, layer)
+    return out
 
 
 def host_layers(cfg: EsperConfig) -> HostLayers:
@@ -106,10 +120,10 @@ def _row(name: str, module: nn.Module, outs: list[object], n: int, registry: Blu
         row.why = "no slot kind has this rank"
         return row
     row.kind = shape.kind
-    sizes = _sizes(registry, every, shape)
+    sizes = _sizes(registry, every, shape, module, first)
     if shape.kind == "channels1d":
         row.tokens = True
-        as_tokens = _sizes(registry, every, SlotShape("tokens", shape.shape))
+        as_tokens = _sizes(registry, every, SlotShape("tokens", shape.shape), module, first)
         sizes.update({f"{b} (as tokens)": c for b, c in as_tokens.items()})
     row.fits = {b: c for b, c in sizes.items() if c <= budget}
     row.over = {b: c for b, c in sizes.items() if c > budget}

@@ -22,6 +22,7 @@ from esper.cli.common import (
     stderr,
     stdout,
 )
+from esper.cli.view import si
 from esper.core.errors import ConfigError
 from esper.core.records import machine
 
@@ -29,6 +30,13 @@ SeedsOpt = Annotated[str, typer.Option("--seeds", help="Run seeds: a range 1..5 
 StaticOpt = Annotated[list[str] | None, typer.Option(
     "--static-host", help="Also run a static host: KEY=VALUE on top of the config, seeds disabled (repeatable), "
                           "e.g. 'host.channels=[25,25,25]'.", show_default=False)]
+ScratchOpt = Annotated[list[str] | None, typer.Option(
+    "--scratch", help="Also train the final-size network from scratch: KEY=VALUE on top of the config, seeds "
+                      "disabled (repeatable), e.g. 'host.n_layers=2'; adds the compute-to-target table.",
+    show_default=False)]
+TargetOpt = Annotated[float | None, typer.Option(
+    "--target", help="The primary metric to reach for the compute-to-target table (default: each seed's scratch "
+                     "run's final value).", show_default=False)]
 OutOpt = Annotated[Path | None, typer.Option(
     "--out", help="Directory of the runs (default: run.output_dir/compare-ID); VARIANT-sSEED each.",
     show_default=False)]
@@ -51,7 +59,8 @@ def _tables(result: Comparison) -> list[Table]:
     metric, pct = result.primary_metric or "primary", _percent(result.primary_metric)
     arrow = {"max": " (higher is better)", "min": " (lower is better)"}.get(result.direction or "", "")
     t = Table(title=f"{metric}{arrow} over run seeds {', '.join(map(str, result.seeds))}", expand=False)
-    for col in ("variant", "runs ok", f"mean {metric}", "min", "max", "mean val_loss", "params", "mean wall"):
+    for col in ("variant", "runs ok", f"mean {metric}", "min", "max", "mean val_loss", "params", "mean FLOPs",
+                "mean wall"):
         t.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
     for name, v in doc["variants"].items():
         p, params = v["primary"], v["params"]
@@ -60,7 +69,7 @@ def _tables(result: Comparison) -> list[Table]:
         wall = v["wall_s"]["mean"]
         t.add_row(*(Text(c) for c in (
             name, f"{v['completed']}/{len(v['runs'])}", _value(p["mean"], pct), _value(p["min"], pct),
-            _value(p["max"], pct), _value(v["val_loss"]["mean"], False), pr,
+            _value(p["max"], pct), _value(v["val_loss"]["mean"], False), pr, _flops(v["flops"]["mean"]),
             "-" if wall is None else f"{wall:.1f} s")))
     tables = [t]
     d = Table(title="per seed", expand=False)
@@ -83,7 +92,46 @@ def _tables(result: Comparison) -> list[Table]:
         d.add_row(*(Text(c) for c in [label, *[""] * len(names),
                                         *[_delta(dd[agg], pct) for dd in doc["deltas"].values()]]))
     tables.append(d)
+    compute = doc.get("compute_to_target")
+    if compute is not None:
+        tables.append(_compute_table(result, compute, pct))
     return tables
+
+
+def _flops(n: float | None) -> str:
+    return "-" if n is None else si(n)
+
+
+def _compute_table(result: Comparison, compute: dict[str, Any], pct: bool) -> Table:
+    target = "each seed's scratch final" if result.target is None else _value(result.target, pct)
+    t = Table(title=f"training FLOPs to reach the target ({target}); saving = 1 - FLOPs / scratch's", expand=False)
+    t.add_column("seed", justify="right")
+    t.add_column("target", justify="right")
+    names = [v.name for v in result.variants]
+    for n in names:
+        t.add_column(f"{n} FLOPs (s)", justify="right", no_wrap=True)
+    savers = list(compute["saving"])
+    for n in savers:
+        t.add_column(f"{n} saving", justify="right")
+    for s in result.seeds:
+        entry = compute["per_seed"].get(str(s)) or {}
+        if entry.get("target") is None:
+            t.add_row(*(Text(c) for c in [str(s), "-", *["-"] * (len(names) + len(savers))]))
+            continue
+        cells = [str(s), _value(entry["target"], pct)]
+        for n in names:
+            hit = entry["reached"].get(n)
+            cells.append("not reached" if hit is None else f"{_flops(hit['flops'])} ({hit['seconds']:.1f} s)")
+        cells += [_saving(entry["saving"].get(n)) for n in savers]
+        t.add_row(*(Text(c) for c in cells))
+    for label in ("min", "mean", "max"):
+        t.add_row(*(Text(c) for c in [label, "", *[""] * len(names),
+                                        *[_saving(compute["saving"][n][label]) for n in savers]]))
+    return t
+
+
+def _saving(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:+.1f}%"
 
 
 def _progress(quiet: bool) -> Any:
@@ -105,6 +153,8 @@ def compare_cmd(
     ctx: typer.Context,
     seeds: SeedsOpt = "1..3",
     static_host: StaticOpt = None,
+    scratch: ScratchOpt = None,
+    target: TargetOpt = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -112,8 +162,10 @@ def compare_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Does growing pay on this model? Trains the configured run grown, the host alone (seeds.enabled=false) and,
-    with --static-host, a static larger host, over every run seed; prints the primary metric per variant (mean,
-    min, max), val loss, params and wall time, and grown minus host per seed.
+    with --static-host, a static larger host, and with --scratch, the final-size network from scratch, over every
+    run seed; prints the primary metric per variant (mean, min, max), val loss, params, training FLOPs and wall
+    time, and grown minus host per seed. With --scratch (or --target): the training FLOPs each variant needs to
+    reach the target, growth's saving against scratch per seed, and OUT/compute.png (metric against FLOPs).
 
     Each run is a real run directory (OUT/grown-s1, OUT/host-s1, ...; `esper plot` them); OUT/compare.json holds
     the --json document. Exit code: the worst run's.
@@ -124,7 +176,8 @@ def compare_cmd(
     except ConfigError as exc:  # a malformed option is a usage error (exit 2), like any other bad option value
         raise typer.BadParameter(str(exc).split(": ", 1)[1], param_hint="--seeds") from None
     cfg = load_config(ctx, config, sets).config
-    result = compare(cfg, seed_list, list(static_host or []), out, progress=_progress(quiet or as_json))
+    result = compare(cfg, seed_list, list(static_host or []), out, progress=_progress(quiet or as_json),
+                     scratch=list(scratch or []), target=target)
     if as_json:
         print_json(result.to_doc())
     else:

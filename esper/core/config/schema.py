@@ -184,6 +184,9 @@ class SeedsConfig(_Section):
         20000, description="max parameters of one seed (G0): a count, or a share of the host's parameters (\"5%\")")
     min_training_epochs: int = Field(2, ge=1, description="epochs in TRAINING before G2 may pass")
     g2_min_improvement: float = Field(0.02, ge=0.0, description="relative drop of the seed's own loss for G2")
+    skip_training: bool = Field(False, description="a seed copied from the host's trained layer (layer_copy, "
+                                "layer_stack) goes from TRAINING straight to BLENDING (G2 recorded as skipped): "
+                                "it needs no isolated training, and that costs compute")
     max_step_latency_ms: float = Field(1000.0, gt=0.0, description="G2 budget for the seed's step latency")
     shadowing_epochs: int = Field(1, ge=1, description="epochs in SHADOWING")
     probation_epochs: int = Field(1, ge=1, description="epochs in PROBATIONARY before G4 is asked")
@@ -265,6 +268,10 @@ class ControllerConfig(_Section):
     plateau_window: int = Field(2, ge=1, description="epochs compared to detect a validation-loss plateau")
     plateau_min_delta: float = Field(0.02, ge=0.0, description="relative improvement below which loss plateaus")
     warmup_epochs: int = Field(1, ge=0, description="epochs before the first germination is considered")
+    grow_when: Literal["plateau", "epoch"] = Field(
+        "plateau", description="plateau: germinate one seed at a time when validation loss plateaus; epoch: "
+        "germinate in every free slot (up to seeds.max_active) once controller.grow_at_epoch epochs are done")
+    grow_at_epoch: int = Field(1, ge=1, description="grow_when = \"epoch\": the epoch after which seeds grow")
     fossilize_min_improvement: float = Field(0.0, description="G4: val loss without the seed minus with it")
     stall_epochs: int = Field(6, ge=1, description="cull a seed stuck this many epochs in one stage")
     report_window_epochs: int = Field(2, ge=1, description="epochs observed before a field report is filed")

@@ -20,6 +20,7 @@ from torch import nn
 from esper.core.config import KINDS, SeedsConfig
 from esper.core.config.plugins import call_factory, check_type, load_factory
 from esper.core.errors import ConfigError
+from esper.core.kasmina.inherit import copy_layer
 from esper.core.kasmina.kinds import SlotShape
 from esper.core.model import rng
 from esper.core.model.transformer import AttentionSeed, BlockSeed, attention_params, block_params
@@ -39,6 +40,7 @@ class Blueprint:
     kinds: frozenset[str]
     build: Callable[[SlotShape], nn.Module]
     bounds: Callable[[SlotShape], tuple[int, int]]
+    inherits: str = ""  # "zeroed" | "exact": a copy of the slot's trained layer (``inherit``), not a fresh build
 
     def accepts(self, shape: SlotShape) -> bool:
         return shape.kind in self.kinds
@@ -177,6 +179,10 @@ def _exact(count: Callable[[SlotShape], int]) -> Callable[[SlotShape], tuple[int
     return lambda s: (count(s), count(s))
 
 
+def _from_layer(_s: SlotShape) -> nn.Module:
+    raise TypeError("a blueprint that copies the host's layer is made by BlueprintRegistry.make, from the layer")
+
+
 BUILTIN: dict[str, Blueprint] = {
     b.name: b
     for b in (
@@ -196,6 +202,12 @@ BUILTIN: dict[str, Blueprint] = {
                   TOKENS, lambda s: BlockSeed(s.channels), _exact(lambda s: block_params(s.channels))),
         Blueprint("attention", "x + causal self-attention(LayerNorm(x)), output projection zeroed", TOKENS,
                   lambda s: AttentionSeed(s.channels), _exact(lambda s: attention_params(s.channels))),
+        Blueprint("layer_copy", "a copy of the trained layer the slot follows, its output projections zeroed: the "
+                  "identity at birth (LLaMA-Pro); residual blocks whose output has their input's shape",
+                  LAST_AXIS | CHANNELS, _from_layer, lambda s: (0, 0), inherits="zeroed"),
+        Blueprint("layer_stack", "an exact copy of the trained layer the slot follows (G_stack): the layer runs "
+                  "twice at alpha 1; layers whose output has their input's shape", LAST_AXIS | CHANNELS,
+                  _from_layer, lambda s: (0, 0), inherits="exact"),
     )
 }
 
@@ -245,6 +257,21 @@ class BlueprintRegistry:
     def compatible(self, shape: SlotShape) -> list[str]:
         """The blueprints of ``seeds.blueprints`` (in its order) that accept a slot of ``shape``."""
         return [b for b in self._allowed if self._items[b].accepts(shape)]
+
+    def inherits(self, name: str) -> bool:
+        return bool(self._items[name].inherits)
+
+    def size(self, name: str, shape: SlotShape, layer: nn.Module) -> int:
+        """The parameter count ``name`` has in a slot of ``shape`` after ``layer`` (the most its bounds allow)."""
+        return param_count(layer) if self.inherits(name) else self._items[name].bounds(shape)[1]
+
+    def make(self, name: str, shape: SlotShape, generator_seed: int, layer: nn.Module,
+             activation: torch.Tensor | None = None) -> nn.Module:
+        """A seed of ``name`` for a slot of ``shape`` after ``layer``: built, or for an inheriting blueprint copied
+        from ``layer`` as it is now (checked on ``activation``, a real one at the slot; zeros without)."""
+        if not self.inherits(name):
+            return self.build(name, shape, generator_seed)
+        return copy_layer(layer, self._items[name].inherits, activation if activation is not None else shape.zeros(2))
 
     def build(self, name: str, shape: SlotShape, generator_seed: int) -> nn.Module:
         """Instantiate a blueprint with its own RNG stream, so init does not depend on global RNG history.

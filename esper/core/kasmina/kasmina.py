@@ -21,6 +21,7 @@ from esper.core.kasmina.blending import BlendSpec, parse_blend
 from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
 from esper.core.kasmina.checks import check_slots, slot_shapes
 from esper.core.kasmina.distill import distill_loss
+from esper.core.kasmina.inherit import InheritError
 from esper.core.kasmina.isolation import IsolationMonitor, upstream_params
 from esper.core.kasmina.kinds import SlotShape
 from esper.core.kasmina.slot import LIVE, Mode, SeedSlot, SeedStats
@@ -69,6 +70,7 @@ class Kasmina:
                      for layer in {sc.layer for sc in cfg.seeds.slots}}
         self.slots: dict[str, SeedSlot] = {}
         modules = dict(host.named_modules())
+        self.layers = {sc.layer: modules[sc.layer] for sc in cfg.seeds.slots}  # what an inheriting seed copies
         for sc in cfg.seeds.slots:
             slot = SeedSlot(sc.name, sc.layer, shapes[sc.name], self.spec, self._observer, resumable[sc.layer])
             self.slots[sc.name] = slot
@@ -84,7 +86,7 @@ class Kasmina:
     def _unfit(self, slot: SeedSlot) -> str:
         """Why no blueprint of seeds.blueprints fits ``slot`` within the budget ('' when one does), naming the
         smallest budget that would let one grow there."""
-        sizes = {b: self.registry[b].bounds(slot.shape)[1] for b in self.registry.compatible(slot.shape)}
+        sizes = self.candidate_params(slot.name)
         budget = self.scfg.budget
         if not sizes or min(sizes.values()) <= budget:
             return ""
@@ -212,8 +214,8 @@ class Kasmina:
 
     def candidate_params(self, slot_name: str) -> dict[str, int]:
         """Parameter count each compatible blueprint would have in this slot (risk stage's budget check)."""
-        shape = self.slots[slot_name].shape
-        return {b: self.registry[b].bounds(shape)[1] for b in self.registry.compatible(shape)}
+        s = self.slots[slot_name]
+        return {b: self.registry.size(b, s.shape, self.layers[s.layer]) for b in self.registry.compatible(s.shape)}
 
     def slot_view(self, slot_name: str) -> dict[str, Any]:
         """What the controller is told about a slot's layout: kind, shape (one sample's), the compatible
@@ -226,7 +228,8 @@ class Kasmina:
         """Every (blueprint, slot shape) the controller may germinate: what to prefetch at the start."""
         keys: list[tuple[str, SlotShape]] = []
         for s in self.slots.values():
-            keys.extend((b, s.shape) for b in self.compatible(s.name) if (b, s.shape) not in keys)
+            keys.extend((b, s.shape) for b in self.compatible(s.name)
+                        if (b, s.shape) not in keys and not self.registry.inherits(b))  # copied at germination
         return keys
 
     def total_params(self) -> int:
@@ -245,9 +248,13 @@ class Kasmina:
         n = 0
         bounds = (0, 0)
         if known and not refusal:  # an incompatible blueprint is never built for the slot
-            module = self.build(blueprint, slot.shape)
+            try:
+                module = self._make(blueprint, slot, slot.last_input)
+            except InheritError as exc:
+                refusal = str(exc)
+        if module is not None:
             n = param_count(module)
-            bounds = self.registry[blueprint].bounds(slot.shape)
+            bounds = (n, n) if self.registry.inherits(blueprint) else self.registry[blueprint].bounds(slot.shape)
             finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
             with torch.no_grad():
                 out = module(slot.shape.zeros(2))
@@ -323,6 +330,11 @@ class Kasmina:
         slot = self.slots[slot_name]
         self._gate_event(slot, "start_training", result)
         slot.machine.fire("start_training", reason=reason, gate=result, prepare=slot.stats.clear)
+        if self.scfg.skip_training and slot.blueprint is not None and self.registry.inherits(slot.blueprint):
+            # it starts from trained weights: isolated training would spend compute to learn what it has
+            skipped = gates.GateResult("G2", True, "skipped: the seed is a copy of the trained layer "
+                                       "(seeds.skip_training)", {"skipped": True})
+            self._auto(slot, "start_blending", skipped, [])
 
     def cull(self, slot_name: str, reason: str) -> None:
         """Remove a live seed from the forward pass (its optimizer group goes with the next rebuild)."""
@@ -432,6 +444,13 @@ class Kasmina:
         slot.machine.fire("reactivate", reason="slot clean", gate=result)
 
     # ---------------------------------------------------------------- helpers
+    def _make(self, blueprint: str, slot: SeedSlot, activation: torch.Tensor | None = None) -> nn.Module:
+        """A seed module: built through ``build`` (cache, prefetch), or copied from the slot's layer."""
+        if not self.registry.inherits(blueprint):
+            return self.build(blueprint, slot.shape)
+        sample = activation.detach()[:2] if activation is not None else None
+        return self.registry.make(blueprint, slot.shape, self.cfg.run.seed, self.layers[slot.layer], sample)
+
     def _upstream_params(self, slot: SeedSlot, x: torch.Tensor) -> list[nn.Parameter]:
         if slot.layer not in self._upstream:
             with sandbox.untouched(self.host):
@@ -475,7 +494,7 @@ class Kasmina:
                 raise CheckpointError(f"checkpoint has seed tensors for slot {name} but no blueprint")
             else:
                 same = slot.module is not None and (slot.seed_id, slot.blueprint) == (rec["seed_id"], rec["blueprint"])
-                module = slot.module if same and slot.module is not None else self.build(rec["blueprint"], slot.shape)
+                module = slot.module if same and slot.module is not None else self._make(rec["blueprint"], slot)
                 try:
                     module.load_state_dict(seed_sd, strict=True)
                 except RuntimeError as exc:

@@ -68,10 +68,7 @@ class HeuristicPolicy:
             proposal = self._judge_seed(obs.slot(name))
             if proposal is not None:
                 out.append(proposal)
-        germ = self._germination(obs, state)
-        if germ is not None:
-            out.append(germ)
-        return out
+        return out + self._germinations(obs, state)
 
     def fits(self, slot: SlotView, blueprint: str, state: ControllerState) -> bool:
         """Whether ``blueprint`` in ``slot`` is within seeds.param_budget and not refused under this budget."""
@@ -103,10 +100,10 @@ class HeuristicPolicy:
                             f"(limit {self._c.stall_epochs})", "stalled")
         return None
 
-    def _germination(self, obs: Observation, state: ControllerState) -> Proposal | None:
+    def _germinations(self, obs: Observation, state: ControllerState) -> list[Proposal]:
         alive = sum(1 for s in obs.slots if s.alive)
         if alive >= self._s.max_active:
-            return None
+            return []
         usable = [b for b in self._s.blueprints if b not in state.regressed_blueprints]
         # a free slot counts only with a usable blueprint that accepts its kind and fits the budget there, and
         # not a pair refused before under the same budget: never propose a misfit or ask twice for a refusal
@@ -114,15 +111,26 @@ class HeuristicPolicy:
                    for n in self._slot_order if obs.slot(n).stage == "DORMANT"}
         free = [n for n, bps in options.items() if bps]
         if not free:
-            return None
+            return []
+        if self._c.grow_when == "epoch":
+            if state.observed_epochs < self._c.grow_at_epoch:
+                return []
+            why = (f"schedule: {state.observed_epochs} epochs done >= controller.grow_at_epoch "
+                   f"{self._c.grow_at_epoch}")
+            return [self._proposal(slot, options[slot], state, why, "schedule")
+                    for slot in free[: self._s.max_active - alive]]  # every free slot at once, in config order
         plateau, detail = self.plateaued(state)
         if not plateau:
-            return None
+            return []
         # Round-robin by past germinations; ties go to config order, so the choice is deterministic.
         slot = min(free, key=lambda n: (state.germinations_by_slot.get(n, 0), self._slot_order.index(n)))
-        blueprint = min(options[slot], key=lambda b: (state.germinations_by_blueprint.get(b, 0),
-                                                      self._s.blueprints.index(b)))
-        return Proposal("germinate", slot, blueprint, f"plateau: {detail}", "plateau")
+        return [self._proposal(slot, options[slot], state, f"plateau: {detail}", "plateau")]
+
+    def _proposal(self, slot: str, usable: list[str], state: ControllerState, reason: str, trigger: str
+                  ) -> Proposal:
+        blueprint = min(usable, key=lambda b: (state.germinations_by_blueprint.get(b, 0),
+                                               self._s.blueprints.index(b)))
+        return Proposal("germinate", slot, blueprint, reason, trigger)
 
 
 PolicyFactory = Callable[[ControllerConfig, SeedsConfig], Policy]

@@ -46,7 +46,7 @@ _HEAVY = re.compile(r"mm|matmul|conv|attention|einsum|linalg|fft|cdist|cholesky|
 
 
 def _uncountable(packet: Any) -> bool:
-    namespace = getattr(packet, "namespace", "aten")
+    namespace = str(packet._qualified_op_name).split("::", 1)[0]
     if packet in _COUNTED:
         return False
     if namespace not in ("aten", "prims"):

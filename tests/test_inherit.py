@@ -138,3 +138,15 @@ def test_the_grow_fixture_copies_the_block_straight_into_blending_and_resumes_ex
     assert metrics_without_wall_clock(tmp_path / "split") == rows
     for stem in ("model", "optimizer"):
         assert_same_tensors(tensors(latest(tmp_path / "straight"), stem), tensors(latest(tmp_path / "split"), stem))
+
+
+def test_three_copies_stacked_on_one_layer_grow_one_block_into_four(tmp_path: Path) -> None:
+    slots = "seeds.slots=[" + ", ".join(f'{{name="s{i}", layer="block1", kind="tokens"}}' for i in (1, 2, 3)) + "]"
+    r = _train(tmp_path / "r", slots, "seeds.max_active=3", "trainer.epochs=5")
+    assert r.exit_code == 0, out(r)  # type: ignore[arg-type]
+    s = summary(tmp_path / "r")
+    assert [(x["slot"], x["stage"]) for x in s["seeds"]] == [(f"s{i}", "FOSSILIZED") for i in (1, 2, 3)]
+    four = build_host(from_dict(tomllib.loads(GROW.read_text()), [*SHORT, "host.n_layers=4"]), (32,), 103)
+    assert s["final"]["params"] == param_count(four)
+    rows = metrics_without_wall_clock(tmp_path / "r")
+    assert rows[0]["seeds_by_stage"] == {"BLENDING": 3}  # all three at once, on the schedule

@@ -245,7 +245,7 @@ def probe_host(host: nn.Module, layers: list[str], example_x: torch.Tensor, outp
     shapes: dict[str, tuple[int, ...]] = {}
     calls = dict.fromkeys(layers, 0)
     handles = []
-    for name in layers:
+    for name in calls:  # each layer once: several slots may stack on one layer (their hooks chain in order)
         def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
             calls[name] += 1
             if not isinstance(out, torch.Tensor):

@@ -14,8 +14,8 @@ from esper.core.tolaria.mediator import ControllerWorker, Mediator
 from esper.core.tolaria.optimizer import TorchOptimizerState
 from esper.core.tolaria.records import Reporter
 from esper.core.tolaria.rollback import FastSnapshot, live_tensors
+from esper.core.tolaria.run import open_trainer, train
 from esper.core.tolaria.train_state import EpochStats, Position, TrainState
-from esper.core.tolaria.trainer import open_trainer, train
 
 __all__ = [
     "LEVELS", "Components", "ControllerWorker", "EmergencyManager", "EpochStats", "FastSnapshot", "FaultEntry",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from esper.core.tolaria.early_stop import early_stop
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.injector import DataLoaderError, FaultEntry
 from esper.core.tolaria.safety import Halt, Restart
-from esper.core.tolaria.signals import StopRequest, graceful_signals
+from esper.core.tolaria.signals import StopRequest
 from esper.core.tolaria.train_state import EpochStats
 from esper.statemachines import TRAINER, StrictMachine, TransitionRecord
 
@@ -437,29 +437,3 @@ class Trainer:
             summary["record_errors"] = lost
         return summary
 
-
-def train(cfg: EsperConfig, run_dir: RunDir, *, reporter: records.Reporter | None = None,
-          emitter: Emitter | None = None, resume: LoadedCheckpoint | None = None,
-          faults: Sequence[FaultEntry] = (), commit: Callable[[], None] | None = None) -> dict[str, Any]:
-    """One training run, new or resumed, with SIGINT/SIGTERM stopping it gracefully; returns the summary.
-
-    With ``commit``, the trainer is opened first (built, and restored on a resume) and a failure there raises,
-    typed, with nothing written; ``commit()`` then makes the run directory the run's (its config, the held
-    events) before training starts."""
-    trainer = Trainer(cfg, run_dir, reporter=reporter, emitter=emitter, faults=faults)
-    with graceful_signals(trainer.stop):
-        if commit is not None:
-            trainer.open(resume)
-            try:
-                commit()
-            except BaseException:
-                trainer.close()
-                raise
-        return trainer.run(resume=resume)
-
-
-def open_trainer(cfg: EsperConfig, run_dir: RunDir, *, emitter: Emitter | None = None) -> Trainer:
-    """A built trainer to drive step by step (``train_step``, ``evaluate``, ``parts``); ``close()`` it after."""
-    trainer = Trainer(cfg, run_dir, emitter=emitter)
-    trainer.build()
-    return trainer

@@ -32,6 +32,7 @@ from esper.core.tamiyo import ControllerState, Observation
 from esper.core.tamiyo.policy import HeuristicPolicy
 
 GROW = REPO / "fixtures" / "configs" / "chars-grow.toml"
+GROW4 = REPO / "fixtures" / "configs" / "chars-grow-4.toml"
 # the fixture's job, small: a 16-wide host on 32-character windows; the copy grows after epoch 1
 SHORT = ["data.block_size=32", "data.batch_size=128", "host.d_model=16", "host.n_heads=2", "trainer.epochs=5",
          "trainer.warmup_steps=10", "controller.grow_at_epoch=1", "seeds.blend.steps=10", *UNHURRIED]
@@ -106,10 +107,10 @@ def test_the_schedule_grows_every_free_slot_once_the_epoch_is_reached() -> None:
     assert "controller.grow_at_epoch 3" in due[0].reason
 
 
-def _train(run: Path, *items: str, resume: bool = False) -> object:
+def _train(run: Path, *items: str, resume: bool = False, config: Path = GROW) -> object:
     flags = [a for item in [*SHORT, *items] for a in ("--set", item)]
     where = ["--resume", str(run), "--allow-config-change", "trainer.epochs"] if resume else ["--run-dir", str(run)]
-    return CliRunner().invoke(app, ["--config", str(GROW), "train", "--quiet", *where, *flags])
+    return CliRunner().invoke(app, ["--config", str(config), "train", "--quiet", *where, *flags])
 
 
 def test_the_grow_fixture_copies_the_block_straight_into_blending_and_resumes_exactly(tmp_path: Path) -> None:
@@ -140,13 +141,14 @@ def test_the_grow_fixture_copies_the_block_straight_into_blending_and_resumes_ex
         assert_same_tensors(tensors(latest(tmp_path / "straight"), stem), tensors(latest(tmp_path / "split"), stem))
 
 
-def test_three_copies_stacked_on_one_layer_grow_one_block_into_four(tmp_path: Path) -> None:
-    slots = "seeds.slots=[" + ", ".join(f'{{name="s{i}", layer="block1", kind="tokens"}}' for i in (1, 2, 3)) + "]"
-    r = _train(tmp_path / "r", slots, "seeds.max_active=3", "trainer.epochs=5")
+def test_the_four_block_fixture_stacks_three_copies_on_one_layer(tmp_path: Path) -> None:
+    cfg = from_dict(tomllib.loads(GROW4.read_text()), [])
+    assert [(s.name, s.layer) for s in cfg.seeds.slots] == [("s1", "block1"), ("s2", "block1"), ("s3", "block1")]
+    r = _train(tmp_path / "r", config=GROW4)
     assert r.exit_code == 0, out(r)  # type: ignore[arg-type]
     s = summary(tmp_path / "r")
     assert [(x["slot"], x["stage"]) for x in s["seeds"]] == [(f"s{i}", "FOSSILIZED") for i in (1, 2, 3)]
-    four = build_host(from_dict(tomllib.loads(GROW.read_text()), [*SHORT, "host.n_layers=4"]), (32,), 103)
+    four = build_host(from_dict(tomllib.loads(GROW4.read_text()), [*SHORT, "host.n_layers=4"]), (32,), 103)
     assert s["final"]["params"] == param_count(four)
     rows = metrics_without_wall_clock(tmp_path / "r")
     assert rows[0]["seeds_by_stage"] == {"BLENDING": 3}  # all three at once, on the schedule

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load, save_file
 
 from esper.app.session import Resume
-from esper.core.checkpoint import LoadedCheckpoint
+from esper.core.checkpoint import BEST, LoadedCheckpoint, latest_checkpoint
 from esper.core.checkpoint.payload import SeedRecord
 from esper.core.config import EsperConfig, from_toml_text
 from esper.core.data import Task, build_task
@@ -126,12 +126,13 @@ class Grown:
 
 
 def export_checkpoint(target: Path, out: Path, *, live: bool = False) -> Exported:
-    """Write the network of a verified checkpoint (a run directory means its ``latest``) to ``out``, which must
+    """Write the network of a verified checkpoint (a run directory means its ``best`` with checkpoint.keep_best,
+    else its ``latest``) to ``out``, which must
     not exist or be empty; everything is written to a temporary directory first and renamed into place."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty directory: export writes a directory of its own",
                          key="-o")
-    grown = grown_network(target, live=live)
+    grown = grown_network(_best_of(target), live=live)
     model, task, loaded, seeds, dropped = grown.model, grown.task, grown.checkpoint, grown.seeds, grown.dropped
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -159,6 +160,17 @@ def export_checkpoint(target: Path, out: Path, *, live: bool = False) -> Exporte
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Exported(out, manifest)
+
+
+def _best_of(target: Path) -> Path:
+    """A run directory with a ``best`` pointer (checkpoint.keep_best) means its best checkpoint; anything else is
+    resolved as usual (a run directory: its ``latest``; a checkpoint: itself)."""
+    root = target / "checkpoints"
+    if target.is_dir() and (root / BEST).exists():
+        best = latest_checkpoint(root, BEST)
+        if best is not None:
+            return best
+    return target
 
 
 def grown_network(target: Path, *, live: bool = False, overrides: Sequence[str] = ()) -> Grown:

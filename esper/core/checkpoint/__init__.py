@@ -6,7 +6,7 @@ Modules: ``manifest`` (the format: one pydantic model), ``locate`` (names, ``lat
 ``verify`` (verified reads), ``write`` (atomic writes, pruning).
 """
 
-from esper.core.checkpoint.locate import LATEST, latest_checkpoint, resolve_checkpoint
+from esper.core.checkpoint.locate import BEST, LATEST, latest_checkpoint, resolve_checkpoint
 from esper.core.checkpoint.manifest import MANIFEST, SCHEMA_VERSION, STRUCTURAL_KEYS, Manifest, manifest_digest
 from esper.core.checkpoint.verify import (
     FileCheck,
@@ -15,10 +15,16 @@ from esper.core.checkpoint.verify import (
     load_checkpoint,
     verify_checkpoint,
 )
-from esper.core.checkpoint.write import CheckpointPruneError, CheckpointWriteError, write_checkpoint
+from esper.core.checkpoint.write import (
+    CheckpointPruneError,
+    CheckpointWriteError,
+    prune,
+    write_checkpoint,
+    write_pointer,
+)
 
 __all__ = [
-    "LATEST", "MANIFEST", "SCHEMA_VERSION", "STRUCTURAL_KEYS", "CheckpointPruneError", "CheckpointWriteError",
+    "BEST", "LATEST", "MANIFEST", "SCHEMA_VERSION", "STRUCTURAL_KEYS", "CheckpointPruneError", "CheckpointWriteError",
     "FileCheck", "LoadedCheckpoint", "Manifest", "VerifyReport", "latest_checkpoint", "load_checkpoint",
-    "manifest_digest", "resolve_checkpoint", "verify_checkpoint", "write_checkpoint",
+    "manifest_digest", "prune", "resolve_checkpoint", "verify_checkpoint", "write_checkpoint", "write_pointer",
 ]

@@ -12,6 +12,8 @@ from esper.core.errors import CheckpointError
 from esper.core.io import confine
 
 LATEST = "latest"
+BEST = "best"  # checkpoint.keep_best: the checkpoint with the best primary metric so far
+POINTERS = (LATEST, BEST)
 SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -24,46 +26,47 @@ def check_name(name: str, what: str) -> None:
         raise ValueError(f"{what} {name!r} must match {NAME_RE.pattern} (no path separator, no leading dot)")
 
 
-def read_pointer(ckpt_root: Path) -> str | None:
-    """The checkpoint name ``latest`` holds, or None when there is no pointer yet. The pointer is read as outside
-    input: no symbolic link, a regular file of at most 256 bytes, and its content is never quoted back."""
-    pointer = ckpt_root / LATEST
+def read_pointer(ckpt_root: Path, which: str = LATEST) -> str | None:
+    """The checkpoint name the pointer ``which`` (``latest``, ``best``) holds, or None when there is none yet. The
+    pointer is read as outside input: no symbolic link, a regular file of at most 256 bytes, and its content is
+    never quoted back."""
+    pointer = ckpt_root / which
     try:
         raw = confine.read_bytes(pointer, _MAX_POINTER)
     except FileNotFoundError:
         return None
     except confine.UnsafePath as exc:
         raise CheckpointError(f"{pointer}: {str(exc).removeprefix(str(pointer)).strip()} (expected a small text file "
-                              "naming the latest checkpoint)") from None
+                              f"naming the {which} checkpoint)") from None
     try:
         name = raw.decode("ascii").strip()
     except UnicodeDecodeError:
         name = ""
-    if not NAME_RE.match(name) or name == LATEST:
+    if not NAME_RE.match(name) or name in POINTERS:
         raise CheckpointError(f"{pointer}: does not hold a valid checkpoint name ({len(raw)} bytes; expected one "
                               f"name matching {NAME_RE.pattern})")
     return name
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint ``ckpt_root/latest`` points at, or None when there is no pointer yet.
+def latest_checkpoint(ckpt_root: Path, which: str = LATEST) -> Path | None:
+    """The checkpoint ``ckpt_root/latest`` (or the pointer ``which``) points at, or None when there is no pointer.
 
     A malformed or dangling pointer, or one naming a symbolic link, is a CheckpointError (it never silently
     means "no checkpoint")."""
     ckpt_root = Path(ckpt_root)
     try:
-        name = read_pointer(ckpt_root)
+        name = read_pointer(ckpt_root, which)
     except OSError as exc:
-        raise CheckpointError(f"{ckpt_root / LATEST}: cannot read the pointer: {exc.strerror or exc}") from exc
+        raise CheckpointError(f"{ckpt_root / which}: cannot read the pointer: {exc.strerror or exc}") from exc
     if name is None:
         return None
     try:
         target = confine.walk(ckpt_root, name)
         confine.check_entry(target, kind="dir")
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_root / LATEST}: points at {name!r}, which does not exist") from None
+        raise CheckpointError(f"{ckpt_root / which}: points at {name!r}, which does not exist") from None
     except confine.UnsafePath as exc:
-        raise CheckpointError(f"{ckpt_root / LATEST}: points at {name!r}: {exc}") from None
+        raise CheckpointError(f"{ckpt_root / which}: points at {name!r}: {exc}") from None
     return target
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from esper.core.checkpoint import stream
-from esper.core.checkpoint.locate import LATEST, SUFFIX, TMP_PREFIX, check_name, read_pointer
+from esper.core.checkpoint.locate import BEST, LATEST, POINTERS, SUFFIX, TMP_PREFIX, check_name, read_pointer
 from esper.core.checkpoint.manifest import MANIFEST
 from esper.core.checkpoint.manifest import encode as encode_manifest
 from esper.core.errors import CheckpointError
@@ -81,8 +81,8 @@ def write_checkpoint(
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     check_name(name, "checkpoint name")
-    if name == LATEST:
-        raise ValueError(f"checkpoint name {name!r} is reserved for the pointer")
+    if name in POINTERS:
+        raise ValueError(f"checkpoint name {name!r} is reserved for a pointer")
     prepared, summary = _prepare(tensors)
     placeholder = {"algorithm": stream.WRITE_ALGORITHM, "digest": "0" * 64, "bytes": 0}
     encode_manifest(payload, {f: placeholder for f in prepared}, summary)  # caller bugs fail before any I/O
@@ -135,12 +135,43 @@ def write_checkpoint(
         _cleanup_after_failure(pointer_tmp, err)
         raise err from exc
 
+    prune(ckpt_root, keep_last, keep=name)
+    return target
+
+
+def prune(ckpt_root: Path, keep_last: int, *, keep: str) -> None:
+    """Remove committed checkpoints beyond the newest ``keep_last``, never ``keep`` nor the one ``best`` names.
+    CheckpointPruneError when removing failed (``keep`` stays committed)."""
+    target = ckpt_root / keep
     try:
-        _prune(ckpt_root, keep_last, keep=name)
+        _prune(ckpt_root, keep_last, keep=keep)
     except OSError as exc:
         raise CheckpointPruneError(f"checkpoint {target} committed; pruning old checkpoints failed: {exc}",
                                    target) from exc
-    return target
+    except CheckpointError as exc:  # a damaged `best` pointer: which checkpoint it protects is unknown, keep all
+        raise CheckpointPruneError(f"checkpoint {target} committed; nothing pruned: {exc}", target) from exc
+
+
+def write_pointer(ckpt_root: Path, which: str, name: str) -> None:
+    """Point ``which`` (``best``) at the committed checkpoint ``name``: written beside it and made durable, then
+    renamed over the old pointer, so a reader sees the old name or the new one, never a torn file."""
+    if which not in POINTERS or which == LATEST:
+        raise ValueError(f"{which!r} is not a pointer write_pointer moves ({BEST!r}; 'latest' moves with a write)")
+    check_name(name, "checkpoint name")
+    if not (ckpt_root / name / MANIFEST).is_file():
+        raise ValueError(f"{ckpt_root / name}: not a committed checkpoint")
+    tmp = ckpt_root / _temp_name(which)
+    _IN_FLIGHT.add(tmp.name)
+    try:
+        stream.write_bytes(tmp, (name + "\n").encode())
+        durable.fsync_many([tmp], dirs=[])
+        os.replace(tmp, ckpt_root / which)
+        durable.fsync_dir(ckpt_root)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _IN_FLIGHT.discard(tmp.name)
 
 
 def _prepare(
@@ -244,7 +275,8 @@ def _prune(ckpt_root: Path, keep_last: int, *, keep: str) -> None:
         e.name for e in ckpt_root.iterdir()
         if not e.name.startswith(".") and e.is_dir() and not e.is_symlink() and (e / MANIFEST).is_file()
     )
-    survivors = set(committed[-keep_last:]) | {keep}
+    best = read_pointer(ckpt_root, BEST)  # checkpoint.keep_best: never pruned while it is the best
+    survivors = set(committed[-keep_last:]) | {keep} | ({best} if best is not None else set())
     for name in committed:
         if name not in survivors:
             _remove_dir(ckpt_root / name, ckpt_root)

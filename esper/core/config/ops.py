@@ -16,6 +16,8 @@ class CheckpointConfig(_Section):
 
     every_epochs: int = Field(1, ge=1, description="write a checkpoint every N epochs")
     keep_last: int = Field(3, ge=1, description="verified checkpoints kept on disk")
+    keep_best: bool = Field(False, description="a `best` pointer beside `latest` names the checkpoint with the best "
+                            "primary metric so far; it is never pruned while best (esper export RUN exports it)")
     commit_delay_ms: int = Field(0, ge=0, le=60_000, description="drills only: pause before committing a checkpoint")
     async_: bool = Field(False, alias="async", description="write periodic checkpoints on a background thread from "
                          "preallocated CPU buffers: the loop stalls only for the copy (same atomic commit and latest)")

@@ -164,7 +164,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
 
         injector = FaultInjector([*(FaultEntry.of(f) for f in cfg.faults), *faults], cfg.emergency, emit)
         checkpointer = Checkpointer(cfg, run_dir.checkpoints, run_dir.run_id, components, state, machine, injector,
-                                    emit)
+                                    emit, primary=(task.primary_metric, task.direction))
         rollback = RollbackManager(cfg.rollback, components, state, tamiyo, checkpointer.committed, emit)
         safety = Safety(cfg.emergency, machine, emergency, rollback, checkpointer, state, skips, kasmina, optimizer,
                         emit)

@@ -20,12 +20,15 @@ import torch
 
 import esper
 from esper.core.checkpoint import (
+    BEST,
     CheckpointPruneError,
     CheckpointWriteError,
     Manifest,
     latest_checkpoint,
+    prune,
     verify_checkpoint,
     write_checkpoint,
+    write_pointer,
 )
 from esper.core.checkpoint.background import BackgroundWriter
 from esper.core.config import EsperConfig
@@ -49,8 +52,10 @@ class Checkpointer:
     """Writes verified checkpoints of ``components`` into ``root``; ``last`` is the last verified one."""
 
     def __init__(self, cfg: EsperConfig, root: Path, run_id: str, components: Components, state: TrainState,
-                 machine: StrictMachine, faults: FaultInjector, emit: Callable[..., Any]) -> None:
+                 machine: StrictMachine, faults: FaultInjector, emit: Callable[..., Any],
+                 primary: tuple[str, str] = ("val_loss", "min")) -> None:
         self.cfg = cfg
+        self.primary = primary  # the task's primary metric and its direction: what keep_best ranks by
         self.root = root
         self.run_id = run_id
         self.components = components
@@ -188,6 +193,35 @@ class Checkpointer:
         self.emit("tolaria", "checkpoint.written", "INFO", path=str(path), reason=reason, epoch=pos.epochs_done,
                   step_in_epoch=pos.step_in_epoch, global_step=pos.global_step)
         self.faults.after_write(path)
+        if self.cfg.checkpoint.keep_best and reason == "periodic" and not pos.step_in_epoch:
+            return self._best(path, pos)
+        return None
+
+    def _best(self, path: Path, pos: Position) -> Signal | None:
+        """Move ``best`` to the checkpoint of the epoch just written when its primary metric beats every earlier
+        checkpointed epoch still in the history (ties keep the earlier one)."""
+        key, direction = self.primary
+        every = self.cfg.checkpoint.every_epochs
+        rows = {r["epoch"]: r.get(key) for r in self.state.history if isinstance(r.get(key), int | float)}
+        now = rows.get(pos.epochs_done)
+        if now is None:
+            return None
+        earlier = [v for e, v in rows.items() if e < pos.epochs_done and e % every == 0]
+        better = (lambda a, b: a > b) if direction == "max" else (lambda a, b: a < b)
+        if earlier and not all(better(now, v) for v in earlier):
+            return None
+        try:
+            write_pointer(self.root, BEST, path.name)
+        except OSError as exc:
+            if is_disk_error(exc):
+                raise
+            self.emit("tolaria", "checkpoint.failed", "CRITICAL", reason="best", error=str(exc), kept=str(self.last))
+            return Signal("NOTICE", "checkpoint_write_error", f"moving '{BEST}' to {path.name} failed: {exc}", {})
+        self.emit("tolaria", "checkpoint.best", "INFO", path=str(path), epoch=pos.epochs_done, metric=key, value=now)
+        try:
+            prune(self.root, self.cfg.checkpoint.keep_last, keep=path.name)  # the previous best, unprotected now
+        except CheckpointPruneError as exc:
+            self.emit("tolaria", "checkpoint.prune_failed", "WARNING", path=str(path), error=str(exc))
         return None
 
     def check_latest(self) -> Signal | None:

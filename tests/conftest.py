@@ -404,3 +404,36 @@ def break_fast_tier(monkeypatch: Any) -> None:
 
     monkeypatch.setattr(FastSnapshot, "restore_into", in_place)
     monkeypatch.setattr(RollbackManager, "structural_states", structural)
+
+
+# Installed as sitecustomize in a child process: every finder answers "no such module" for the package, the way a
+# machine without it does (the package itself is never uninstalled).
+_HIDE_PACKAGE = """
+import sys
+
+class _Hide:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name == {name!r} or name.startswith({name!r} + "."):
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+sys.meta_path[:] = [_Hide(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
+"""
+
+
+def without_package(tmp_path: Path, name: str) -> dict[str, str]:
+    """The environment of a child process in which the installed package ``name`` cannot be found (checked)."""
+    site = tmp_path / f"site-without-{name}"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_HIDE_PACKAGE.format(name=name))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    find = f"import importlib.util; print(importlib.util.find_spec({name!r}))"
+    probe = subprocess.run([sys.executable, "-c", find], env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "None", f"{name} is still found"  # the blocker works
+    return env

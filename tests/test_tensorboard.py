@@ -4,35 +4,13 @@ before anything is written."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import BASE_TOML, ESPER, GROWING, events, metrics, out, sets, train
+from conftest import BASE_TOML, ESPER, GROWING, events, metrics, out, sets, train, without_package
 
 from esper.core.errors import ExitCode
-
-# Installed as sitecustomize in a child process: every finder answers "no such module" for tensorboard, the way
-# a machine without the package does (the package itself is never uninstalled).
-_BLOCKER = """
-import sys
-
-class _Hide:
-    def __init__(self, inner):
-        self.inner = inner
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorboard" or name.startswith("tensorboard."):
-            return None
-        return self.inner.find_spec(name, path, target)
-
-    def __getattr__(self, attr):
-        return getattr(self.inner, attr)
-
-sys.meta_path[:] = [_Hide(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
-"""
 
 
 @pytest.mark.slow
@@ -67,18 +45,12 @@ def test_tensorboard_is_off_by_default(tmp_path: Path) -> None:
 
 
 def test_asking_for_tensorboard_without_the_package_is_exit_3_before_anything_is_written(tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_BLOCKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    find = "import importlib.util; print(importlib.util.find_spec('tensorboard'))"
-    probe = subprocess.run([sys.executable, "-c", find], env=env, capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == "None"  # the blocker works: the package cannot be found
+    env = without_package(tmp_path, "tensorboard")
     run = tmp_path / "run"
     done = subprocess.run([str(ESPER), "--config", str(BASE_TOML), "train", "--quiet", "--run-dir", str(run),
                            *sets(*GROWING, "telemetry.tensorboard=true")], env=env, capture_output=True, text=True)
     assert done.returncode == ExitCode.CONFIG, done.stdout + done.stderr
-    assert "telemetry.tensorboard = true needs the optional 'tensorboard' package" in done.stderr
+    assert "'tensorboard' needs the optional 'tensorboard' package, which is not installed" in done.stderr
     assert "pip install 'esper[tensorboard]'" in done.stderr and "Traceback" not in done.stderr
     assert not run.exists()
     off = subprocess.run([str(ESPER), "--config", str(BASE_TOML), "train", "--quiet", "--run-dir", str(run),

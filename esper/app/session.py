@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 from esper.app.preflight import preflight
 from esper.core.checkpoint import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
-from esper.core.config import EsperConfig, FaultConfig, from_dict, from_toml_text, trust
+from esper.core.config import REPORTING_KEYS, EsperConfig, FaultConfig, from_dict, from_toml_text, trust
 from esper.core.config.faults import CATALOGUE, unknown_fault
 from esper.core.errors import CheckpointError, ConfigError, UsageError
-from esper.core.records import tensorboard
+from esper.core.records import loggers
 from esper.core.records.rundir import RunDir, disk_fault, is_disk_error, make_dir, new_run_id
 from esper.core.records.runlock import LOCK_NAME, RunLock
 from esper.core.records.telemetry import Emitter, TelemetryError
@@ -127,7 +127,7 @@ class TrainSession:
         (``base="config"``, the operator gave a config), or the checkpoint's config plus ``overrides``
         (``base="checkpoint"``, a plain ``--resume``); either way ``cfg`` is what the checkpoint's code
         references and paths must match."""
-        tensorboard.require(cfg.telemetry)
+        loggers.require(cfg)
         if resume is None:
             cfg = with_faults(cfg, faults or ())
             preflight(cfg)  # what would stop the run stops it before it has a directory
@@ -197,7 +197,7 @@ class TrainSession:
                 for event, level, attributes in self.notices:
                     emitter.emit("cli", event, level, **attributes)
 
-            board = tensorboard.attach(self.cfg.telemetry, rd.path, emitter)
+            attached = loggers.attach(self.cfg, rd.path, emitter)
             try:
                 return train(self.cfg, rd, reporter=reporter, emitter=emitter, resume=self.resume,
                              faults=self.injected, commit=commit)
@@ -205,8 +205,8 @@ class TrainSession:
                 emitter.discard()
                 raise
             finally:
-                if board is not None:
-                    board.close()
+                for logger in attached:
+                    logger.close()
         except BaseException:
             _give_up(self.lock, rd.path, self.created)
             raise
@@ -241,7 +241,8 @@ def _drift(loaded: Resume, used: EsperConfig, allowed: Sequence[str]) -> list[st
     if loaded.checkpoint.manifest.config_hash == used.config_hash():
         return []
     changes = changed_keys(loaded.config.to_dict(), used.to_dict())
-    refused = [k for k in changes if not any(k == a or k.startswith(a + ".") for a in allowed)]
+    free = [*allowed, *REPORTING_KEYS]  # what a run reports (its loggers) may change: it trains the same
+    refused = [k for k in changes if not any(k == a or k.startswith(a + ".") for a in free)]
     if refused:
         raise ConfigError(f"resume refused: the config differs from the checkpoint's in {refused}; "
                           f"pass --allow-config-change KEY for each key you mean to change", key=refused[0])

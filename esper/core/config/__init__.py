@@ -8,6 +8,7 @@ The facade: code outside the package imports from here (``from esper.core.config
 
 from esper.core.config.base import is_factory_ref
 from esper.core.config.messages import describe
+from esper.core.config.ops import REPORTING_KEYS
 from esper.core.config.resolve import (
     ResolvedConfig,
     apply_override,
@@ -72,6 +73,7 @@ __all__ = [
     "KIND_RANK",
     "MAX_TIMEOUT_MS",
     "PATH",
+    "REPORTING_KEYS",
     "ProfilerConfig",
     "ResolvedConfig",
     "RiskConfig",

@@ -50,7 +50,28 @@ class TelemetryConfig(_Section):
     rate_limit_per_s: int = Field(2000, ge=1, description="INFO/WARNING events per second before dropping")
     critical_retries: int = Field(3, ge=0, le=100, description="write retries for a CRITICAL event before escalation")
     tensorboard: bool = Field(False, description="also write scalars + lifecycle events to RUN/tensorboard/ "
-                              "(needs the tensorboard extra)")
+                              "(needs the tensorboard extra); the same as \"tensorboard\" in loggers")
+    loggers: list[Literal["csv", "mlflow", "tensorboard"]] = Field(
+        default_factory=list, description="experiment loggers fed by the run's events: csv (RUN/csv/), mlflow "
+        "(the mlflow extra), tensorboard")
+    log_every_steps: int = Field(0, ge=0, description="a train.step event (loss, lr) every N optimizer steps for "
+                                 "the loggers' per-step scalars; 0: per epoch only")
+    mlflow_tracking_uri: str = Field("", max_length=4096, description="MLflow store (file:, sqlite:, http:); empty: "
+                                     "mlruns/ beside the run directory")
+    mlflow_experiment: str = Field("esper", min_length=1, max_length=256, description="MLflow experiment name")
+
+    @field_validator("loggers")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a logger twice: {v}")
+        return v
+
+
+# keys that change what a run reports, not what it trains: a resume may change them without --allow-config-change
+# (the change is still an event, config.changed_on_resume)
+REPORTING_KEYS = frozenset({"telemetry.tensorboard", "telemetry.loggers", "telemetry.log_every_steps",
+                            "telemetry.mlflow_tracking_uri", "telemetry.mlflow_experiment"})
 
 
 class FaultConfig(_Section):

@@ -4,8 +4,9 @@ metrics, learning rate, parameters, emergency level, alpha per seed and a blende
 ``torch.utils.tensorboard``: ``tensorboard --logdir runs``.
 
 The ``tensorboard`` package is an optional extra (``pip install 'esper[tensorboard]'``). Whether it is there is
-asked with ``importlib.util.find_spec`` before anything is written (a clear exit 3 when it is not), and
-``torch.utils.tensorboard``, which needs it, is imported only when the feature is on.
+asked before anything is written (``loggers.require``: a clear exit 3 when it is not), and
+``torch.utils.tensorboard``, which needs it, is imported only when the feature is on. Per-step scalars come from
+``train.step`` events (``telemetry.log_every_steps``).
 
 The writer is a subscriber of the run's one emitter: everything it writes comes from the records the run
 reports, so TensorBoard never shows what ``events.jsonl`` does not hold.
@@ -19,9 +20,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from esper.core.config import TelemetryConfig
-from esper.core.errors import ConfigError
-from esper.core.records.telemetry import Emitter
 from esper.statemachines import EMERGENCY
 
 DIRNAME = "tensorboard"
@@ -33,17 +31,6 @@ TEXT_EVENTS = frozenset({
     "checkpoint.failed", "checkpoint.corrupt_detected", "fault.injected", "stop.requested",
 })
 _NOT_SCALARS = frozenset({"global_step", "seeds_by_stage", "commands", "emergency_level", "slots"})
-
-
-def available() -> bool:
-    return importlib.util.find_spec(PACKAGE) is not None
-
-
-def require(cfg: TelemetryConfig) -> None:
-    """ConfigError (exit 3) when TensorBoard output is asked for and the package is not installed."""
-    if cfg.tensorboard and not available():
-        raise ConfigError("telemetry.tensorboard = true needs the optional 'tensorboard' package, which is not "
-                          "installed: pip install 'esper[tensorboard]' (or set telemetry.tensorboard = false)")
 
 
 class TensorBoardWriter:
@@ -59,6 +46,9 @@ class TensorBoardWriter:
         epoch = record["epoch"] or 0
         if event == "epoch.completed":
             self._epoch(epoch, attrs)
+        elif event == "train.step":  # telemetry.log_every_steps
+            for key in ("train_loss", "lr"):
+                self._writer.add_scalar(f"step/{key}", attrs[key], global_step=attrs["global_step"])
         if event in TEXT_EVENTS:
             text = f"`{record['utc']}` **{record['level']}** {event}: {json.dumps(attrs, sort_keys=True)}"
             self._writer.add_text(f"events/{event}", text, global_step=epoch)
@@ -84,12 +74,3 @@ class TensorBoardWriter:
     def close(self) -> None:
         self._writer.close()
 
-
-def attach(cfg: TelemetryConfig, run_dir: Path, emitter: Emitter) -> TensorBoardWriter | None:
-    """A writer subscribed to ``emitter`` when TensorBoard output is on (None when it is off)."""
-    if not cfg.tensorboard:
-        return None
-    require(cfg)
-    writer = TensorBoardWriter(run_dir / DIRNAME)
-    emitter.subscribe(writer)
-    return writer

@@ -341,6 +341,10 @@ class Trainer:
         ms = (time.perf_counter() - t0) * 1000.0
         stats.add(value, metrics, n, ms)
         p.compute.add_step_time(ms)
+        every = self.cfg.telemetry.log_every_steps
+        if every and p.state.global_step % every == 0:  # the loggers' per-step scalars
+            self.emit("tolaria", "train.step", "INFO", global_step=p.state.global_step, train_loss=value,
+                      lr=opt.param_groups[0]["lr"])
         self.reporter.step(stats.loss_sum / stats.seen)  # the epoch's running mean, not this batch's loss
         if ms > self.cfg.emergency.slow_step_ms:
             p.safety.handle(Signal("NOTICE", "slow_step", f"step took {ms:.0f} ms > "

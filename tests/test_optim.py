@@ -333,8 +333,8 @@ def test_group_with_bad_base_lr_is_an_error() -> None:
 
 
 def test_unknown_policy_is_an_error() -> None:
-    with pytest.raises(OptimizerError, match="unknown LR policy 'onecycle'"):
-        LRSchedule(TrainerConfig.model_construct(lr_policy="onecycle"), 100)
+    with pytest.raises(OptimizerError, match="unknown LR policy 'sawtooth'"):
+        LRSchedule(TrainerConfig.model_construct(lr_policy="sawtooth"), 100)
     with pytest.raises(OptimizerError, match="cosine_past_t_max"):
         LRSchedule(TrainerConfig.model_construct(lr_policy="cosine", cosine_past_t_max="bounce"), 100)
     with pytest.raises(OptimizerError, match="unknown optimizer"):
@@ -396,3 +396,47 @@ def test_inverse_sqrt_is_1_where_the_warm_up_ends_and_falls_as_one_over_root_ste
     s = _sched(1000, lr_policy="inverse_sqrt", warmup_steps=16)
     assert s.factor(16) == 1.0 and s.factor(16 + 48) == pytest.approx(0.5)  # sqrt(16 / 64)
     assert _sched(1000, lr_policy="inverse_sqrt").factor(3) == pytest.approx(0.5)  # no warm-up: W = 1
+
+
+def _torch_lrs(make: Any, steps: int, lr: float = 0.1) -> list[float]:
+    """The LR torch's own scheduler gives at each step (what Esper's pure-step math must reproduce)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make(opt)
+    out = []
+    for i in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if i < steps - 1:
+            sched.step()
+    return out
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 0.5])
+def test_polynomial_is_torchs_polynomial_lr(power: float) -> None:
+    s = _sched(400, lr_policy="polynomial", poly_power=power, lr=0.1, min_lr=0.0)
+    ours = [0.1 * s.factor(i) for i in range(400)]
+    theirs = _torch_lrs(lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=400, power=power), 400)
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+    floor = _sched(400, lr_policy="polynomial", lr=0.1, min_lr=0.01)
+    assert floor.factor(0) == 1.0 and floor.factor(400) == pytest.approx(0.1)
+    assert floor.factor(10**6) == floor.factor(400)
+
+
+@pytest.mark.parametrize("pct, div", [(0.3, 25.0), (0.1, 10.0)])
+def test_onecycle_is_torchs_one_cycle_lr(pct: float, div: float) -> None:
+    final = 1e4
+    s = _sched(500, lr_policy="onecycle", lr=0.1, min_lr=0.1 / (div * final), onecycle_pct_start=pct,
+               onecycle_div_factor=div)
+    ours = [0.1 * s.factor(i) for i in range(500)]
+    theirs = _torch_lrs(lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=0.1, total_steps=500, pct_start=pct, div_factor=div, final_div_factor=final,
+        cycle_momentum=False), 500)
+    assert ours == pytest.approx(theirs, rel=1e-9)
+    assert max(ours) == pytest.approx(0.1) and ours[0] == pytest.approx(0.1 / div)
+
+
+def test_onecycle_refuses_a_warm_up_and_a_run_too_short_for_both_phases() -> None:
+    with pytest.raises(ValueError, match="warmup_steps = 0"):
+        TrainerConfig(lr_policy="onecycle", warmup_steps=10)
+    with pytest.raises(OptimizerError, match="rise and a fall"):
+        _sched(2, lr_policy="onecycle", onecycle_pct_start=0.3)

@@ -308,9 +308,10 @@ class TrainerConfig(_Section):
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2,
                                description="AdamW betas (beta1, beta2), each in [0, 1)")
     weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
-    lr_policy: Literal["constant", "cosine", "step", "linear", "inverse_sqrt"] = Field(
+    lr_policy: Literal["constant", "cosine", "step", "linear", "inverse_sqrt", "polynomial", "onecycle"] = Field(
         "cosine", description="LR policy after the warm-up: constant | cosine | step | linear (to min_lr at the run's "
-                              "end) | inverse_sqrt (sqrt(warmup_steps / step))")
+                              "end) | inverse_sqrt (sqrt(warmup_steps / step)) | polynomial (to min_lr, power "
+                              "poly_power) | onecycle (its own cosine rise and fall to min_lr; no warm-up)")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up length in global steps")
     warmup_start_factor: float = Field(0.1, gt=0.0, le=1.0, description="warm-up starts at this factor of lr")
     cosine_t_max: int = Field(176, ge=0, description="cosine period in steps (176 = 8 digits epochs); 0 = the run")
@@ -318,6 +319,9 @@ class TrainerConfig(_Section):
     min_lr: float = Field(0.002, ge=0.0, description="cosine floor")
     step_size: int = Field(200, ge=1, description="step policy: steps between decays")
     step_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step policy: decay factor")
+    poly_power: float = Field(1.0, gt=0.0, le=100.0, description="polynomial policy: the decay's power")
+    onecycle_pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="onecycle: fraction of the run spent rising")
+    onecycle_div_factor: float = Field(25.0, ge=1.0, le=1e6, description="onecycle: the rise starts at lr / this")
     grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 disables clipping")
     early_stop_patience: int = Field(0, ge=0, le=100000, description="end the run once the primary metric has not "
                                      "improved for this many epochs; 0 never stops early")
@@ -336,6 +340,8 @@ class TrainerConfig(_Section):
     def _floor(self) -> TrainerConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.lr_policy == "onecycle" and self.warmup_steps:
+            raise ValueError("lr_policy = 'onecycle' rises by itself (onecycle_pct_start): set warmup_steps = 0")
         return self
 
 

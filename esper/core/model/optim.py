@@ -32,7 +32,7 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adamw": torch.optim.AdamW,
 }
-_POLICIES = ("constant", "cosine", "step", "linear", "inverse_sqrt")
+_POLICIES = ("constant", "cosine", "step", "linear", "inverse_sqrt", "polynomial", "onecycle")
 _PAST_T_MAX = ("floor", "restart")
 # Scalar per-parameter counters; every other tensor in a parameter's state is shaped like the parameter.
 _SCALAR_STATE_KEYS = frozenset({"step"})
@@ -226,6 +226,11 @@ def rebuild_optimizer(
     return new, report
 
 
+def _anneal(start: float, end: float, pct: float) -> float:
+    """Cosine from ``start`` (pct 0) to ``end`` (pct 1), as torch's OneCycleLR anneals."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1.0)
+
+
 class LRSchedule:
     """LR factor as a pure function of the global optimizer step (0-based): warm-up, then the policy.
 
@@ -235,7 +240,10 @@ class LRSchedule:
     cycle at 1 (``restart``, as SGDR: the step at ``t_max`` is the first of the next cycle); ``linear`` falls
     from 1 to ``min_lr / lr`` over the rest of the run (the Hugging Face Trainer's default); ``inverse_sqrt`` is
     ``sqrt(W / (W + t))`` with ``W = max(warmup_steps, 1)``, ``t`` the steps since the warm-up (the Transformer's
-    schedule, 1 where the warm-up ends).
+    schedule, 1 where the warm-up ends); ``polynomial`` is ``floor + (1 - floor) * (1 - t / T) ** poly_power`` over
+    the rest of the run (torch's PolynomialLR with a floor); ``onecycle`` is torch's OneCycleLR (cosine, two phases):
+    from ``1 / onecycle_div_factor`` up to 1 over ``onecycle_pct_start`` of the run, then down to ``min_lr / lr``
+    at its last step.
     """
 
     def __init__(self, cfg: TrainerConfig, total_steps: int) -> None:
@@ -266,11 +274,21 @@ class LRSchedule:
         if self.policy == "step" and not (cfg.step_size >= 1 and 0 < cfg.step_gamma <= 1):
             raise OptimizerError(f"step policy needs step_size >= 1 and step_gamma in (0, 1], got "
                                  f"{cfg.step_size!r}, {cfg.step_gamma!r}")
-        if self.policy == "linear":
+        self.power: float = cfg.poly_power
+        self.rise: float = 0.0  # onecycle: the last step of the rise (OneCycleLR's phase end)
+        self.start: float = 1.0 / cfg.onecycle_div_factor
+        if self.policy in ("linear", "polynomial", "onecycle"):
             if not 0 <= cfg.min_lr <= cfg.lr:
                 raise OptimizerError(f"min_lr {cfg.min_lr!r} must be within [0, lr={cfg.lr!r}]")
             self.floor = cfg.min_lr / cfg.lr
             self.t_max = max(total_steps - cfg.warmup_steps, 1)
+        if self.policy == "onecycle":
+            if cfg.warmup_steps:
+                raise OptimizerError("lr_policy 'onecycle' rises by itself: warmup_steps must be 0")
+            self.rise = float(cfg.onecycle_pct_start * self.t_max) - 1.0
+            if not 0 < self.rise < self.t_max - 1:
+                raise OptimizerError(f"onecycle needs a rise and a fall: {self.t_max} steps at onecycle_pct_start "
+                                     f"{cfg.onecycle_pct_start} leave none; train longer or change it")
         if self.policy == "cosine":
             if not 0 <= cfg.min_lr <= cfg.lr:
                 raise OptimizerError(f"min_lr {cfg.min_lr!r} must be within [0, lr={cfg.lr!r}]")
@@ -306,6 +324,12 @@ class LRSchedule:
         if self.policy == "inverse_sqrt":
             w = max(self.warmup_steps, 1)
             return math.sqrt(w / (w + t))
+        if self.policy == "polynomial":
+            return self.floor + (1.0 - self.floor) * (1.0 - min(t, self.t_max) / self.t_max) ** self.power
+        if self.policy == "onecycle":
+            if t <= self.rise:
+                return _anneal(self.start, 1.0, t / self.rise)
+            return _anneal(1.0, self.floor, min((t - self.rise) / (self.t_max - 1 - self.rise), 1.0))
         if t >= self.t_max:
             if self.past_t_max == "floor":
                 return self.floor

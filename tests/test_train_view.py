@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -102,12 +103,27 @@ def test_the_live_view_on_a_log_ends_its_line_before_the_summary(tmp_path: Path)
     assert any(line.startswith("COMPLETED run ") for line in merged.stdout.splitlines()), merged.stdout
 
 
-def test_shell_completion_is_offered_and_completes_commands() -> None:
-    shown = subprocess.run([str(ESPER), "--show-completion", "bash"], capture_output=True, text=True)
-    assert shown.returncode == 0 and "_ESPER_COMPLETE=complete_bash" in shown.stdout, shown.stderr
-    env = {**os.environ, "_ESPER_COMPLETE": "complete_bash", "COMP_WORDS": "esper pl", "COMP_CWORD": "1"}
-    done = subprocess.run([str(ESPER)], capture_output=True, text=True, env=env)
-    assert done.returncode == 0 and done.stdout.split() == ["plot"]
+@pytest.mark.parametrize("shell, marker, env, parse", [
+    ("bash", "_ESPER_COMPLETE=complete_bash", {"COMP_WORDS": "esper pl", "COMP_CWORD": "1"}, str.split),
+    ("zsh", "#compdef esper", {"_TYPER_COMPLETE_ARGS": "esper pl"},
+     lambda out: re.findall(r'"(\w+)":', out)),
+    ("fish", "complete --command esper",
+     {"_TYPER_COMPLETE_ARGS": "esper pl", "_TYPER_COMPLETE_FISH_ACTION": "get-args"},
+     lambda out: [line.split("\t")[0] for line in out.splitlines()]),
+])
+def test_completion_prints_each_shells_own_script_and_completes_commands(
+        shell: str, marker: str, env: dict[str, str], parse: Any) -> None:
+    """Issue 27: `esper --show-completion zsh` printed the bash script; `esper completion SHELL` is per shell."""
+    shown = subprocess.run([str(ESPER), "completion", shell], capture_output=True, text=True)
+    assert shown.returncode == 0 and marker in shown.stdout, shown.stderr
+    done = subprocess.run([str(ESPER)], capture_output=True, text=True,
+                          env={**os.environ, "_ESPER_COMPLETE": f"complete_{shell}", **env})
+    assert done.returncode == 0 and parse(done.stdout) == ["plot"], done.stdout
+
+
+def test_completion_of_an_unknown_shell_is_a_usage_error() -> None:
+    done = subprocess.run([str(ESPER), "completion", "tcsh"], capture_output=True, text=True)
+    assert done.returncode == 2 and "'zsh'" in done.stderr and not done.stdout
 
 
 def test_quiet_output_says_when_a_rollback_replays_an_epoch(tmp_path: Path) -> None:

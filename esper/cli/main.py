@@ -12,6 +12,7 @@ from esper.cli import config_cmd, emergency, faults, runbook
 from esper.cli.bench import bench
 from esper.cli.common import ConfigOpt, EsperGroup, GlobalOptions, QuietOpt, SetOpt, mark_console_script, reader_gone
 from esper.cli.compare import compare_cmd
+from esper.cli.completion import completion
 from esper.cli.drill import simulate_emergency
 from esper.cli.evaluate import evaluate
 from esper.cli.export import export
@@ -30,7 +31,7 @@ app = typer.Typer(
     cls=EsperGroup,
     help="Esper: grow seed modules into a host network, safely, from one TOML file.",
     no_args_is_help=True,
-    add_completion=True,  # --install-completion / --show-completion (README: shell completion)
+    add_completion=True,  # --install-completion; `esper completion SHELL` prints one shell's script
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -71,6 +72,7 @@ app.command("compare")(compare_cmd)
 app.command("layers")(layers)
 app.command("export")(export)
 app.command("eval")(evaluate)
+app.command("completion")(completion)
 
 
 def _standard_fds() -> None:

@@ -8,6 +8,8 @@ itself and the error types, ``config`` nothing but itself, ``io`` and the error 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,17 @@ def test_the_rule_catches_an_upward_import(tmp_path: Path, where: str, source: s
     (pkg / where).write_text(source)
     found = violations(pkg)
     assert len(found) == 1 and complaint in found[0] and where.split("/")[-1] in found[0]
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["lifecycle", "seed"], ["faults", "list"],
+                                  ["runs", "{tmp}"], ["completion", "zsh"]])
+def test_commands_that_need_no_torch_do_not_import_it(tmp_path: Path, args: list[str]) -> None:
+    """Issue 27: every command imported torch (1 s idle, 3-7 s under load) before doing anything."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom esper.cli.main import app\n"
+            f"r = CliRunner().invoke(app, {argv!r})\n"
+            "assert r.exit_code == 0, r.output\n"
+            "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib', 'safetensors') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

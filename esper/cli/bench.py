@@ -10,9 +10,6 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from esper.app.bench.p7 import run_p7
-from esper.app.bench.run import run_bench
-from esper.app.bench.stats import BenchPlan
 from esper.cli.common import (
     ConfigOpt,
     JsonOpt,
@@ -88,6 +85,10 @@ def bench(
     scale_out: ScaleOutOpt = False,
 ) -> None:
     """Measure Esper's overheads against plain-PyTorch baselines, alternating in one process (SPEC §9)."""
+    from esper.app.bench.p7 import run_p7  # torch and the engine: this command alone pays for them
+    from esper.app.bench.run import run_bench
+    from esper.app.bench.stats import BenchPlan
+
     resolved = load_config(ctx, config, sets)
     if scale_out:
         with tempfile.TemporaryDirectory(prefix=".bench-p7-", dir=".") as scratch:

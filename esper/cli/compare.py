@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from esper.app.compare import Comparison, RunResult, compare, parse_seeds
 from esper.cli.common import (
     ConfigOpt,
     JsonOpt,
@@ -24,7 +23,9 @@ from esper.cli.common import (
 )
 from esper.cli.view import si
 from esper.core.errors import ConfigError
-from esper.core.records import machine
+
+if TYPE_CHECKING:
+    from esper.app.compare import Comparison, RunResult
 
 SeedsOpt = Annotated[str, typer.Option("--seeds", help="Run seeds: a range 1..5 or a list 1,3,7.")]
 StaticOpt = Annotated[list[str] | None, typer.Option(
@@ -170,6 +171,9 @@ def compare_cmd(
     Each run is a real run directory (OUT/grown-s1, OUT/host-s1, ...; `esper plot` them); OUT/compare.json holds
     the --json document. Exit code: the worst run's.
     """
+    from esper.app.compare import compare, parse_seeds  # torch and the engine: this command alone pays for them
+    from esper.core.records import machine
+
     quiet = quiet or global_options(ctx).quiet
     try:
         seed_list = parse_seeds(seeds)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from esper.app.preflight import preflight
 from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, handle_errors, load_config, print_json, stderr
 
 app = typer.Typer(help="Show or validate the resolved configuration.", no_args_is_help=True)
@@ -31,6 +30,8 @@ def validate(
     """Validate the config as `train` would: the schema, then the device, every plug-in reference (imported) and
     every blueprint name; exit 0 when valid, 3 naming the key when not."""
     resolved = load_config(ctx, config, sets)
+    from esper.app.preflight import preflight  # builds the task and host: torch, for this command alone
+
     preflight(resolved.config)
     doc = {"valid": True, "path": str(resolved.path) if resolved.path else None, "hash": resolved.config.config_hash()}
     if as_json:

@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from esper.app.drill import check_drill, drill_config, run_drill
 from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, global_options, handle_errors, print_json, stdout
 from esper.core import config as config_mod
 from esper.core.errors import ExitCode
@@ -35,6 +34,12 @@ def simulate_emergency(
     germinates after the first), then applies --set; --synthetic swaps in a small synthetic job on the built-in
     mlp. Exits 0 when the outcome matched the catalogue, 7 when not.
     """
+    from esper.app.drill import (  # torch and the engine: this command alone pays for them
+        check_drill,
+        drill_config,
+        run_drill,
+    )
+
     check_drill(fault=fault, level=level, at=at)  # a bad option is a usage error before anything is read
     g = global_options(ctx)
     base = config_mod.load(config or g.config).config  # the file alone: --set goes on top of the drill defaults

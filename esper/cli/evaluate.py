@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from esper.app.evaluate import evaluate_checkpoint
 from esper.cli.common import JsonOpt, SetOpt, handle_errors, print_json, stdout
 
 
@@ -20,6 +19,8 @@ def evaluate(
     """Evaluate a verified checkpoint's network as the run's own validation sees it (FOSSILIZED seeds, and seeds
     blending at their current alpha) on its task's validation set: val_loss and every metric. --set goes on the
     checkpoint's config."""
+    from esper.app.evaluate import evaluate_checkpoint  # torch and the engine: this command alone pays for them
+
     doc = evaluate_checkpoint(target, overrides=list(sets or []))
     if as_json:
         print_json(doc)

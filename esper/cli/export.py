@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from esper.app.export import export_checkpoint
 from esper.cli.common import JsonOpt, handle_errors, print_json, stdout
 
 
@@ -21,6 +20,8 @@ def export(
 ) -> None:
     """Export the network of a verified checkpoint: the host with its FOSSILIZED seeds (DORMANT and CULLED slots
     hold none). Load it with `esper.load_model(DIR)`. A seed still mid-lifecycle is refused (exit 3) unless --live."""
+    from esper.app.export import export_checkpoint  # torch and the engine: this command alone pays for them
+
     done = export_checkpoint(target, out, live=live)
     m = done.manifest
     if as_json:

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from esper.cli.common import JsonOpt, handle_errors, print_json, stderr, stdout
-from esper.core.checkpoint import STRUCTURAL_KEYS, VerifyReport, verify_checkpoint
+from esper.core.checkpoint import STRUCTURAL_KEYS
 from esper.core.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from esper.core.checkpoint import VerifyReport
 
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Exit 4 on any integrity problem.")]
 _MISSING = "-"
@@ -43,6 +46,8 @@ def inspect_checkpoint(
 ) -> None:
     """Show a checkpoint: identity, trainer + emergency state, slots, metrics, tensors, optimizer groups,
     integrity per file."""
+    from esper.core.checkpoint import verify_checkpoint  # hashing tensors needs torch: this command alone pays
+
     report = verify_checkpoint(path)
     doc = inspection(report)
     if as_json:

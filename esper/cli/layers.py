@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from esper.app.layers import host_layers
 from esper.cli.common import ConfigOpt, JsonOpt, SetOpt, handle_errors, load_config, print_json, stdout
 
 
@@ -14,6 +13,8 @@ def layers(ctx: typer.Context, config: ConfigOpt = None, sets: SetOpt = None, as
     """List the configured host's modules from one probe forward of a real example batch: type, output shape,
     how many times each runs per forward, the slot kind it would get, and the blueprints that fit there within
     seeds.param_budget (parameters each). Builds the task and host as `train` would; writes nothing."""
+    from esper.app.layers import host_layers  # torch and the engine: this command alone pays for them
+
     found = host_layers(load_config(ctx, config, sets).config)
     if as_json:
         print_json(found.to_doc())

@@ -10,13 +10,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from esper.app import scaleout
-from esper.app.session import TrainSession
 from esper.cli.common import (
     ConfigOpt,
     JsonOpt,
@@ -29,11 +27,13 @@ from esper.cli.common import (
     print_json,
     stderr,
 )
-from esper.cli.launch import launch
 from esper.cli.unblocked import consoles
 from esper.cli.view import RunView, last_text, plain_line, render_summary
 from esper.core.config import ENV_VAR, operator_config
-from esper.core.dist import joined
+
+if TYPE_CHECKING:
+    from esper.app import scaleout
+    from esper.app.session import TrainSession
 
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: run.output_dir/RUN_ID).")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint dir, run dir or manifest to resume.")]
@@ -146,7 +146,13 @@ def train(
     unless --allow-config-change names every changed key (exit 3).
     """
     if nproc is not None:
+        from esper.cli.launch import launch
+
         raise typer.Exit(launch(nproc, max_restarts))
+    # torch and the engine: paid by the commands that train, not by every `esper` invocation
+    from esper.app import scaleout
+    from esper.core.dist import joined
+
     g = global_options(ctx)
     quiet = quiet or g.quiet
     overrides = [*g.sets, *(sets or [])]

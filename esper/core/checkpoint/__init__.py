@@ -6,22 +6,42 @@ Modules: ``manifest`` (the format: one pydantic model), ``locate`` (names, ``lat
 ``verify`` (verified reads), ``write`` (atomic writes, pruning).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from esper.core.checkpoint.locate import BEST, LATEST, latest_checkpoint, resolve_checkpoint
 from esper.core.checkpoint.manifest import MANIFEST, SCHEMA_VERSION, STRUCTURAL_KEYS, Manifest, manifest_digest
-from esper.core.checkpoint.verify import (
-    FileCheck,
-    LoadedCheckpoint,
-    VerifyReport,
-    load_checkpoint,
-    verify_checkpoint,
-)
-from esper.core.checkpoint.write import (
-    CheckpointPruneError,
-    CheckpointWriteError,
-    prune,
-    write_checkpoint,
-    write_pointer,
-)
+
+if TYPE_CHECKING:
+    from esper.core.checkpoint.verify import (
+        FileCheck,
+        LoadedCheckpoint,
+        VerifyReport,
+        load_checkpoint,
+        verify_checkpoint,
+    )
+    from esper.core.checkpoint.write import (
+        CheckpointPruneError,
+        CheckpointWriteError,
+        prune,
+        write_checkpoint,
+        write_pointer,
+    )
+
+# reading and writing tensors needs torch: imported on first use, so the operator views (`esper runs`, `watch`),
+# which only read pointers and manifests, start without it
+_LAZY = {**dict.fromkeys(("FileCheck", "LoadedCheckpoint", "VerifyReport", "load_checkpoint", "verify_checkpoint"),
+                         "esper.core.checkpoint.verify"),
+         **dict.fromkeys(("CheckpointPruneError", "CheckpointWriteError", "prune", "write_checkpoint",
+                          "write_pointer"), "esper.core.checkpoint.write")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BEST", "LATEST", "MANIFEST", "SCHEMA_VERSION", "STRUCTURAL_KEYS", "CheckpointPruneError", "CheckpointWriteError",

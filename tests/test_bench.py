@@ -65,8 +65,13 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
     by_id = {r["id"]: r for r in doc["results"]}
     expected = {"P-1", "P-1L", "P-1/cnn", "P-1c", "P-1+c", "P-2/default", "P-2/default/SLA", "P-2/1M", "P-2/1M/SLA",
                 "P-3/default", "P-3b/default", "P-3/default/SLA", "P-4/default", "P-4b/default",
-                "P-3/1M", "P-4/1M", "P-5/fire", "P-5/may", "P-5/validate", "P-6", "P-6/mediated", "MEM"}
+                "P-3/1M", "P-4/1M", "P-5/fire", "P-5/may", "P-5/validate", "P-6", "P-6/mediated", "MEM",
+                "P-8/--version", "P-8/runs", "P-8/lifecycle"}
     assert expected <= set(by_id), sorted(expected - set(by_id))
+    for rid in ("P-8/--version", "P-8/runs", "P-8/lifecycle"):  # real interpreters, started as a shell would
+        row = by_id[rid]
+        assert row["unit"] == "s" and row["extra"]["goal_s"] == 1.0
+        assert row["extra"]["worst_s"] == max(row["esper"]["samples"]) > 0
     goals = {"P-1": 1.15, "P-1+c": 1.15, "P-2/default": 1.5, "P-2/1M": 1.5, "P-3/default": 1.2, "P-4/default": 1.0}
     for rid, goal in goals.items():
         assert by_id[rid]["goal"] == {"max_ratio": goal}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -437,3 +438,20 @@ def without_package(tmp_path: Path, name: str) -> dict[str, str]:
     probe = subprocess.run([sys.executable, "-c", find], env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "None", f"{name} is still found"  # the blocker works
     return env
+
+
+# ------------------------------------------------------------------------------------- rank processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rank_env() -> dict[str, str]:
+    """The environment of an `esper` rank process: one intra-op thread, the tests' plug-ins importable."""
+    tests = str(Path(__file__).parent)
+    return {**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+

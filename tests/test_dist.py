@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +19,13 @@ from conftest import (
     BASE_TOML,
     ESPER,
     GROWING,
-    WALL_CLOCK_FIELDS,
     checkpoint_dirs,
     events,
+    free_port,
     latest,
     make_config,
+    metrics_without_wall_clock,
+    rank_env,
     sets,
     summary,
     tensors,
@@ -38,9 +39,6 @@ from esper.core.dist import DataParallel, World, check_config
 from esper.core.dist.world import resolve_backend
 from esper.core.errors import ConfigError, ExitCode
 from esper.core.tolaria.signals import StopRequest
-
-TESTS = Path(__file__).parent
-
 
 # ----------------------------------------------------------------------------------------- no processes
 
@@ -137,12 +135,6 @@ def test_the_outbox_keeps_warnings_and_worse_up_to_its_limit() -> None:
 # ------------------------------------------------------------------------------- real gloo process groups
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _collectives(rank: int, port: int, out: str) -> None:
     import torch.distributed as tdist
 
@@ -192,7 +184,7 @@ def _collectives(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_reductions_and_checks_across_two_gloo_ranks(tmp_path: Path) -> None:
-    mp.spawn(_collectives, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_collectives, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     res = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     for r in res:
         assert r["loss"] == [2.0, 4]
@@ -214,25 +206,15 @@ def test_reductions_and_checks_across_two_gloo_ranks(tmp_path: Path) -> None:
 JOB = [*GROWING, "trainer.epochs=3"]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-
-
 def _esper(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(ESPER), "--config", str(BASE_TOML), *args], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+                          env=rank_env(), timeout=timeout)
 
 
 def _torchrun(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "esper",
            "--config", str(BASE_TOML), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_FIELDS}
-            for line in path.read_text().splitlines()]
+    return subprocess.run(cmd, capture_output=True, text=True, env=rank_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +230,7 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_two_ranks_hold_the_same_lifecycle_and_weights_after_every_epoch(two: Path) -> None:
-    rows0, rows1 = _rows(two / "metrics.jsonl"), _rows(two / "rank-1" / "metrics.jsonl")
+    rows0, rows1 = metrics_without_wall_clock(two), metrics_without_wall_clock(two / "rank-1")
     assert len(rows0) == 3 and rows0 == rows1  # every figure, seed stages and command counts included
     assert sum(r["commands"]["accepted"] for r in rows0) >= 1  # the controller grew seeds: a lifecycle to agree on
     rank1 = [e for e in events(two / "rank-1") if e["event"] in ("command.accepted", "seed.transition")]
@@ -289,7 +271,7 @@ def test_two_ranks_match_one_process_for_the_same_global_batch(two: Path, tmp_pa
     one = tmp_path / "one"
     done = _esper("train", "--quiet", "--run-dir", str(one), *sets(*JOB))
     assert done.returncode == 0, done.stdout + done.stderr
-    rows1, rows2 = _rows(one / "metrics.jsonl"), _rows(two / "metrics.jsonl")
+    rows1, rows2 = metrics_without_wall_clock(one), metrics_without_wall_clock(two)
     for a, b in zip(rows1, rows2, strict=True):
         assert (a["seeds_by_stage"], a["params"], a["commands"]) == (b["seeds_by_stage"], b["params"], b["commands"])
         for k in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
@@ -302,10 +284,10 @@ def test_two_ranks_match_one_process_for_the_same_global_batch(two: Path, tmp_pa
     done = _torchrun("train", "--quiet", "--resume", str(one / "checkpoints" / "epoch-0002"), "--run-dir", str(r12),
                      *sets(*JOB))
     assert done.returncode == 0, done.stdout + done.stderr
-    last1, last12 = rows1[-1], _rows(r12 / "metrics.jsonl")[-1]
+    last1, last12 = rows1[-1], metrics_without_wall_clock(r12)[-1]
     assert (last12["seeds_by_stage"], last12["params"]) == (last1["seeds_by_stage"], last1["params"])
     assert last12["val_loss"] == pytest.approx(last1["val_loss"], rel=1e-4)
-    assert _rows(r12 / "rank-1" / "metrics.jsonl")[-1] == last12
+    assert metrics_without_wall_clock(r12 / "rank-1")[-1] == last12
 
 
 @pytest.mark.slow
@@ -320,10 +302,10 @@ def test_batchnorm_statistics_stay_in_step_across_ranks(tmp_path: Path) -> None:
     done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(run), *sets(*GROWING, *bn, "trainer.epochs=3"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert not events(run, "rank.divergence")
-    assert _rows(run / "metrics.jsonl") == _rows(run / "rank-1" / "metrics.jsonl")
+    assert metrics_without_wall_clock(run) == metrics_without_wall_clock(run / "rank-1")
     model = tensors(run / "checkpoints" / "epoch-0003", "model")
     # one count per step of the global batch, rank 0's (its seed's own passes and probes left no trace)
-    assert int(model["host.conv1.1.num_batches_tracked"]) == _rows(run / "metrics.jsonl")[-1]["global_step"]
+    assert int(model["host.conv1.1.num_batches_tracked"]) == metrics_without_wall_clock(run)[-1]["global_step"]
 
 
 @pytest.mark.slow
@@ -360,7 +342,7 @@ def test_resume_at_two_ranks_is_bit_identical_and_at_one_keeps_the_lifecycle(two
     assert sorted(final) == sorted(again) and all(torch.equal(final[k], again[k]) for k in final)
     done = _esper("train", "--quiet", "--resume", str(start), "--run-dir", str(r21), *sets(*JOB))
     assert done.returncode == 0, done.stdout + done.stderr
-    last2, last1 = _rows(two / "metrics.jsonl")[-1], _rows(r21 / "metrics.jsonl")[-1]
+    last2, last1 = metrics_without_wall_clock(two)[-1], metrics_without_wall_clock(r21)[-1]
     assert (last1["seeds_by_stage"], last1["params"]) == (last2["seeds_by_stage"], last2["params"])
     assert last1["val_loss"] == pytest.approx(last2["val_loss"], rel=1e-4)
 
@@ -432,7 +414,7 @@ def test_a_signal_to_the_launcher_stops_every_rank_and_keeps_the_exit_code(tmp_p
     cmd = [str(ESPER), "--config", str(BASE_TOML), "train", "--nproc", "2", "--quiet", "--run-dir", str(run),
            *sets(*JOB, "trainer.epochs=100000")]
     with open(log, "wb") as fh:
-        child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**_env(), "TMPDIR": str(tmp)},
+        child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**rank_env(), "TMPDIR": str(tmp)},
                                  start_new_session=True)
     try:
         wait_for(lambda: (run / "checkpoints").is_dir() and len(checkpoint_dirs(run)) >= 2, child, log,

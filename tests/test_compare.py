@@ -200,6 +200,31 @@ def test_scratch_variant_gives_flops_to_target_and_the_saving_from_the_runs_own_
     assert section["saving"]["grown"] == (None if grown is None else 1 - grown["flops"] / base["flops"])
     assert "training FLOPs to reach the target" in result.stdout
     assert (out_dir / "compute.png").read_bytes()[:4] == b"\x89PNG"
+    # --from reads the same runs again, trains nothing, writes nothing, and takes another target
+    before = sorted(p.name for p in out_dir.rglob("*"))
+    again = esper("compare", "--from", str(out_dir), "--json")
+    assert again.exit_code == 0, out(again)
+    assert json.loads(again.stdout)["compute_to_target"]["per_seed"] == doc["compute_to_target"]["per_seed"]
+    easy = json.loads(esper("compare", "--from", str(out_dir), "--target", "0.0", "--json").stdout)
+    reached = easy["compute_to_target"]["per_seed"]["1"]["reached"].values()
+    assert all(hit is not None and hit["epoch"] == 1 for hit in reached)
+    assert sorted(p.name for p in out_dir.rglob("*")) == before
+
+
+def test_from_reads_hostile_run_directories_without_a_traceback(tmp_path: Path) -> None:
+    out_dir = tmp_path / "cmp"
+    (out_dir / "grown-s1").mkdir(parents=True)
+    (out_dir / "grown-s1" / "summary.json").write_text('{"exit_code": "zero", "final": [1, 2]}')
+    (out_dir / "scratch-s1").mkdir()
+    (out_dir / "scratch-s1" / "summary.json").write_bytes(b"\xff\xfe not json")
+    (out_dir / "not-a-run").mkdir()
+    result = esper("compare", "--from", str(out_dir), "--json")
+    assert result.exit_code == 1 and "Traceback" not in out(result)
+    doc = json.loads(result.stdout)
+    assert [r["status"] for v in doc["variants"].values() for r in v["runs"]] == ["UNREADABLE", "UNREADABLE"]
+    for bad in (["--from", str(tmp_path / "missing")], ["--from", str(out_dir), "--scratch", "host.hidden=[4]"]):
+        r = esper("compare", *bad)
+        assert r.exit_code == 2 and "--from" in r.stderr
 
 
 def test_bad_scratch_key_is_exit_3_naming_it_before_any_run(tmp_path: Path) -> None:

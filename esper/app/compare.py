@@ -11,6 +11,7 @@ comparison says exactly what ``esper train`` would have said for each run. With 
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import time
@@ -21,8 +22,9 @@ from typing import Any
 
 from esper.app.compute_target import compute_to_target, curve
 from esper.app.session import TrainSession
+from esper.app.views.read import read_summary
 from esper.core.config import EsperConfig, from_dict
-from esper.core.errors import ConfigError, EsperError, ExitCode
+from esper.core.errors import ConfigError, EsperError, ExitCode, UsageError
 from esper.core.records import machine
 from esper.core.records.rundir import new_run_id, write_atomic
 
@@ -175,19 +177,60 @@ def run_one(cfg: EsperConfig, variant: str, seed: int, run_dir: Path) -> tuple[R
     except EsperError as exc:
         return RunResult(variant, seed, str(run_dir), int(exc.exit_code), "ERROR", wall_s=time.monotonic() - t0,
                          error=str(exc)), None
-    wall = time.monotonic() - t0
-    # read back what the run wrote: the comparison reports each run's own summary.json
-    written = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    task, final = written.get("task") or {}, written.get("final") or {}
-    key = task.get("primary_metric")
-    compute = written.get("compute") or {}
-    result = RunResult(variant, seed, str(run_dir), int(written["exit_code"]), str(written["status"]),
-                       primary=final.get(key) if key else None, val_loss=final.get("val_loss"),
-                       params=final.get("params"), wall_s=wall,
-                       error=_failure_text(written.get("failure")), flops=compute.get("flops"),
-                       uncounted_ops=dict(compute.get("uncounted_ops") or {}),
+    return read_back(variant, seed, run_dir, time.monotonic() - t0)
+
+
+def read_back(variant: str, seed: int, run_dir: Path, wall_s: float) -> tuple[RunResult, dict[str, Any] | None]:
+    """A run as its own files say (``summary.json``, ``metrics.jsonl``), read as outside input: the comparison
+    reports exactly what ``esper train`` said, and ``--from`` reads runs it did not make."""
+    written, problems = read_summary(run_dir)
+    if written is None or not isinstance(written.get("exit_code"), int):
+        why = "; ".join(problems) or "summary.json has no exit code"
+        return RunResult(variant, seed, str(run_dir), int(ExitCode.INTERNAL), "UNREADABLE", wall_s=wall_s,
+                         error=why), None
+    task, final, compute = (d if isinstance(d := written.get(k), dict) else {} for k in ("task", "final", "compute"))
+    key = task.get("primary_metric") if isinstance(task.get("primary_metric"), str) else None
+    flops = compute.get("flops")
+    uncounted = compute.get("uncounted_ops")
+    result = RunResult(variant, seed, str(run_dir), written["exit_code"], str(written.get("status")),
+                       primary=_num(final.get(key)) if key else None, val_loss=_num(final.get("val_loss")),
+                       params=final.get("params") if type(final.get("params")) is int else None, wall_s=wall_s,
+                       error=_failure_text(written.get("failure")), flops=flops if type(flops) is int else None,
+                       uncounted_ops=dict(uncounted) if isinstance(uncounted, dict) else {},
                        curve=curve(run_dir, key) if key else [])
     return result, task
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+_RUN_NAME = re.compile(r"^(grown|host|static|scratch)-s(\d{1,9})$")
+
+
+def reanalyse(out: Path, target: float | None) -> Comparison:
+    """The comparison of the runs already in ``out`` (``esper compare --from``): every VARIANT-sSEED run
+    directory read back, nothing trained and nothing written; ``target`` as ``--target``."""
+    if not out.is_dir():
+        raise UsageError(f"--from {out}: not a directory of compared runs", key="--from")
+    found: dict[str, set[int]] = {}
+    for entry in out.iterdir():
+        m = _RUN_NAME.match(entry.name)
+        if m and entry.is_dir() and not entry.is_symlink():
+            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not found:
+        raise UsageError(f"--from {out}: no run directories named VARIANT-sSEED (grown-s1, scratch-s1, ...)",
+                         key="--from")
+    kinds = [Variant(n, ()) for n in (GROWN, HOST, STATIC, SCRATCH) if n in found]
+    result = Comparison(str(out), sorted(set().union(*found.values())), kinds, target=target)
+    for seed in result.seeds:
+        for v in kinds:
+            if seed in found[v.name]:
+                run, task = read_back(v.name, seed, out / f"{v.name}-s{seed}", 0.0)
+                result.runs.append(run)
+                if task and result.primary_metric is None:
+                    result.primary_metric, result.direction = task.get("primary_metric"), task.get("direction")
+    return result
 
 
 def _failure_text(failure: Any) -> str | None:

@@ -38,6 +38,9 @@ ScratchOpt = Annotated[list[str] | None, typer.Option(
 TargetOpt = Annotated[float | None, typer.Option(
     "--target", help="The primary metric to reach for the compute-to-target table (default: each seed's scratch "
                      "run's final value).", show_default=False)]
+FromOpt = Annotated[Path | None, typer.Option(
+    "--from", help="Read the runs an earlier comparison left in DIR (VARIANT-sSEED) instead of training: the "
+                   "tables again, e.g. with another --target. Writes nothing.", show_default=False)]
 OutOpt = Annotated[Path | None, typer.Option(
     "--out", help="Directory of the runs (default: run.output_dir/compare-ID); VARIANT-sSEED each.",
     show_default=False)]
@@ -157,6 +160,7 @@ def compare_cmd(
     scratch: ScratchOpt = None,
     target: TargetOpt = None,
     out: OutOpt = None,
+    reuse: FromOpt = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
@@ -172,16 +176,29 @@ def compare_cmd(
     the --json document. Exit code: the worst run's.
     """
     from esper.app.compare import compare, parse_seeds  # torch and the engine: this command alone pays for them
-    from esper.core.records import machine
 
     quiet = quiet or global_options(ctx).quiet
     try:
         seed_list = parse_seeds(seeds)
     except ConfigError as exc:  # a malformed option is a usage error (exit 2), like any other bad option value
         raise typer.BadParameter(str(exc).split(": ", 1)[1], param_hint="--seeds") from None
+    if reuse is not None:
+        if static_host or scratch or out is not None:
+            raise typer.BadParameter("--from reads the variants and runs of DIR: leave out --static-host, "
+                                     "--scratch and --out", param_hint="--from")
+        from esper.app.compare import reanalyse
+
+        _show(reanalyse(reuse, target), as_json)
     cfg = load_config(ctx, config, sets).config
     result = compare(cfg, seed_list, list(static_host or []), out, progress=_progress(quiet or as_json),
                      scratch=list(scratch or []), target=target)
+    _show(result, as_json)
+
+
+def _show(result: Comparison, as_json: bool) -> None:
+    """Print the comparison (tables, or the --json document) and exit with the worst run's code."""
+    from esper.core.records import machine
+
     if as_json:
         print_json(result.to_doc())
     else:

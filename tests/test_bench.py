@@ -32,7 +32,7 @@ runner = CliRunner()
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command()(bench)
 
-UNITS = {"ms", "ms/step", "us", "us/step", "MiB"}
+UNITS = {"ms", "ms/step", "us", "us/step", "MiB", "s"}
 
 
 def _invoke(tmp_path: Path, *extra: str) -> Any:

@@ -14,6 +14,7 @@ from conftest import GROWING, esper, out, sets, summary
 
 from esper.app.compare import Comparison, RunResult, parse_seeds, variants
 from esper.app.compute_target import compute_to_target
+from esper.cli.view import si
 from esper.core.errors import ConfigError
 
 # grows at once on the synthetic task, so the grown runs really differ from the host alone
@@ -76,7 +77,8 @@ def test_table_figures_are_the_runs_summaries(table_run: tuple[Path, Any]) -> No
         assert cells[1:6] == ["2/2", pct(statistics.fmean(accs)), pct(min(accs)), pct(max(accs)),
                               f"{statistics.fmean(losses):.4f}"]
         assert cells[6] == (f"{min(params):,}" if len(params) == 1 else f"{min(params):,}-{max(params):,}")
-        assert cells[7].endswith(" s")
+        flops = {summary(out_dir / f"{v}-s{s}")["compute"]["flops"] for s in (1, 2)}
+        assert cells[7] == si(statistics.fmean(flops)) and cells[8].endswith(" s")
     deltas = []
     for s in (1, 2):
         g, h, st = (finals[(v, s)]["val_accuracy"] for v in ("grown", "host", "static"))

@@ -43,7 +43,8 @@ IN_TRAINING = [*UNHURRIED, "controller.plateau_min_delta=1.0", "controller.warmu
 NEVER = ["controller.warmup_epochs=1000"]  # the same run, but the controller never germinates
 
 
-SEED_FIELDS = ("params", "seeds_by_stage", "commands")  # what differs because a seed exists at all
+# what differs because a seed exists at all (its own passes cost FLOPs: the compute, not the host, changes)
+SEED_FIELDS = ("params", "seeds_by_stage", "commands", "flops", "flops_validation")
 
 
 def host_figures(run: Path) -> list[dict[str, object]]:

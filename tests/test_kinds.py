@@ -136,7 +136,14 @@ SHAPES = [FEATURES, SlotShape("features", (13,)), TOKENS, CH1, SlotShape("channe
           SlotShape("channels2d", (3, 5, 7))]
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN))
+@pytest.mark.parametrize("name", sorted(n for n, b in BUILTIN.items() if b.inherits))
+def test_a_blueprint_that_copies_the_hosts_layer_is_never_built_from_a_shape_alone(name: str) -> None:
+    """layer_copy / layer_stack are made from the slot's trained layer (tests/test_inherit.py), not its shape."""
+    with pytest.raises(TypeError, match="BlueprintRegistry.make"):
+        BUILTIN[name].build(FEATURES)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, b in BUILTIN.items() if not b.inherits))
 def test_every_builtin_blueprint_fits_exactly_its_kinds_with_exact_bounds_and_starts_as_the_identity(
         name: str) -> None:
     bp = BUILTIN[name]

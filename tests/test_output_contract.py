@@ -125,3 +125,24 @@ def test_a_signal_after_the_outcome_is_written_does_not_change_the_exit_status(t
                 break
     assert child.wait(timeout=60) == 0 == summary(run)["exit_code"], log.read_text()
     assert summary(run)["status"] == "COMPLETED" and "Traceback" not in log.read_text()
+
+
+def test_settle_returns_once_what_was_queued_is_written_and_never_hangs_on_a_reader_that_is_gone() -> None:
+    """The live view's last frame (stderr) must be out before the outcome (stdout): each stream has its own writer
+    thread, so `esper train` settles stderr first (a log taking both interleaved them, once in a CI run)."""
+    from esper.cli.unblocked import Unblocked
+
+    r, w = os.pipe()
+    try:
+        stream = Unblocked(w)
+        stream.write("last frame\n" * 100)
+        stream.settle()
+        os.set_blocking(r, False)
+        assert os.read(r, 1 << 16) == b"last frame\n" * 100  # all of it, already in the pipe
+        os.close(r)  # the reader goes away
+        stream.write("x" * (1 << 20))  # more than a pipe holds: the write fails in the thread
+        stream.settle(wait_s=5.0)  # returns (broken), no hang
+        assert stream.broken
+        stream.finish(wait_s=1.0)
+    finally:
+        os.close(w)

@@ -27,7 +27,7 @@ from esper.cli.common import (
     print_json,
     stderr,
 )
-from esper.cli.unblocked import consoles
+from esper.cli.unblocked import consoles, settle
 from esper.cli.view import RunView, last_text, plain_line, render_summary
 from esper.core.config import ENV_VAR, operator_config
 
@@ -224,6 +224,7 @@ def _run_settled(session: TrainSession | scaleout.FollowerSession, as_json: bool
         else:
             with RichReporter(err, epochs, title=f"run {session.run_dir.run_id}") as reporter:
                 summary = session.run(reporter=reporter)
+            settle(err)  # the live view's last frame ends its line before the outcome starts one
         render_summary(out, summary)
         _record_errors(err, summary)
     raise typer.Exit(summary["exit_code"])

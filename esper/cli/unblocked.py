@@ -17,6 +17,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import TextIO
 
@@ -73,6 +74,18 @@ class Unblocked(io.TextIOBase):
             except OSError:  # BrokenPipeError, EBADF, EIO: the reader is gone; the run is not affected
                 self.broken = True
                 return
+            finally:
+                self._queue.task_done()
+
+    def settle(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Wait (at most ``wait_s``) until what was queued so far is written: two streams each have their own
+        thread, so the live view's last frame on stderr must be out before the outcome goes to stdout (a log
+        that takes both would otherwise get them interleaved)."""
+        deadline = time.monotonic() + wait_s
+        done = self._queue.all_tasks_done
+        with done:
+            while self._queue.unfinished_tasks and not self.broken and (left := deadline - time.monotonic()) > 0:
+                done.wait(min(left, 0.05))  # a reader gone mid-write sets `broken` without a notify
 
     def finish(self, wait_s: float = CLOSE_WAIT_S) -> None:
         """Let the thread write what is queued, waiting at most ``wait_s`` for a reader that is not reading."""
@@ -88,6 +101,12 @@ def _fd_of(stream: TextIO | None) -> int | None:
         return stream.fileno() if stream is not None else None
     except (AttributeError, OSError, ValueError):  # not a file (a test runner's buffer): print to it directly
         return None
+
+
+def settle(console: Console) -> None:
+    """Everything ``console`` was given so far is written (or its reader is gone, or 5 s passed)."""
+    if isinstance(console.file, Unblocked):
+        console.file.settle()
 
 
 @contextlib.contextmanager

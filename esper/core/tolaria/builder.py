@@ -148,9 +148,8 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         components.register("kasmina", kasmina, Layout(file="model", prefix="seed.", keys=("seeds",)))
         components.register("optimizer", optimizer, Layout(file="optimizer", key="optimizer"))
         components.register("schedule", schedule, Layout())
-        components.register("train", state, Layout(keys=(
-            "epoch", "step_in_epoch", "global_step", "metrics", "history", "epoch_stats", "rollbacks", "commands")),
-            keep_on_rollback=TrainState.KEEP_ON_ROLLBACK)
+        components.register("train", state, Layout(keys=tuple(state.state_dict())),  # its keys, stated once there
+                            keep_on_rollback=TrainState.KEEP_ON_ROLLBACK)
         # what the run has cost: a rollback keeps it (the undone steps' compute was spent)
         components.register("compute", compute, Layout(key="compute", absent=ComputeMeter.ABSENT),
                             keep_on_rollback=True)

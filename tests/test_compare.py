@@ -206,7 +206,9 @@ def test_scratch_variant_gives_flops_to_target_and_the_saving_from_the_runs_own_
     before = sorted(p.name for p in out_dir.rglob("*"))
     again = esper("compare", "--from", str(out_dir), "--json")
     assert again.exit_code == 0, out(again)
-    assert json.loads(again.stdout)["compute_to_target"]["per_seed"] == doc["compute_to_target"]["per_seed"]
+    reread = json.loads(again.stdout)
+    assert reread["compute_to_target"]["per_seed"] == doc["compute_to_target"]["per_seed"]
+    assert all(r["wall_s"] is None for v in reread["variants"].values() for r in v["runs"])  # not timed: not shown
     easy = json.loads(esper("compare", "--from", str(out_dir), "--target", "0.0", "--json").stdout)
     reached = easy["compute_to_target"]["per_seed"]["1"]["reached"].values()
     assert all(hit is not None and hit["epoch"] == 1 for hit in reached)

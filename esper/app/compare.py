@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esper.app.compute_target import compute_to_target, curve
+from esper.app.compute_target import GROWN, HOST, SCRATCH, STATIC, VARIANTS, compute_to_target, curve
 from esper.app.session import TrainSession
 from esper.app.views.read import read_summary
 from esper.core.config import EsperConfig, from_dict
@@ -28,7 +28,6 @@ from esper.core.errors import ConfigError, EsperError, ExitCode, UsageError
 from esper.core.records import machine
 from esper.core.records.rundir import new_run_id, write_atomic
 
-GROWN, HOST, STATIC, SCRATCH = "grown", "host", "static", "scratch"
 SEEDS_OFF = "seeds.enabled=false"
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 _LIST = re.compile(r"^\d+(,\d+)*$")
@@ -93,7 +92,7 @@ class RunResult:
     primary: float | None = None
     val_loss: float | None = None
     params: int | None = None
-    wall_s: float = 0.0
+    wall_s: float | None = None  # None: read back by --from, which did not time the run
     error: str | None = None
     flops: int | None = None  # the run's cumulative training FLOPs (summary.json compute)
     uncounted_ops: dict[str, int] = field(default_factory=dict)
@@ -180,7 +179,8 @@ def run_one(cfg: EsperConfig, variant: str, seed: int, run_dir: Path) -> tuple[R
     return read_back(variant, seed, run_dir, time.monotonic() - t0)
 
 
-def read_back(variant: str, seed: int, run_dir: Path, wall_s: float) -> tuple[RunResult, dict[str, Any] | None]:
+def read_back(variant: str, seed: int, run_dir: Path, wall_s: float | None
+              ) -> tuple[RunResult, dict[str, Any] | None]:
     """A run as its own files say (``summary.json``, ``metrics.jsonl``), read as outside input: the comparison
     reports exactly what ``esper train`` said, and ``--from`` reads runs it did not make."""
     written, problems = read_summary(run_dir)
@@ -205,7 +205,7 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-_RUN_NAME = re.compile(r"^(grown|host|static|scratch)-s(\d{1,9})$")
+_RUN_NAME = re.compile(rf"^({'|'.join(VARIANTS)})-s(\d{{1,9}})$")
 
 
 def reanalyse(out: Path, target: float | None) -> Comparison:
@@ -221,12 +221,12 @@ def reanalyse(out: Path, target: float | None) -> Comparison:
     if not found:
         raise UsageError(f"--from {out}: no run directories named VARIANT-sSEED (grown-s1, scratch-s1, ...)",
                          key="--from")
-    kinds = [Variant(n, ()) for n in (GROWN, HOST, STATIC, SCRATCH) if n in found]
+    kinds = [Variant(n, ()) for n in VARIANTS if n in found]
     result = Comparison(str(out), sorted(set().union(*found.values())), kinds, target=target)
     for seed in result.seeds:
         for v in kinds:
             if seed in found[v.name]:
-                run, task = read_back(v.name, seed, out / f"{v.name}-s{seed}", 0.0)
+                run, task = read_back(v.name, seed, out / f"{v.name}-s{seed}", None)
                 result.runs.append(run)
                 if task and result.primary_metric is None:
                     result.primary_metric, result.direction = task.get("primary_metric"), task.get("direction")

@@ -3,15 +3,14 @@ one colour per variant, and a marker where each run first reaches its seed's tar
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from esper.app.compute_target import compute_to_target
+from esper.app.views.plot import write_png
 
 if TYPE_CHECKING:
     from esper.app.compare import Comparison
@@ -40,9 +39,4 @@ def render(c: Comparison, out: Path) -> None:
     target = "each seed's scratch final" if c.target is None else f"{c.target:g}"
     ax.set_title(f"{c.primary_metric} against training compute, seeds {', '.join(map(str, c.seeds))} "
                  f"(dots: first validation at the target, {target})", fontsize=10)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        FigureCanvasAgg(fig).print_png(str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_png(fig, out)

@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from esper.app.views.history import as_num
 from esper.app.views.status import Run
+from esper.core.tolaria.compute import COUNTED
 
 if TYPE_CHECKING:
     from esper.app.compare import Comparison, RunResult
 
-SCRATCH, GROWN = "scratch", "grown"
+# the variants of a comparison, in table order (compare builds them; a run directory is VARIANT-sSEED)
+GROWN, HOST, STATIC, SCRATCH = "grown", "host", "static", "scratch"
+VARIANTS = (GROWN, HOST, STATIC, SCRATCH)
 
 
 def curve(run_dir: Path, key: str) -> list[tuple[int, int, float, float]]:
@@ -75,5 +78,4 @@ def compute_to_target(c: Comparison) -> dict[str, Any] | None:
             "per_seed": per_seed,
             "saving": {n: {"seeds": len(v), "mean": statistics.fmean(v) if v else None,
                            "min": min(v) if v else None, "max": max(v) if v else None} for n, v in savings.items()},
-            "counted": "training FLOPs: matmul, convolution and attention, forward and backward, the seeds' own "
-                       "passes included (README: Compute)"}
+            "counted": COUNTED}

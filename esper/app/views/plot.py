@@ -147,14 +147,20 @@ def render(runs: list[Run], labels: list[str], out: Path, x_kind: str = "epoch")
     if kinds:
         fig.legend(handles=kinds, loc="outside lower center", ncol=len(kinds), fontsize=8)
     fig.suptitle(_title(runs, labels))
-    out_tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        FigureCanvasAgg(fig).print_png(str(out_tmp))
-        os.replace(out_tmp, out)
-    finally:
-        out_tmp.unlink(missing_ok=True)
+    write_png(fig, out)
     return {"output": str(out), "runs": [r.run_id for r in runs], "labels": labels, "stages": order,
             "markers": sorted({m.kind for r in runs for m in r.history.markers})}
+
+
+def write_png(fig: Figure, out: Path) -> None:
+    """Render ``fig`` into the PNG ``out`` atomically (a temp file beside it, then a rename): a reader never sees
+    half a figure, and a failed render leaves no temp file."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        FigureCanvasAgg(fig).print_png(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _marker_legend(runs: list[Run]) -> list[Line2D]:

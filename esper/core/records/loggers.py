@@ -32,23 +32,17 @@ from esper.core.errors import ConfigError
 from esper.core.io import confine
 from esper.core.records import tensorboard
 from esper.core.records.rundir import write_atomic
+from esper.core.records.scalars import scalars
 from esper.core.records.telemetry import Emitter
 
 STEP_EVENT = "train.step"
 STEP_COLUMNS = ("global_step", "epoch", "train_loss", "lr")
-_NOT_SCALARS = frozenset({"seeds_by_stage", "commands", "emergency_level", "slots", "blend"})
 _MAX_CSV_BYTES = 1 << 30
 
 
 class Logger(Protocol):
     def __call__(self, record: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
-
-
-def scalars(row: dict[str, Any]) -> dict[str, int | float]:
-    """The numeric entries of an epoch's row (not its nested records), integers kept whole (FLOPs, steps)."""
-    return {k: v for k, v in row.items()
-            if k not in _NOT_SCALARS and not isinstance(v, bool) and isinstance(v, int | float)}
 
 
 class CSVLogger:

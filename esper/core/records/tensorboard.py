@@ -15,22 +15,20 @@ reports, so TensorBoard never shows what ``events.jsonl`` does not hold.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
+from esper.core.records.scalars import scalars
 from esper.statemachines import EMERGENCY
 
 DIRNAME = "tensorboard"
-PACKAGE = "tensorboard"
 # records written as text: the lifecycle, emergencies and what the operator would want on the timeline
 TEXT_EVENTS = frozenset({
     "run.started", "run.resuming", "run.finished", "run.failed", "seed.transition", "command.accepted",
     "command.rejected", "emergency.level", "rollback.completed", "rollback.failed", "checkpoint.written",
     "checkpoint.failed", "checkpoint.corrupt_detected", "fault.injected", "stop.requested",
 })
-_NOT_SCALARS = frozenset({"global_step", "seeds_by_stage", "commands", "emergency_level", "slots"})
 
 
 class TensorBoardWriter:
@@ -54,8 +52,8 @@ class TensorBoardWriter:
             self._writer.add_text(f"events/{event}", text, global_step=epoch)
 
     def _epoch(self, epoch: int, row: dict[str, Any]) -> None:
-        for key, value in row.items():
-            if key in _NOT_SCALARS or isinstance(value, bool) or not isinstance(value, int | float):
+        for key, value in scalars(row).items():
+            if key == "global_step":  # the x axis here is the epoch
                 continue
             group = "loss" if key.endswith("_loss") else "metric" if key.startswith(("train_", "val_")) else "run"
             self._writer.add_scalar(f"{group}/{key}", value, global_step=epoch)

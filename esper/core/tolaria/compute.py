@@ -29,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 TRAINING_PHASES = ("forward", "backward", "seeds")
+COUNTED = ("training FLOPs: matmul, convolution and attention (torch.utils.flop_counter), forward and backward, the "
+           "seeds' own passes included; not elementwise work, normalisation or the optimizer update")
 PHASES = (*TRAINING_PHASES, "validation")
 _ATEN = torch.ops.aten
 
@@ -114,8 +116,7 @@ class ComputeMeter:
         """The summary's ``compute``."""
         return {**self.row(), "by_phase": {p: self.flops[p] for p in PHASES},
                 "uncounted_ops": dict(sorted(self.uncounted.items())),
-                "counted": "matmul, convolution and attention FLOPs (torch.utils.flop_counter), forward and "
-                           "backward; not elementwise work, normalisation or the optimizer update"}
+                "counted": COUNTED}
 
     # ---------------------------------------------------------------- Stateful
     def state_dict(self) -> dict[str, Any]:

@@ -132,3 +132,16 @@ def test_plot_against_flops_and_a_run_without_flop_counts(tmp_path: Path) -> Non
     assert result.exit_code == ExitCode.USAGE and "no FLOP counts" in out(result)
     assert not (tmp_path / "g.png").exists()
     assert esper("plot", str(run), "--x", "parsecs").exit_code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize("groups", [1, 2, 24])
+def test_a_grouped_convolutions_backward_costs_twice_its_forward(groups: int) -> None:
+    """torch's table counted a depthwise conv's backward at 25x its forward (the input gradient as if ungrouped)."""
+    meter, conv = ComputeMeter(), nn.Conv1d(24, 24, 5, padding=2, groups=groups)
+    x = torch.randn(8, 24, 19, requires_grad=True)
+    with meter.phase("forward", "k"):
+        y = conv(x)
+    with meter.phase("backward", "k"):
+        y.sum().backward()
+    assert meter.flops["forward"] == 2 * 8 * 19 * 24 * (24 // groups) * 5
+    assert meter.flops["backward"] == 2 * meter.flops["forward"]  # the input's and the weights' gradients

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import BASE_TOML, ESPER, REPO, checkpoint_dirs, sets, summary, wait_for
 
 from esper.core.errors import ExitCode
@@ -146,3 +147,20 @@ def test_settle_returns_once_what_was_queued_is_written_and_never_hangs_on_a_rea
         stream.finish(wait_s=1.0)
     finally:
         os.close(w)
+
+
+def test_signals_after_the_outcome_is_written_never_abort_the_session() -> None:
+    """A flood of SIGTERM/SIGINT between summary.json and the end of `train()` once ended exit 130 (a second SIGINT
+    is an abort): once the outcome is settled the trainer's handler takes no signal."""
+    from esper.core.tolaria.signals import StopRequest, graceful_signals
+
+    stop = StopRequest()
+    with graceful_signals(stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested  # before it is settled, a signal asks the run to stop
+        stop.settled = True
+        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+            os.kill(os.getpid(), sig)  # handled synchronously in the main thread: no KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), graceful_signals(StopRequest()):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # unsettled: the second signal is the operator's abort, as before

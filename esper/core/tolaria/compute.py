@@ -18,6 +18,7 @@ of the steps it undid was spent. A resume continues from the checkpoint's totals
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Hashable, Iterator
@@ -34,12 +35,28 @@ COUNTED = ("training FLOPs: matmul, convolution and attention (torch.utils.flop_
 PHASES = (*TRAINING_PHASES, "validation")
 _ATEN = torch.ops.aten
 
-# CPU attention kernels torch's table lacks: the same formula as the flash kernels (query, key, value shapes first)
+def _conv_backward(grad_out: Any, x: Any, w: Any, bias: Any, stride: Any, padding: Any, dilation: Any,
+                   transposed: bool, output_padding: Any, groups: int, output_mask: Any, out_val: Any = None) -> int:
+    """torch's formula counts a grouped convolution's input gradient as if it were not grouped (``groups`` times
+    too many: a depthwise conv's backward came out at 25x its forward); each gradient costs what the forward does."""
+    if groups == 1 or transposed:
+        return int(flop_registry[_ATEN.convolution_backward](grad_out, x, w, bias, stride, padding, dilation,
+                                                              transposed, output_padding, groups, output_mask,
+                                                              out_val=out_val))
+    forward = 2 * grad_out.shape[0] * math.prod(grad_out.shape[2:]) * w.shape[0] * math.prod(w.shape[1:])
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+_conv_backward._get_raw = True  # type: ignore[attr-defined]  # tensors in: it hands them on to torch's formula
+
+# CPU attention kernels torch's table lacks: the same formula as the flash kernels (query, key, value shapes
+# first); grouped convolutions' backward, which the table over-counts
 _CUSTOM = {
     _ATEN._scaled_dot_product_flash_attention_for_cpu:
         lambda q, k, v, *_a, out_shape=None, **_k: sdpa_flop_count(q, k, v),
     _ATEN._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda g, q, k, v, *_a, out_shape=None, **_k: sdpa_backward_flop_count(g, q, k, v),
+    _ATEN.convolution_backward: _conv_backward,
 }
 _COUNTED = frozenset({*flop_registry, *_CUSTOM})
 # aten families whose cost grows faster than their output's size: one torch cannot count must be named

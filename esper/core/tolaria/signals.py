@@ -15,6 +15,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.settled = False  # summary.json is written: the outcome is decided, a signal changes nothing now
 
     @property
     def requested(self) -> bool:
@@ -33,6 +34,8 @@ def graceful_signals(stop: StopRequest) -> Iterator[None]:
         return
 
     def handler(signum: int, _frame: FrameType | None) -> None:
+        if stop.settled:
+            return  # a second SIGINT here would turn a written COMPLETED into exit 130 without its outcome lines
         if stop.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.signal = signum

@@ -430,6 +430,7 @@ class Trainer:
             self.run_dir.write_summary(summary)
         except OSError as exc:
             lost.append(f"summary.json not written: {exc.strerror or exc}")
+        self.stop.settled = True  # decided (on disk, or printed by the CLI when the disk refused it)
         try:
             if self.machine.observer is not None:
                 self.emit("tolaria", "run.finished", "INFO" if summary["exit_code"] == 0 else "CRITICAL",

@@ -126,6 +126,12 @@ def test_watch_refuses_what_is_not_a_run_and_gives_up_on_one_that_never_starts(t
     (tmp_path / "other" / "notes.txt").write_text("x")
     other = esper("watch", str(tmp_path / "other"))  # something else entirely: refused at once, never waited on
     assert other.exit_code == ExitCode.USAGE and "waited" not in other.output
+    starting = tmp_path / "starting"  # a run taking shape: its lock, and config.toml before the rename
+    starting.mkdir()
+    (starting / "run.lock").write_text("")
+    (starting / ".config.toml.k2j4x9.tmp").write_text("[run]")
+    waited = esper("watch", str(starting), "--start-timeout", "0")
+    assert waited.exit_code == ExitCode.USAGE and "(waited 0 s for one to appear)" in waited.output
     (tmp_path / "config.toml").write_text("")
     never = esper("watch", str(tmp_path), "--start-timeout", "0")
     assert never.exit_code == ExitCode.INCOMPLETE and "no esper process has started writing it" in never.output

@@ -179,8 +179,8 @@ class TrainSession:
 
             def commit() -> None:
                 try:
+                    rd.write_config(self.cfg)  # first: a watcher takes the directory for a run once it is there
                     rd.checkpoints.mkdir(exist_ok=True)
-                    rd.write_config(self.cfg)
                     emitter.release()
                 except OSError as exc:
                     if is_disk_error(exc):

@@ -21,6 +21,7 @@ from esper.app.views.status import INCOMPLETE, State
 from esper.cli.common import QuietOpt, global_options, handle_errors, stderr, stdout
 from esper.cli.view import RunView, last_text, plain_line, render_summary
 from esper.core.errors import ExitCode
+from esper.core.records.rundir import is_atomic_temp
 from esper.core.records.runlock import LOCK_NAME
 
 IntervalOpt = Annotated[float, typer.Option("--interval", min=0.05, max=10.0,
@@ -105,11 +106,13 @@ def _follow(follower: Follower, shown: _Plain | _Live, interval: float, start_ti
 
 
 def _not_yet(run: Path) -> bool:
-    """Nothing there yet, or a directory a starting `esper train` has made but not written its files in."""
+    """Nothing there yet, or a directory a starting `esper train` has made but not written its files in (its
+    writer lock, and config.toml's temp file for the instant before its rename: CI once saw that instant)."""
     if not os.path.lexists(run):
         return True
     try:
-        return run.is_dir() and not run.is_symlink() and set(os.listdir(run)) <= {LOCK_NAME}
+        return run.is_dir() and not run.is_symlink() and all(
+            name == LOCK_NAME or is_atomic_temp(name) for name in os.listdir(run))
     except OSError:
         return False
 

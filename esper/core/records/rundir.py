@@ -131,10 +131,19 @@ def make_dir(path: Path, key: str) -> None:
         raise UsageError(f"{key} {path}: cannot create it: {exc.strerror or exc}", key=key) from None
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def is_atomic_temp(name: str) -> bool:
+    """Whether ``name`` is one of :func:`write_atomic`'s temp files (``.<target>.<random>.tmp``): a reader
+    polling a run directory that is being set up sees them for an instant before the rename."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX) and name.count(".") >= 3
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write via a uniquely named temp file + fsync + rename so readers never see a torn file and two writers
     never share a temp name; the target is replaced, never followed if it is a symbolic link."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the run's files from the people who read them
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

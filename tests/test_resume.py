@@ -134,6 +134,8 @@ def stop_with_signal(run: Path, items: list[str], reporter: SignalAt) -> dict[st
 JOBS = {
     "digits-cosine": [*UNHURRIED, "trainer.epochs=6", 'trainer.lr_policy="cosine"'],
     "growing-seeds": [*GROWING, "trainer.epochs=8"],
+    # windows of 4 of the epoch's 6 batches (then 2): an optimizer step every 4th or 6th batch; averaged weights
+    "accumulating-ema": [*GROWING, "trainer.epochs=8", "trainer.accumulate_steps=4", "trainer.ema=0.9"],
 }
 
 
@@ -153,6 +155,7 @@ def straight_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ("digits-cosine", {"step": 50}),              # epoch 3, 7th of 22 steps; cosine over trainer.epochs
     ("growing-seeds", {"step": 27}),               # epoch 5, 4th of 6 steps: a seed mid-BLENDING
     ("growing-seeds", {"epoch_end": 4}),           # right after epoch 4's periodic checkpoint
+    ("accumulating-ema", {"step": 26}),            # epoch 5, 2 batches into its first window: gradients pending
 ])
 def test_signal_stop_then_resume_continues_exactly(tmp_path: Path, straight_runs: dict[str, Path], job: str,
                                                    where: dict[str, int]) -> None:
@@ -166,15 +169,19 @@ def test_signal_stop_then_resume_continues_exactly(tmp_path: Path, straight_runs
     assert "checkpoint.failed" not in event_names(run), [e for e in events(run) if e["event"] == "checkpoint.failed"]
     assert verify(run).exit_code == 0
     stop_point = manifest(latest(run))
-    if "step" in where:
+    if "step" in where and job != "accumulating-ema":
         assert stop_point["step_in_epoch"] > 0 and stop_point["global_step"] == where["step"]
+    if job == "accumulating-ema":  # 8 optimizer steps in 4 epochs; the 2 batches of the open window are saved
+        assert (stop_point["step_in_epoch"], stop_point["global_step"]) == (2, 8)
+        assert stop_point["accumulation"]["pending"] == 2 and tensors(latest(run), "accumulation")
+        assert stop_point["ema"]["updates"] and tensors(latest(run), "ema")
     if job == "growing-seeds" and "step" in where:
         stages = {s["stage"] for s in stop_point["seeds"]}
         assert "BLENDING" in stages, stages  # the resume really crosses a live, half-blended seed
 
     r = resume(run, *JOBS[job])
     assert r.exit_code == 0, out(r)
-    for stem in ("model", "optimizer"):
+    for stem in ("model", "optimizer", *(["ema"] if job == "accumulating-ema" else [])):
         assert_same_tensors(tensors(latest(straight), stem), tensors(latest(run), stem))
     assert metrics_without_wall_clock(run) == metrics_without_wall_clock(straight)
     assert transitions(summary(run)["seeds"]) == transitions(summary(straight)["seeds"])

@@ -34,4 +34,4 @@ def evaluate_checkpoint(target: Path, *, overrides: Sequence[str] = ()) -> dict[
     return {"checkpoint": str(grown.checkpoint.path), "run_id": m.run_id, "epoch": m.epoch, "task": task.name,
             "samples": seen, "metrics": {f"val_{k}": v / seen for k, v in sums.items()},
             "primary_metric": task.primary_metric, "seeds": [s.model_dump() for s in grown.seeds],
-            "dropped": grown.dropped}
+            "dropped": grown.dropped, "weights": "ema" if grown.averaged else "trained"}

@@ -86,6 +86,7 @@ class ExportManifest(BaseModel):
     dropped: dict[str, str] = Field(max_length=64)  # slot -> its stage, for slots whose seed was not kept
     config_toml: str = Field(max_length=2**20)
     weights: WeightsEntry
+    averaged: bool = False  # the weights are the run's trainer.ema moving average (what its validation judged)
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Grown:
     checkpoint: LoadedCheckpoint
     seeds: list[ExportedSeed]
     dropped: dict[str, str]
+    averaged: bool  # the weights are trainer.ema's moving average, not the last step's
 
 
 def export_checkpoint(target: Path, out: Path, *, live: bool = False) -> Exported:
@@ -144,7 +146,7 @@ def export_checkpoint(target: Path, out: Path, *, live: bool = False) -> Exporte
         manifest = ExportManifest(
             format=FORMAT, run_id=loaded.manifest.run_id, checkpoint=str(loaded.path), epoch=loaded.manifest.epoch,
             input_shape=list(task.input_shape), n_outputs=task.n_outputs, seeds=seeds, dropped=dropped,
-            config_toml=loaded.manifest.config_toml or "",
+            config_toml=loaded.manifest.config_toml or "", averaged=grown.averaged,
             weights=WeightsEntry(file=WEIGHTS, bytes=len(data), blake3=blake3.blake3(data).hexdigest()))
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         fsync_file(tmp / MANIFEST)
@@ -190,16 +192,21 @@ def grown_network(target: Path, *, live: bool = False, overrides: Sequence[str] 
     model = _assemble(cfg, host, [(r.slot, r.layer, shapes[r.slot], r.blueprint, r.alpha) for r in kept])
     tensors = loaded.tensors["model"]
     state = {f"host.{k.removeprefix('host.')}": v for k, v in tensors.items() if k.startswith("host.")}
+    # trainer.ema: the averaged weights, the ones every validation of the run judged, over the trained ones
+    averaged = loaded.tensors.get("ema", {}) if cfg.trainer.ema else {}
+    state.update({k: v for k, v in averaged.items() if k.startswith("host.")})
     for r in kept:
         head = f"seed.{r.slot}."
-        state.update({f"seeds.{r.slot}.{k.removeprefix(head)}": v for k, v in tensors.items() if k.startswith(head)})
+        for source in (tensors, averaged):
+            state.update({f"seeds.{r.slot}.{k.removeprefix(head)}": v for k, v in source.items()
+                          if k.startswith(head)})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{loaded.path}: its tensors do not fit the network its config builds: {exc}") from exc
     seeds = [ExportedSeed(slot=r.slot, layer=r.layer, kind=shapes[r.slot].kind, shape=list(shapes[r.slot].shape),
                           blueprint=r.blueprint, stage=r.stage, alpha=r.alpha) for r in kept]
-    return Grown(model.eval(), cfg, task, loaded, seeds, dropped)
+    return Grown(model.eval(), cfg, task, loaded, seeds, dropped, bool(averaged))
 
 
 def read_manifest(directory: Path) -> ExportManifest:

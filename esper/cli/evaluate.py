@@ -28,4 +28,5 @@ def evaluate(
     console = stdout()
     shown = "  ".join(f"{k}={v:.4f}" for k, v in doc["metrics"].items())
     console.print(f"{doc['checkpoint']} (epoch {doc['epoch']}) on {doc['task']}, {doc['samples']} validation "
-                  f"samples: {shown}", highlight=False, markup=False)
+                  f"samples: {shown}" + (" (the weights' moving average, trainer.ema)" if doc["weights"] == "ema"
+                                         else ""), highlight=False, markup=False)

@@ -31,6 +31,9 @@ def export(
     console = stdout()
     console.print(f"exported {m.checkpoint} (epoch {m.epoch}) to {done.out}", highlight=False, markup=False)
     console.print(f"  seeds kept: {kept}", highlight=False, markup=False)
+    if m.averaged:
+        console.print("  weights: the run's moving average (trainer.ema), as its validation judged them",
+                      highlight=False, markup=False)
     if m.dropped:
         dropped = ", ".join(f"{k} ({v})" for k, v in m.dropped.items())
         console.print(f"  slots without a seed: {dropped}", highlight=False, markup=False)

@@ -23,9 +23,11 @@ from esper.core.checkpoint.payload import (
     RUN_ID,
     SHA256,
     TRAINING_KEYS,
+    AccumulationRecord,
     ComputeRecord,
     ControllerState,
     DataRecord,
+    EmaRecord,
     EmergencyRecord,
     EpochStatsRecord,
     MetricsRow,
@@ -95,6 +97,8 @@ class Manifest(BaseModel):
     data: DataRecord | None = None  # batches skipped on replays (H-6)
     precision: PrecisionRecord | None = None  # the fp16 loss scaler
     compute: ComputeRecord | None = None  # FLOPs and training seconds so far
+    accumulation: AccumulationRecord | None = None  # inside a gradient-accumulation window (absent: never)
+    ema: EmaRecord | None = None  # the weights' moving average (null: the run has none)
     rollbacks: list[dict[str, Any]] | None = None
     commands: dict[str, int] | None = None
     optimizer: OptimizerRecord | None = None

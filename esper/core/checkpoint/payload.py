@@ -171,6 +171,25 @@ class ComputeRecord(BaseModel):
         return v
 
 
+class AccumulationRecord(BaseModel):
+    """``tolaria.accumulate.Accumulation.state_dict()``'s JSON half (manifest key ``accumulation``; its pending
+    gradients, inside a window only, are in ``accumulation.safetensors``)."""
+
+    model_config = _CLOSED
+
+    pending: int = Field(ge=0, le=4096)
+    measured: list[float] = Field(max_length=4096)
+
+
+class EmaRecord(BaseModel):
+    """``tolaria.ema.WeightAverage.state_dict()``'s JSON half (manifest key ``ema``; the averages are in
+    ``ema.safetensors``)."""
+
+    model_config = _CLOSED
+
+    updates: dict[str, int] = Field(max_length=1 << 20)
+
+
 class DataRecord(BaseModel):
     """``BatchSkips.state_dict()`` (manifest key ``data``; absent before H-6)."""
 
@@ -230,6 +249,7 @@ class TensorSummary(BaseModel):
 TRAINING_KEYS = ("run_id", "reason", "epoch", "step_in_epoch", "global_step", "trainer_state", "emergency", "seeds",
                  "controller", "metrics", "history", "epoch_stats", "rollbacks", "commands", "optimizer",
                  "config_toml", "config_hash")
-__all__ = ["RUN_ID", "SHA256", "TRAINING_KEYS", "ComputeRecord", "ControllerState", "DataRecord", "EmergencyRecord",
+__all__ = ["RUN_ID", "SHA256", "TRAINING_KEYS", "AccumulationRecord", "ComputeRecord", "ControllerState",
+           "EmaRecord", "DataRecord", "EmergencyRecord",
            "PrecisionRecord", "EpochStatsRecord", "MetricsRow", "OptimizerRecord", "SeedRecord", "TensorSummary",
            "TrainerStateName"]

@@ -323,6 +323,14 @@ class TrainerConfig(_Section):
     onecycle_pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="onecycle: fraction of the run spent rising")
     onecycle_div_factor: float = Field(25.0, ge=1.0, le=1e6, description="onecycle: the rise starts at lr / this")
     grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 disables clipping")
+    accumulate_steps: int = Field(1, ge=1, le=4096, description="batches whose gradients make one optimizer step "
+                                  "(their mean); an epoch's last window may be shorter. Schedule lengths "
+                                  "(warmup_steps, cosine_t_max, step_size) count optimizer steps")
+    ema: float = Field(0.0, ge=0.0, lt=1.0, description="decay of an exponential moving average of the weights, "
+                       "updated after every optimizer step; every validation (and export) uses the averaged "
+                       "weights; 0 = off")
+    ema_warmup: bool = Field(True, description="the average's decay is min(ema, (1 + n) / (10 + n)) after n "
+                             "updates of a parameter, so early averages (and a new seed's) follow the weights")
     early_stop_patience: int = Field(0, ge=0, le=100000, description="end the run once the primary metric has not "
                                      "improved for this many epochs; 0 never stops early")
     early_stop_min_delta: float = Field(0.0, ge=0.0, description="the smallest change of the primary metric that "

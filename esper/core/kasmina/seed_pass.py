@@ -72,8 +72,8 @@ class SeedPasses:
             total = loss if teacher is None else loss + distill_loss(out, teacher, self.scfg.distill)
             params = slot.params()
             grads = torch.autograd.grad(total if scale is None else scale(total), params)
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
+        for p, g in zip(params, grads, strict=True):  # the host's backward leaves a TRAINING seed's gradients alone
+            p.grad = g if p.grad is None else p.grad.add_(g)  # an accumulation window's earlier batches
         value = float(loss.detach())
         if record:
             self.record_seed_steps([slot], [value, (time.perf_counter() - t0) * 1000.0])

@@ -27,10 +27,12 @@ from esper.core.model.rng import RngState
 from esper.core.records.rundir import RunDir
 from esper.core.tamiyo import FieldReportLog, Tamiyo
 from esper.core.tamiyo import worker as tamiyo_worker
+from esper.core.tolaria.accumulate import Accumulation
 from esper.core.tolaria.checkpointer import Checkpointer
 from esper.core.tolaria.components import Components, Layout, ModuleState
 from esper.core.tolaria.compute import ComputeMeter
 from esper.core.tolaria.decisions import Decisions
+from esper.core.tolaria.ema import WeightAverage
 from esper.core.tolaria.emergency import EmergencyManager, Signal
 from esper.core.tolaria.injector import FaultEntry, FaultInjector
 from esper.core.tolaria.mediator import Mediator, open_controller
@@ -81,6 +83,8 @@ class Parts:
     precision: Precision
     parallel: DataParallel  # the reductions and cross-rank checks under torchrun (no-ops in a world of one)
     compute: ComputeMeter  # FLOPs and training seconds so far
+    accumulation: Accumulation  # the gradient-accumulation window in progress
+    ema: WeightAverage | None  # the weights' moving average (trainer.ema), used by every validation
 
     def close(self) -> None:
         """Stop the controller worker and the blueprint prefetcher, and let a background checkpoint write end (its
@@ -92,6 +96,16 @@ class Parts:
             self.mediator.close()
         if self.loader is not None:
             self.loader.shutdown(timeout_s=2.0)
+
+
+def stored_params(kasmina: Kasmina) -> list[tuple[str, nn.Parameter]]:
+    """Every trained parameter under its name in the checkpoint's ``model`` tensors (``host.<name>``,
+    ``seed.<slot>.<name>``): the names the accumulated gradients and the weights' averages are stored under."""
+    named = [(f"host.{n}", p) for n, p in kasmina.host.named_parameters()]
+    for s in kasmina.slots.values():
+        if s.module is not None:
+            named.extend((f"seed.{s.name}.{n}", p) for n, p in s.module.named_parameters())
+    return named
 
 
 def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit: Callable[..., Any], *,
@@ -128,7 +142,11 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
                 loader.prefetch(name, shape)
         optimizer = OptimizerPart(cfg.trainer, kasmina, emit)
         n_steps = steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last)  # type: ignore[arg-type]
-        schedule = LRSchedule(cfg.trainer, cfg.trainer.epochs * n_steps)
+        optimizer_steps = -(-n_steps // cfg.trainer.accumulate_steps)  # an epoch's last window may be shorter
+        schedule = LRSchedule(cfg.trainer, cfg.trainer.epochs * optimizer_steps)
+        accumulation = Accumulation(cfg.trainer.accumulate_steps, lambda: stored_params(kasmina))
+        ema = (WeightAverage(cfg.trainer.ema, cfg.trainer.ema_warmup, lambda: stored_params(kasmina))
+               if cfg.trainer.ema else None)
         emergency = EmergencyManager(cfg.emergency, emit)
         tamiyo = None
         if controller is not None and seeds_cfg.slots:
@@ -147,6 +165,10 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         components.register("host", ModuleState(host, "host"), Layout(file="model", prefix="host."))
         components.register("kasmina", kasmina, Layout(file="model", prefix="seed.", keys=("seeds",)))
         components.register("optimizer", optimizer, Layout(file="optimizer", key="optimizer"))
+        # after the modules and the optimizer: their parameters are the ones these two name
+        components.register("accumulation", accumulation,
+                            Layout(file="accumulation", key="accumulation", absent=Accumulation.ABSENT))
+        components.register("ema", ema, Layout(file="ema", key="ema", absent=WeightAverage.ABSENT))
         components.register("schedule", schedule, Layout())
         components.register("train", state, Layout(keys=tuple(state.state_dict())),  # its keys, stated once there
                             keep_on_rollback=TrainState.KEEP_ON_ROLLBACK)
@@ -188,4 +210,4 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
         raise
     return Parts(device, task, host, kasmina, loader, optimizer, schedule, emergency, tamiyo, mediator, state, skips,
                  rng, components, injector, checkpointer, rollback, safety, decisions, profiler, probe, n_steps,
-                 cfg.data.pin_memory and device.type == "cuda", precision, parallel, compute)
+                 cfg.data.pin_memory and device.type == "cuda", precision, parallel, compute, accumulation, ema)

@@ -4,6 +4,7 @@ and the validation pass (also the counterfactual one, with slots bypassed)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -53,13 +54,14 @@ def epoch_batches(p: Parts, cfg: DataConfig, seed: int, epoch: int, start: int, 
 def validate(p: Parts, cfg: DataConfig, bypass: frozenset[str]) -> dict[str, float]:
     """``val_loss`` and ``val_<metric>`` over the validation loader with the slots in ``bypass`` bypassed:
     sample-weighted means of the batch means. Under torchrun each rank evaluates its shard and the sums are
-    all-reduced, so every rank has the same figures (and its gates decide alike)."""
+    all-reduced, so every rank has the same figures (and its gates decide alike). With ``trainer.ema`` the pass
+    runs on the averaged weights, and the trained ones are back afterwards."""
     task = p.task
     sums = dict.fromkeys(["loss", *task.metrics], 0.0)
     seen = 0
     p.host.eval()
     try:
-        with p.kasmina.modes(Mode.BYPASS, bypass):
+        with p.kasmina.modes(Mode.BYPASS, bypass), p.ema.applied() if p.ema is not None else nullcontext():
             for x, y in val_batches(task, cfg, p.pin_memory, (p.parallel.world.rank, p.parallel.world.size)):
                 x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
                 layout = layout_key(x, False, p.kasmina.slots.values(), bypass)

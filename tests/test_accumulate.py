@@ -1,0 +1,112 @@
+"""Gradient accumulation (issue 27, ``trainer.accumulate_steps``): windows aligned to the epoch, the mean gradient
+of a window equal to one larger batch's, and a checkpoint inside a window that refuses to be forged. The resume
+from a stop inside a window, bit for bit an uninterrupted run, is in tests/test_resume.py (``accumulating-ema``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    SYNTHETIC,
+    UNHURRIED,
+    latest,
+    manifest,
+    metrics,
+    out,
+    resume,
+    rewrite_manifest,
+    tensors,
+    train,
+)
+from torch import nn
+
+from esper.core.errors import CheckpointError, ExitCode
+from esper.core.tolaria.accumulate import Accumulation
+
+HOST_ONLY = [*SYNTHETIC, *UNHURRIED, "seeds.enabled=false", "trainer.epochs=2"]
+
+
+def _params(*shapes: tuple[int, ...]) -> list[tuple[str, nn.Parameter]]:
+    return [(f"host.p{i}", nn.Parameter(torch.zeros(s))) for i, s in enumerate(shapes)]
+
+
+def test_windows_are_aligned_to_the_epoch_and_the_last_may_be_shorter() -> None:
+    acc = Accumulation(4, lambda: [])
+    assert [acc.window(i, 6, ()) for i in range(6)] == [(4, False), (4, False), (4, False), (4, True),
+                                                        (2, False), (2, True)]
+    # a batch the skip record leaves out shortens its window; a window whose last batch is skipped ends earlier
+    assert [acc.window(i, 6, {3}) for i in (0, 1, 2)] == [(3, False), (3, False), (3, True)]
+    assert Accumulation(1, lambda: []).window(5, 6, ()) == (1, True)
+
+
+def test_the_window_means_its_seed_figures_and_a_bad_step_drops_them() -> None:
+    acc = Accumulation(3, lambda: [])
+    acc.add([1.0, 10.0])
+    acc.add([3.0, 20.0])
+    assert acc.pending == 2
+    assert acc.close() == [2.0, 15.0] and acc.pending == 0  # one G2 step per window, its batches' mean
+    acc.add([5.0, 1.0])
+    acc.reset()
+    acc.add([7.0, 2.0])
+    assert acc.close() == [7.0, 2.0]
+
+
+@pytest.mark.slow
+def test_two_batches_accumulated_train_like_one_batch_twice_as_large(tmp_path: Path) -> None:
+    """12 batches of 32 in windows of 2 against 6 batches of 64 over the same sample order: the same steps, the
+    same weights up to float summation order; without accumulation the 32s take 12 steps and land elsewhere."""
+    runs = {}
+    for name, items in {"acc": ["data.batch_size=32", "trainer.accumulate_steps=2"],
+                        "large": ["data.batch_size=64"], "small": ["data.batch_size=32"]}.items():
+        r = train(tmp_path / name, *HOST_ONLY, *items)
+        assert r.exit_code == 0, out(r)
+        runs[name] = tmp_path / name
+    steps = {name: metrics(run)[-1]["global_step"] for name, run in runs.items()}
+    assert steps == {"acc": 12, "large": 12, "small": 24}
+    acc, large, small = (tensors(latest(runs[n]), "model") for n in ("acc", "large", "small"))
+    for key in large:
+        torch.testing.assert_close(acc[key], large[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(small[k], large[k], rtol=1e-3, atol=1e-4) for k in large)
+
+
+def test_loading_a_window_checks_what_it_is_given() -> None:
+    named = _params((2,), (3,))
+    acc = Accumulation(4, lambda: named)
+    grad = torch.ones(2)
+    acc.load_state_dict({"pending": 2, "measured": [0.5], "grad.host.p0": grad})
+    assert acc.pending == 2 and named[0][1].grad is not None and named[1][1].grad is None
+    assert torch.equal(named[0][1].grad, grad) and named[0][1].grad is not grad  # copied, never kept
+    assert set(acc.state_dict()) == {"pending", "measured", "grad.host.p0"}
+    forged = {
+        "pending 4 in a window of 4": {"pending": 4, "measured": []},
+        "gradients outside a window": {"pending": 0, "measured": [], "grad.host.p0": grad},
+        "a parameter the run lacks": {"pending": 1, "measured": [], "grad.host.nope": grad},
+        "a wrong shape": {"pending": 1, "measured": [], "grad.host.p1": grad},
+        "a non-finite figure": {"pending": 1, "measured": [float("nan")]},
+    }
+    for what, state in forged.items():
+        with pytest.raises(CheckpointError, match="accumulation"):
+            acc.load_state_dict(state)
+        assert acc.pending == 2 and torch.equal(named[0][1].grad, grad), what  # a refused state changes nothing
+
+
+@pytest.mark.slow
+def test_a_forged_window_in_a_stop_checkpoint_is_refused_on_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    items = [*HOST_ONLY, "trainer.accumulate_steps=4"]
+    stopped = train(run, *items, extra=["--fault", "sigterm@2:1"])  # stop after batch 1 of epoch 2: mid-window
+    assert stopped.exit_code == ExitCode.SIGTERM, out(stopped)
+    ckpt = latest(run)
+    assert manifest(ckpt)["accumulation"]["pending"] == 2 and tensors(ckpt, "accumulation")
+    original = manifest(ckpt)
+
+    def forge(doc: dict) -> None:
+        doc["accumulation"]["pending"] = 9  # more batches than a window holds, sealed like a real manifest
+
+    rewrite_manifest(ckpt, forge)
+    r = resume(run, *items)
+    assert r.exit_code == ExitCode.CHECKPOINT, out(r)
+    assert "accumulation" in out(r) and "Traceback" not in out(r)
+    assert manifest(ckpt)["global_step"] == original["global_step"]  # nothing was trained or rewritten

@@ -433,3 +433,24 @@ def test_a_signal_to_the_launcher_stops_every_rank_and_keeps_the_exit_code(tmp_p
     assert s["status"] == "STOPPED" and s["exit_code"] == code
     assert verify(latest(run)).exit_code == 0
     assert not [p.name for p in tmp.iterdir() if p.name.startswith("torchelastic_")]
+
+
+@pytest.mark.slow
+def test_accumulated_windows_on_two_ranks_match_one_process(tmp_path: Path) -> None:
+    """trainer.accumulate_steps under torchrun: each rank accumulates its shards and the window is reduced once;
+    the steps, the lifecycle and the weights are the one-process run's (float sums in another order)."""
+    job = [*JOB, "trainer.accumulate_steps=4", "trainer.ema=0.9"]
+    one, two_ranks = tmp_path / "one", tmp_path / "two"
+    done = _esper("train", "--quiet", "--run-dir", str(one), *sets(*job))
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = _esper("train", "--nproc", "2", "--quiet", "--run-dir", str(two_ranks), *sets(*job))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows1, rows2 = metrics_without_wall_clock(one), metrics_without_wall_clock(two_ranks)
+    assert [r["global_step"] for r in rows1] == [r["global_step"] for r in rows2] == [2, 4, 6]
+    for a, b in zip(rows1, rows2, strict=True):
+        assert (a["seeds_by_stage"], a["params"]) == (b["seeds_by_stage"], b["params"])
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4, abs=1e-5)
+    for stem in ("model", "ema"):
+        w1, w2 = tensors(latest(one), stem), tensors(latest(two_ranks), stem)
+        assert sorted(w1) == sorted(w2)
+        assert all(torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5) for k in w1), stem

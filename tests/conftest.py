@@ -286,13 +286,24 @@ def snapshot(run: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------------- subprocesses
 
 
-def spawn(run_dir: Path, *items: str, log: Path, flags: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+def spawn(run_dir: Path, *items: str, log: Path, flags: Sequence[str] = (),
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """The real console script in its own session (so a signal to its group is a terminal's Ctrl-C)."""
-    cmd = [str(ESPER), "--config", str(BASE_TOML), "train", "--quiet", "--run-dir", str(run_dir), *sets(*items),
-           *flags]
+    return _spawn_train(["--run-dir", str(run_dir)], items, log, flags, env)
+
+
+def spawn_resume(target: Path, *items: str, log: Path, flags: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`esper train --resume TARGET`, as :func:`spawn` starts a run."""
+    return _spawn_train(["--resume", str(target)], items, log, flags, env)
+
+
+def _spawn_train(where: list[str], items: Sequence[str], log: Path, flags: Sequence[str],
+                 env: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
+    cmd = [str(ESPER), "--config", str(BASE_TOML), "train", "--quiet", *where, *sets(*items), *flags]
     with open(log, "wb") as fh:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "COLUMNS": "250"})
+                                env={**(env if env is not None else os.environ), "COLUMNS": "250"})
 
 
 def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, what: str,

@@ -1,10 +1,14 @@
 """Issue 26, item 8: a randomized fault campaign, torchft-style. Each case trains the same short growing job
-twice: straight through, and with a real SIGKILL or SIGTERM to the `esper` process after a random number of
-checkpoints, then resumed to the end. Both runs get the same catalogue fault at a random step. The final model,
-optimizer and RNG must be bit-identical on CPU, and every seed must have walked the same lifecycle.
+twice, in a world of 1 or 2 processes: straight through, and interrupted, then resumed to the end. The
+interruption is a real SIGKILL to the whole process group (a lost machine) or a SIGTERM to `esper` after a random
+number of checkpoints, or a real SIGTERM at a random step (the catalogue's ``sigterm`` fault). Both runs get the
+same catalogue fault at a random step. The final model, optimizer and RNG must be bit-identical on CPU (same world
+size), every seed must have walked the same lifecycle, and the data position (global step, skipped batches) must
+be the straight run's.
 
-CI runs ``ESPER_CHAOS_N`` cases (3 unless set); ``ESPER_CHAOS_N=20 pytest tests/test_chaos.py`` runs more (the
-README states the largest campaign run on the final code)."""
+CI runs ``ESPER_CHAOS_N`` one-process cases (3 unless set) and ``ESPER_CHAOS_N2`` two-process ones (1 unless
+set); ``ESPER_CHAOS_N=200 ESPER_CHAOS_N2=50 pytest tests/test_chaos.py`` runs more (the README states the largest
+campaign run on the final code)."""
 
 from __future__ import annotations
 
@@ -18,22 +22,23 @@ import pytest
 from conftest import (
     GROWING,
     assert_same_tensors,
-    esper,
+    finish,
     latest,
+    manifest,
     out,
-    sets,
+    rank_env,
     spawn,
+    spawn_resume,
     summary,
     tensors,
     train,
     wait_for,
 )
 
-from esper.core.config.faults import CATALOGUE
-
 # one process, a fault the trainer survives (the run goes on to COMPLETED), firing in a growing job
 FAULTS = ("nan_loss", "inf_grad", "loss_spike", "seed_forward_error", "checkpoint_write_error", "dataloader_error")
 N = int(os.environ.get("ESPER_CHAOS_N", "3"))
+N2 = int(os.environ.get("ESPER_CHAOS_N2", "1"))
 JOB = [*GROWING, "trainer.epochs=7", "seeds.blend.steps=4"]  # 6 steps an epoch; seeds live from epoch 2 on
 
 
@@ -52,32 +57,56 @@ def _lifecycle(run: Path) -> list[tuple[Any, ...]]:
             for s in summary(run)["seeds"]]
 
 
+def _data_position(run: Path) -> tuple[Any, ...]:
+    last = manifest(latest(run))
+    return last["epoch"], last["step_in_epoch"], last["global_step"], last["data"]
+
+
+CASES = [(1, case) for case in range(N)] + [(2, case) for case in range(N2)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", range(N))
-def test_an_interrupted_run_with_a_fault_resumes_to_exactly_the_straight_run(tmp_path: Path, case: int) -> None:
-    rnd = random.Random(26_000 + case)
+@pytest.mark.parametrize(("world", "case"), CASES, ids=[f"world{w}-{c}" for w, c in CASES])
+def test_an_interrupted_run_with_a_fault_resumes_to_exactly_the_straight_run(tmp_path: Path, world: int,
+                                                                             case: int) -> None:
+    rnd = random.Random(26_000 + 1_000 * (world - 1) + case)
     fault, at = rnd.choice(FAULTS), f"{rnd.randrange(2, 4)}:{rnd.randrange(0, 6)}"
-    kill_after, sig = rnd.randrange(1, 6), rnd.choice((signal.SIGKILL, signal.SIGTERM))
-    assert CATALOGUE[fault].final_state == "COMPLETED"
+    how, kill_after = rnd.choice(("sigkill", "sigterm", "sigterm_at_step")), rnd.randrange(1, 6)
+    stop_at = f"{rnd.randrange(2, 7)}:{rnd.randrange(0, 6)}"
+    nproc = ["--nproc", "2"] if world == 2 else []
+    what = (world, fault, at, how, stop_at if how == "sigterm_at_step" else kill_after)
     straight, broken, log = tmp_path / "straight", tmp_path / "broken", tmp_path / "log"
-    r = train(straight, *JOB, extra=["--fault", f"{fault}@{at}"])
-    assert r.exit_code == 0, out(r)
-    proc = spawn(broken, *JOB, log=log, flags=["--fault", f"{fault}@{at}"])
+    flags = [*nproc, "--fault", f"{fault}@{at}"]
+    if world == 1:
+        r = train(straight, *JOB, extra=flags)
+        assert r.exit_code == 0, out(r)
+    else:
+        proc = spawn(straight, *JOB, log=log, flags=flags, env=rank_env())
+        assert finish(proc, log) == 0, log.read_text()
+    extra = ["--fault", f"sigterm@{stop_at}"] if how == "sigterm_at_step" else []
+    proc = spawn(broken, *JOB, log=log, flags=[*flags, *extra], env=rank_env())
     try:
-        wait_for(lambda: _epochs_checkpointed(broken) >= kill_after, proc, log,
-                 f"the checkpoint of epoch {kill_after} ({fault}@{at}, then {signal.Signals(sig).name})")
-        proc.send_signal(sig)
-        code = proc.wait(120)
+        if how == "sigterm_at_step":
+            code = finish(proc, log)
+        else:
+            wait_for(lambda: _epochs_checkpointed(broken) >= kill_after, proc, log, f"the checkpoint of {what}")
+            if how == "sigkill":
+                os.killpg(proc.pid, signal.SIGKILL)  # every process of the session: the machine is lost
+            else:
+                proc.send_signal(signal.SIGTERM)
+            code = proc.wait(120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert code in (-signal.SIGKILL, 143, 0), log.read_text()  # 0: it finished before the signal landed
     # the same fault schedule: a fault whose step the interrupted session never reached fires in the resumed one,
     # and one it did reach fires again only if the resumed session replays that step (as the straight run's
     # rollback replayed it)
-    r = esper("train", "--quiet", "--resume", str(broken), *sets(*JOB), "--fault", f"{fault}@{at}")
-    assert r.exit_code == 0, out(r) + log.read_text()
-    assert summary(broken)["status"] == "COMPLETED" and summary(broken)["epochs_completed"] == 7
+    proc = spawn_resume(broken, *JOB, log=log, flags=flags, env=rank_env())
+    assert finish(proc, log) == 0, log.read_text()
+    assert summary(broken)["status"] == "COMPLETED" and summary(broken)["epochs_completed"] == 7, what
     for stem in ("model", "optimizer", "rng"):
         assert_same_tensors(tensors(latest(straight), stem), tensors(latest(broken), stem))
-    assert _lifecycle(broken) == _lifecycle(straight), (fault, at, kill_after, sig)
+    assert _lifecycle(broken) == _lifecycle(straight), what
+    assert _data_position(broken) == _data_position(straight), what

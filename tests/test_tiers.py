@@ -128,3 +128,13 @@ def test_commands_that_need_no_torch_do_not_import_it(tmp_path: Path, args: list
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_modules_stay_small_and_the_loop_reads_in_one_sitting() -> None:
+    """Issue 22: no module of the package over 450 lines; the trainer's loop (tolaria/trainer.py) at most 300."""
+    package = Path(__file__).resolve().parent.parent / "esper"
+    sizes = {p.relative_to(package).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
+             for p in package.rglob("*.py")}
+    assert len(sizes) > 50  # the walk found the package
+    assert {name: n for name, n in sizes.items() if n > 450} == {}
+    assert sizes["core/tolaria/trainer.py"] <= 300

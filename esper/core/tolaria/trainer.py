@@ -1,6 +1,7 @@
-"""Tolaria's trainer: the run, the epoch loop and the step, driven by the trainer lifecycle (L-3).
+"""Tolaria's trainer: the run and the epoch loop, driven by the trainer lifecycle (L-3).
 
-The parts come from ``builder``; what a checkpoint holds is ``components``, when and under which name one is
+One batch and its optimizer step are ``step``; the run's record (its events, failure, exit code, summary) is
+``outcome``. The parts come from ``builder``; what a checkpoint holds is ``components``, when and under which name one is
 written is ``checkpointer``; what an emergency level does is ``safety``; the controller's share of an epoch is
 ``decisions``; drill faults act through the ``injector``'s hooks. ARCHITECTURE.md has the whole picture.
 """
@@ -8,38 +9,34 @@ written is ``checkpointer``; what an emergency level does is ``safety``; the con
 from __future__ import annotations
 
 import math
-import signal
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-import esper
 import esper.core.tolaria.operator as operator
 import esper.core.tolaria.passes as passes
 import esper.core.tolaria.records as records
 from esper.core.checkpoint import LoadedCheckpoint
 from esper.core.config import EsperConfig
-from esper.core.data import Task, build_task, steps_per_epoch
-from esper.core.errors import CheckpointError, DiskFault, ExitCode
-from esper.core.io.bounded import clip
-from esper.core.kasmina import SeedForwardError, SeedSlot
+from esper.core.data import Task, build_task
+from esper.core.errors import DiskFault, ExitCode
 from esper.core.records import requests
-from esper.core.records.rundir import RunDir, disk_fault, is_disk_error
-from esper.core.records.telemetry import Emitter, TelemetryDeliveryError, TelemetryError, TelemetryWriteError
+from esper.core.records.rundir import RunDir, is_disk_error
+from esper.core.records.telemetry import Emitter, TelemetryDeliveryError, TelemetryWriteError
 from esper.core.tolaria.builder import ControllerFactory, Parts, build_parts, controller_factory
-from esper.core.tolaria.compute import layout_key
 from esper.core.tolaria.early_stop import early_stop
 from esper.core.tolaria.emergency import Signal
 from esper.core.tolaria.injector import DataLoaderError, FaultEntry
+from esper.core.tolaria.outcome import RunRecord
 from esper.core.tolaria.safety import Halt, Restart
 from esper.core.tolaria.signals import StopRequest
+from esper.core.tolaria.step import Steps
 from esper.core.tolaria.train_state import EpochStats
-from esper.statemachines import TRAINER, StrictMachine, TransitionRecord
+from esper.statemachines import TRAINER, StrictMachine
 
 
-class Trainer:
+class Trainer(RunRecord, Steps):
     """Drives epochs through the trainer machine over the parts ``build`` makes from one config."""
 
     def __init__(self, cfg: EsperConfig, run_dir: RunDir, *, reporter: records.Reporter | None = None,
@@ -126,58 +123,11 @@ class Trainer:
             self.close()
         return self.finish()
 
-    def _announce(self) -> None:
-        """The session's first record, once: what it plans (C1: task, epochs, steps per epoch) once the task is
-        built; a run that failed to build its task still starts its events with it, without the task."""
-        if self.started is not None:
-            return
-        task: dict[str, Any] = {}
-        if self.task is not None:
-            d = self.cfg.data
-            task = {"task": self.task.describe(), "steps_per_epoch": steps_per_epoch(
-                len(self.task.train), d.batch_size, d.drop_last)}  # type: ignore[arg-type]
-        record = self.emit("tolaria", "run.resuming" if self._resuming else "run.started", "INFO",
-                           config_hash=self.cfg.config_hash(), esper=esper.__version__, torch=torch.__version__,
-                           epochs=self.cfg.trainer.epochs, **task)
-        self.started = record["utc"] if record is not None else records.utc_now()
-
-    def _restore(self, p: Parts, resume: LoadedCheckpoint) -> None:
-        try:
-            p.components.load_state_dict(p.components.from_checkpoint(resume.tensors, resume.payload))
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever a sealed but forged state makes a part raise is the
-            # checkpoint's problem (exit 4), found before anything is written, never a crash
-            raise CheckpointError(f"checkpoint {resume.path}: its state cannot be restored into this run: "
-                                  f"{type(exc).__name__}: {clip(str(exc), 300)}") from exc
-        p.checkpointer.last = resume.path
-
     def _serve_requests(self, p: Parts, *, stale: bool = False) -> None:
         """Operator requests waiting in the run directory (``esper emergency clear``), at a step boundary."""
         if requests.pending(self.run_dir.path):
             operator.serve(self.run_dir.path, self.run_id, p.emergency, self.emit, stale=stale)
             self.emitter.flush()  # the requester is waiting for the answer
-
-    def _finish_reports(self, p: Parts) -> None:
-        """A completed run files the field reports its last commands' windows never reached (T-12), marked as
-        short windows: the run ended before the window did."""
-        if p.decisions is None:
-            return
-        if self.machine.state == "COMPLETED":
-            p.decisions.file_short_reports(f"the run completed after {self.cfg.trainer.epochs} epochs")
-        growth = p.decisions.growth()
-        if growth["warning"]:
-            self.emit("tamiyo", "growth.failed", "WARNING", **growth)
-
-    def _resumed(self, p: Parts, resume: LoadedCheckpoint) -> None:
-        dropped = self.run_dir.rewrite_metrics(p.state.history)  # rows after the checkpoint are redone
-        if dropped:
-            self.emit("tolaria", "metrics.rewound", "WARNING", dropped_rows=dropped,
-                      reason="rows after the resumed checkpoint are recomputed")
-        pos = p.state.position
-        self.emit("tolaria", "resumed", "CRITICAL", checkpoint=str(resume.path), epoch=pos.epochs_done,
-                  step_in_epoch=pos.step_in_epoch, global_step=pos.global_step,
-                  previous_level=resume.manifest.emergency.level if resume.manifest.emergency else None)
 
     def _loop(self, p: Parts) -> None:
         epoch, skip = p.state.epochs_done + 1, p.state.step_in_epoch
@@ -285,97 +235,6 @@ class Trainer:
             return None
         return stats
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: EpochStats,
-                   training_slots: list[SeedSlot] | None = None, index: int | None = None) -> bool:
-        """One batch with every safety check; the optimizer steps at the end of its accumulation window (batch
-        ``index`` of the epoch; without one, the batch is a window of its own). Returns whether it was taken."""
-        t0 = time.perf_counter()
-        p = self._parts()
-        acc = p.accumulation
-        size, last = (1, True) if index is None else acc.window(index, p.steps_per_epoch, p.skips.steps(p.state.epoch))
-        if training_slots is None:
-            training_slots = [s for s in p.kasmina.slots.values() if s.stage == "TRAINING"]
-        p.safety.handle(p.faults.before_step(p.kasmina))
-        x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
-        task = p.task
-        opt = p.optimizer.optimizer
-        if not acc.pending:
-            opt.zero_grad(set_to_none=True)
-        p.parallel.buffers(p.host)  # rank 0's BatchNorm statistics on every rank, as DDP's broadcast_buffers
-        amp = p.precision
-        # the window's mean gradient: each batch's loss scaled by its share (a window of one: the loss as it is)
-        scale = amp.scale if size == 1 else (lambda t: amp.scale(t / size))
-        layout = layout_key(x, True, p.kasmina.slots.values())  # what this step's FLOPs depend on
-        try:
-            with amp.autocast(), p.compute.phase("forward", layout):
-                out = p.kasmina.forward(x)
-                loss = p.faults.corrupt_loss(task.loss(out, y))
-            value, n = p.parallel.loss(loss, len(y), self.stop)  # the global batch's, under torchrun
-            bad = p.emergency.check_loss(value)  # a non-finite loss is an emergency in every precision
-            if bad is not None:
-                return self._bad_step(p, bad, stats)
-            with p.compute.phase("backward", layout):
-                scale(loss).backward()
-            with amp.autocast(), p.compute.phase("seeds", layout):
-                measured = p.kasmina.seed_passes(training_slots, x, y, task.loss, scale=scale, teacher=out.detach())
-        except SeedForwardError as exc:
-            return self._bad_step(p, Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
-                                  cull=exc.slot)
-        p.faults.after_backward(p.host.parameters())
-        acc.add(measured)
-        if last and not self._optimizer_step(p, stats, training_slots):
-            return False
-        p.emergency.accept_loss(value)
-        with torch.no_grad():
-            metrics = p.parallel.metrics({name: float(fn(out, y)) for name, fn in task.metrics.items()}, len(y))
-        ms = (time.perf_counter() - t0) * 1000.0
-        stats.add(value, metrics, n, ms)
-        p.compute.add_step_time(ms)
-        every = self.cfg.telemetry.log_every_steps
-        if last and every and p.state.global_step % every == 0:  # the loggers' per-step scalars
-            self.emit("tolaria", "train.step", "INFO", global_step=p.state.global_step, train_loss=value,
-                      lr=opt.param_groups[0]["lr"])
-        self.reporter.step(stats.loss_sum / stats.seen)  # the epoch's running mean, not this batch's loss
-        if ms > self.cfg.emergency.slow_step_ms:
-            p.safety.handle(Signal("NOTICE", "slow_step", f"step took {ms:.0f} ms > "
-                                   f"{self.cfg.emergency.slow_step_ms:.0f} ms", {"step_ms": ms}))
-        return True
-
-    def _optimizer_step(self, p: Parts, stats: EpochStats, training_slots: list[SeedSlot]) -> bool:
-        """The end of a window: the gradients reduced, checked, clipped and applied; returns whether they were."""
-        opt = p.optimizer.optimizer
-        amp = p.precision
-        # reduced while still scaled (every rank sees one overflow); the seeds' losses and latencies ride along, so
-        # G2 judges the global batch's figures on every rank alike
-        measured = p.parallel.grads(p.optimizer.named_params(), p.accumulation.close())
-        p.kasmina.record_seed_steps(training_slots, measured)
-        overflowed = amp.unscale(opt)  # fp16: the scaler skips this step; not an emergency
-        bad = None if overflowed else p.emergency.check_grads(p.optimizer.named_params())
-        if bad is not None:
-            return self._bad_step(p, bad, stats)
-        if self.cfg.trainer.grad_clip > 0 and not overflowed:
-            torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]],
-                                           self.cfg.trainer.grad_clip)
-        p.schedule.apply(opt, p.state.global_step)
-        persistent = amp.step(opt, overflowed, p.state.global_step)  # fp16 overflows many steps in a row
-        if persistent is not None:
-            return self._bad_step(p, persistent, stats)
-        p.state.global_step += 1
-        if p.ema is not None:
-            p.ema.update()
-        if not p.safety.paused:
-            p.kasmina.after_step()  # CONSERVATIVE freezes seeds in their stage (alpha included)
-        return True
-
-    def _bad_step(self, p: Parts, bad: Signal, stats: EpochStats, cull: str | None = None) -> bool:
-        """The step is not applied; the emergency level decides what happens next."""
-        p.optimizer.optimizer.zero_grad(set_to_none=True)
-        p.accumulation.reset()  # a window's gradients so far go with it
-        stats.skipped += 1
-        self.emit("tolaria", "step.skipped", "WARNING", cause=bad.cause, global_step=p.state.global_step)
-        p.safety.handle(bad, cull=cull)
-        return False
-
     def _graceful_stop(self, p: Parts) -> None:
         """SIGINT/SIGTERM: the current step is finished; write a checkpoint, then STOPPED."""
         name = self.stop.name
@@ -394,68 +253,4 @@ class Trainer:
         if self.parts is None:
             raise RuntimeError("the trainer is not built: call build() (run() does)")
         return self.parts
-
-    # ---------------------------------------------------------------- records
-    def _fail(self, exc: BaseException, exit_code: int | None = None) -> None:
-        self.failure = records.failure_record(exc, self.parts, exit_code)
-        self._announce()  # a run that failed to build its task still starts its events with run.started
-        self.emit("tolaria", "run.failed", "CRITICAL", **self.failure)
-        if self.machine.may("fail"):
-            self.machine.fire("fail", reason=f"{type(exc).__name__}: {exc}")
-
-    def _telemetry_lost(self, exc: TelemetryDeliveryError | TelemetryWriteError) -> None:
-        """Events could not be made durable (E-4): halt; the record goes to summary.json instead."""
-        self.machine.observer = None  # its events cannot be delivered either
-        self.failure = records.failure_record(exc, self.parts, ExitCode.HALTED)
-        if self.machine.may("halt"):
-            self.machine.fire("halt", reason=f"telemetry delivery failed: {exc}")
-
-    def _disk_fault(self, exc: BaseException) -> None:
-        """The disk refused a write the run needs (S-6): HALT at once, with no emergency checkpoint (the disk will
-        not take it); the last verified checkpoint is left as it is."""
-        fault = exc if isinstance(exc, DiskFault) else disk_fault("a run file could not be written", exc)  # type: ignore[arg-type]
-        self.failure = records.failure_record(fault, self.parts, ExitCode.HALTED)
-        reason = f"disk fault: {fault}"
-        try:
-            if self.parts is not None and self.parts.emergency.level != "HALT":
-                self.parts.emergency.escalate("HALT", reason, cause="disk_fault")
-            if self.machine.may("halt"):
-                self.machine.fire("halt", reason=reason)
-        except (TelemetryDeliveryError, TelemetryWriteError):
-            self.machine.observer = None  # the events file is on the failing disk too
-            if self.machine.may("halt"):
-                self.machine.fire("halt", reason=reason)
-
-    def _on_trainer_change(self, record: TransitionRecord) -> None:
-        level = "CRITICAL" if record.dest in ("FAILED", "HALTED", "STOPPED") else "INFO"
-        self.emit("tolaria", "trainer.transition", level, transition=record.to_dict())
-
-    def exit_code(self) -> int:
-        if self.failure is not None:
-            return int(self.failure["exit_code"])
-        if self.machine.state == "STOPPED":
-            return int(ExitCode.SIGINT if self.stop.signal == signal.SIGINT else ExitCode.SIGTERM)
-        return int({"COMPLETED": ExitCode.OK, "HALTED": ExitCode.HALTED}.get(self.machine.state, ExitCode.INTERNAL))
-
-    def finish(self) -> dict[str, Any]:
-        """Write summary.json and close the event log. A disk that refuses them leaves the summary in memory (the
-        CLI prints it) with ``record_errors`` saying what was lost, never a traceback."""
-        summary = records.summary(self.run_id, self.machine.state, self.exit_code(), self.parts, self.failure,
-                                  str(self.run_dir.path), self.task, started=self.started)
-        lost: list[str] = []
-        try:
-            self.run_dir.write_summary(summary)
-        except OSError as exc:
-            lost.append(f"summary.json not written: {exc.strerror or exc}")
-        self.stop.settled = True  # decided (on disk, or printed by the CLI when the disk refused it)
-        try:
-            if self.machine.observer is not None:
-                self.emit("tolaria", "run.finished", "INFO" if summary["exit_code"] == 0 else "CRITICAL",
-                          status=summary["status"], exit_code=summary["exit_code"])
-            self.emitter.close()
-        except TelemetryError as exc:
-            lost.append(f"events.jsonl incomplete: {clip(str(exc), 300)}")
-        if lost:
-            summary["record_errors"] = lost
-        return summary
 

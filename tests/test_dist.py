@@ -106,8 +106,8 @@ def test_a_world_of_one_changes_nothing() -> None:
     halts: list[Any] = []
     par = DataParallel(lambda *a: halts.append(a), World())
     loss = torch.tensor(0.123456789, dtype=torch.float32)
-    assert par.loss(loss, 5) == (float(loss), 5)
     p = torch.nn.Parameter(torch.ones(3))
+    assert par.batch(loss, 5, {"accuracy": 0.25}, [("w", p)]) == (float(loss), 5, {"accuracy": 0.25})
     p.grad = torch.tensor([1.0, 2.0, 3.0])
     par.grads([("w", p)])
     par.check_epoch(1, [], [("w", p)])
@@ -142,28 +142,36 @@ def _collectives(rank: int, port: int, out: str) -> None:
     halts: list[tuple[str, str, dict[str, Any]]] = []
     par = DataParallel(lambda cause, detail, attrs: halts.append((cause, detail, attrs)), World(rank, 2, rank, "gloo"))
     res: dict[str, Any] = {}
-    # rank 0: 3 samples at mean loss 1.0; rank 1: 1 sample at 5.0 -> the global batch's mean is 2.0 over 4
+    # rank 0: 3 samples at mean loss 1.0 and accuracy 1; rank 1: 1 sample at 5.0 and accuracy 0 -> the global
+    # batch's means are 2.0 and 0.75 over 4; rank 1's stop request travels in the same collective
     stop = StopRequest()
     if rank == 1:
         stop.signal = 15
-    res["loss"] = par.loss(torch.tensor(1.0 if rank == 0 else 5.0), 3 if rank == 0 else 1, stop)
-    res["stopped"] = stop.requested
-    # the gradient of the global mean: weights 3/4 and 1/4
     p = torch.nn.Parameter(torch.zeros(2))
     q = torch.nn.Parameter(torch.zeros(1))
+    u = torch.nn.Parameter(torch.zeros(1))  # trained, but only rank 0's shard reaches it
+    frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    named = [("p", p), ("q", q), ("u", u), ("frozen", frozen)]
+    res["batch"] = par.batch(torch.tensor(1.0 if rank == 0 else 5.0), 3 if rank == 0 else 1,
+                             {"accuracy": 1.0 if rank == 0 else 0.0}, named, stop)
+    res["stopped"] = stop.requested
+    # the gradient of the global mean: weights 3/4 and 1/4; the seeds' figures ride along
     p.grad = torch.tensor([4.0, 8.0]) if rank == 0 else torch.tensor([8.0, 0.0])
     q.grad = torch.tensor([1.0 if rank == 0 else -3.0])
-    par.grads([("p", p), ("q", q)])
-    res["grads"] = [p.grad.tolist(), q.grad.tolist()]
-    res["metrics"] = par.metrics({"accuracy": 1.0 if rank == 0 else 0.0}, 3 if rank == 0 else 1)
+    u.grad = torch.tensor([8.0]) if rank == 0 else None
+    res["measured"] = par.grads(named, [2.0 if rank == 0 else 6.0])
+    res["grads"] = [p.grad.tolist(), q.grad.tolist(), u.grad.tolist(), frozen.grad]
     res["sums"] = par.sums([1.0 + rank, 0.5])  # a sharded validation's totals
     # one rank's NaN is every rank's
-    res["nan"] = par.loss(torch.tensor(float("nan") if rank == 1 else 1.0), 2)[0]
-    # a rank that registers other parameters: HALT naming it, on every rank
+    res["nan"] = par.batch(torch.tensor(float("nan") if rank == 1 else 1.0), 2, {}, named)[0]
+    # a rank that registers other parameters: HALT naming it, on every rank, and no gradient summed
     extra = [("r", torch.nn.Parameter(torch.zeros(1)))] if rank == 1 else []
     for _, t in extra:
         t.grad = torch.zeros(1)
-    par.grads([("p", p), ("q", q), *extra])
+    par.batch(torch.tensor(1.0), 2, {}, [*named, *extra])
+    before = p.grad.clone()
+    par.grads([*named, *extra])
+    res["untouched"] = torch.equal(p.grad, before)
     # a rank whose weights differ at an epoch's end
     with torch.no_grad():
         p.add_(rank)
@@ -187,11 +195,13 @@ def test_reductions_and_checks_across_two_gloo_ranks(tmp_path: Path) -> None:
     mp.spawn(_collectives, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     res = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     for r in res:
-        assert r["loss"] == [2.0, 4]
+        assert r["batch"] == [2.0, 4, {"accuracy": 0.75}]
         assert r["stopped"] is True  # rank 1's stop request reached rank 0
-        assert r["grads"] == [[5.0, 6.0], [0.0]]  # 3/4 * rank 0's + 1/4 * rank 1's
-        assert r["metrics"] == {"accuracy": 0.75}
+        # 3/4 * rank 0's + 1/4 * rank 1's; a gradient rank 1 lacks counts as zero there; a frozen one has none
+        assert r["grads"] == [[5.0, 6.0], [0.0], [6.0], None]
+        assert r["measured"] == [3.0]
         assert r["sums"] == [3.0, 1.0]
+        assert r["untouched"] is True
         assert math.isnan(r["nan"])
         # the extra parameter is caught before any gradient is summed; the weights at the epoch's end (the
         # slot's timestamp is not part of the fingerprint)

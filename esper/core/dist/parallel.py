@@ -6,9 +6,12 @@ Kasmina's slots are forward hooks on the host and TRAINING seeds take their own 
 (``Kasmina.seed_passes``) after the host's, so one step runs more than one backward over a parameter set that
 changes with every germinate, cull and fossilize. DDP's reducer fires during one backward and must be rebuilt
 (and its buckets re-planned) at each structural change; a single coalesced all-reduce after all the step's
-backward passes is exact for this loop, costs one gradient collective per step and needs nothing rebuilt: the
-registered order (names + shapes + which have a gradient) is compared across ranks at every step by a one-integer
-all-reduce of its digest, and a mismatch is all-gathered and HALT naming the ranks.
+backward passes is exact for this loop and needs nothing rebuilt. A step makes two collectives (a window of
+``trainer.accumulate_steps`` batches makes one small one per batch and one gradient all-reduce): the small one
+carries the loss, the batch size, the metrics, a stop request and a check that every rank registers the same
+parameters (a mismatch is all-gathered and HALT naming the ranks); the other, the gradients with the seeds'
+measured figures. On a small model each collective is a fixed cost (about 1.4 ms over loopback gloo on the
+developers' 2-core VM): that is why there are two, not four.
 
 Emergencies agree by construction: the step's loss is reduced before it is checked (a NaN on any rank is a NaN
 in the sum on every rank) and the gradient is reduced before ``check_grads`` reads it, so every rank sees the same
@@ -62,36 +65,43 @@ class DataParallel:
         self.halt = halt
         self.emit = emit
         self._layout: tuple[Any, ...] | None = None
-        self._code = 0  # the layout's digest as an integer (60 bits)
+        self._codes = (0, 0)  # two 16-bit pieces of the layout's digest
+        self._agreed = True  # whether this step's batch() found every rank's layout alike
         self._weight = 1.0  # this rank's share of the global batch (its gradient's weight in the sum)
 
     @property
     def active(self) -> bool:
         return self.world.active
 
-    def loss(self, loss: torch.Tensor, n: int, stop: Any = None) -> tuple[float, int]:
-        """The global batch's mean loss and size (sample-weighted over the ranks' shards); a stop request on any
-        rank becomes one on every rank."""
+    def batch(self, loss: torch.Tensor, n: int, metrics: dict[str, float],
+              named: Sequence[tuple[str, nn.Parameter]], stop: Any = None) -> tuple[float, int, dict[str, float]]:
+        """The global batch's mean loss, size and metrics (sample-weighted over the ranks' shards), in one small
+        all-reduce that also carries a stop request (one on any rank becomes one on every rank) and checks that
+        every rank registers the same parameters (names, shapes, which are trained): two digests of that layout
+        and their squares are summed, and the sums agree with one value only if every rank has it. A mismatch is
+        all-gathered and HALT naming the ranks, before any gradient is summed."""
         if not self.active:
-            return float(loss.detach()), n
+            return float(loss.detach()), n, metrics
+        layout = tuple((name, tuple(p.shape), p.requires_grad) for name, p in named)
+        if layout != self._layout:
+            digest = _digest(layout)
+            self._layout, self._codes = layout, (int(digest[:4], 16), int(digest[4:8], 16))
         asked = 1.0 if stop is not None and stop.requested else 0.0
-        t = torch.tensor([float(loss.detach()) * n, float(n), asked], dtype=torch.float64)
-        with collective("the loss all-reduce"):
+        codes = [float(c) for c in self._codes]
+        t = torch.tensor([float(loss.detach()) * n, float(n), asked, *(v * n for v in metrics.values()),
+                          *codes, *(c * c for c in codes)], dtype=torch.float64)
+        with collective("the step's all-reduce"):
             tdist.all_reduce(t)
         total = int(t[1])
         self._weight = n / total
         if t[2] > 0 and stop is not None and not stop.requested:
             stop.signal = signals.SIGTERM  # another rank was asked to stop: this one stops at the same step
-        return float(t[0] / t[1]), total
-
-    def metrics(self, values: dict[str, float], n: int) -> dict[str, float]:
-        """Sample-weighted means of per-shard metrics over the global batch."""
-        if not self.active or not values:
-            return values
-        t = torch.tensor([v * n for v in values.values()] + [float(n)], dtype=torch.float64)
-        with collective("the metrics all-reduce"):
-            tdist.all_reduce(t)
-        return {k: float(t[i] / t[-1]) for i, k in enumerate(values)}
+        k, size = len(metrics), self.world.size
+        sums, squares = t[3 + k:5 + k].tolist(), t[5 + k:7 + k].tolist()
+        # 16-bit codes: every sum and square is exact in float64 for any world up to 2**10 ranks
+        self._agreed = all(q * size == s * s for s, q in zip(sums, squares, strict=True)) or self.check_layout(layout)
+        means = {name: float(t[3 + i] / t[1]) for i, name in enumerate(metrics)}
+        return float(t[0] / t[1]), total, means
 
     def sums(self, values: list[float]) -> list[float]:
         """Every rank's ``values`` summed (float64), the same on every rank: a sharded pass's totals."""
@@ -103,36 +113,37 @@ class DataParallel:
         return t.tolist()
 
     def grads(self, named: Sequence[tuple[str, nn.Parameter]], measured: Sequence[float] = ()) -> list[float]:
-        """Replace every gradient by the global batch's: the weighted sum over ranks, in the registered order.
-        ``measured`` (per-shard figures a gate reads: the seeds' losses and latencies) travel in the same
-        all-reduce and come back as the global batch's sample-weighted means, equal on every rank."""
+        """Replace every gradient by the global batch's: the weighted sum over ranks, in the registered order
+        (checked by this step's :meth:`batch`). A trained parameter without a gradient on some rank (a branch its
+        shard did not reach) counts as zero there, as DDP's ``find_unused_parameters``; one without a gradient on
+        every rank keeps none. ``measured`` (per-shard figures a gate reads: the seeds' losses and latencies)
+        travel in the same all-reduce and come back as the global batch's sample-weighted means."""
         if not self.active:
             return list(measured)
-        layout = tuple((name, tuple(p.shape), p.grad is not None) for name, p in named)
-        if layout != self._layout:
-            self._layout, self._code = layout, int(_digest(layout)[:15], 16)
-        # every step, on every rank (a rank whose layout alone changed must not wait in a collective the others
-        # never enter): max and -min of the layout digests agree only if every rank has the same one
-        codes = torch.tensor([self._code, -self._code], dtype=torch.int64)
-        with collective("the parameter layout all-reduce"):
-            tdist.all_reduce(codes, op=tdist.ReduceOp.MAX)
-        if int(codes[0]) != -int(codes[1]) and not self.check_layout(layout):
+        if tuple((name, tuple(p.shape), p.requires_grad) for name, p in named) != self._layout:
+            raise RuntimeError("the gradients to reduce are not the parameters this step's batch() checked")
+        if not self._agreed:
             return list(measured)  # never a collective over buffers that differ (the HALT has been raised)
-        grads = [p.grad for _, p in named if p.grad is not None]
-        if not grads and not measured:
-            return []
-        # one collective: the figures ride in the gradients' buffer (their dtype: only equality across ranks matters)
-        dtype = grads[0].dtype if grads else torch.float32
-        extra = torch.tensor(list(measured), dtype=dtype)
-        flat = torch.cat([*(g.reshape(-1) for g in grads), extra]).mul_(self._weight)
+        trained = [p for _, p in named if p.requires_grad]
+        dtype = next((p.grad.dtype for p in trained if p.grad is not None), torch.float32)
+        present = [1.0 if p.grad is not None else 0.0 for p in trained]
+        flat = torch.cat([*(p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype)
+                            for p in trained), torch.tensor(present + list(measured), dtype=dtype)])
+        flat.mul_(self._weight)
         with collective("the gradient all-reduce"):
             tdist.all_reduce(flat)
-        extra = flat[flat.numel() - len(measured):]
+        head = flat.numel() - len(present) - len(measured)  # the gradients, then who had them, then the figures
         offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        return extra.tolist()
+        for p, had in zip(trained, flat[head:head + len(present)].tolist(), strict=True):
+            part = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if had == 0.0:
+                continue  # no rank had a gradient for it
+            if p.grad is None:
+                p.grad = part.clone()
+            else:
+                p.grad.copy_(part)
+        return flat[flat.numel() - len(measured):].tolist() if measured else []
 
     def buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers (BatchNorm statistics, ``num_batches_tracked``, any registered buffer) copied to every

@@ -55,7 +55,10 @@ class Steps:
             with amp.autocast(), p.compute.phase("forward", layout):
                 out = p.kasmina.forward(x)
                 loss = p.faults.corrupt_loss(task.loss(out, y))
-            value, n = p.parallel.loss(loss, len(y), self.stop)  # the global batch's, under torchrun
+            with torch.no_grad():
+                shard = {name: float(fn(out, y)) for name, fn in task.metrics.items()}
+            # the global batch's loss and metrics under torchrun, in the step's one small collective
+            value, n, metrics = p.parallel.batch(loss, len(y), shard, p.optimizer.named_params(), self.stop)
             bad = p.emergency.check_loss(value)  # a non-finite loss is an emergency in every precision
             if bad is not None:
                 return self._bad_step(p, bad, stats)
@@ -71,8 +74,6 @@ class Steps:
         if last and not self._optimizer_step(p, stats, training_slots):
             return False
         p.emergency.accept_loss(value)
-        with torch.no_grad():
-            metrics = p.parallel.metrics({name: float(fn(out, y)) for name, fn in task.metrics.items()}, len(y))
         ms = (time.perf_counter() - t0) * 1000.0
         stats.add(value, metrics, n, ms)
         p.compute.add_step_time(ms)

@@ -1,9 +1,10 @@
 """Tolaria's trainer: the run and the epoch loop, driven by the trainer lifecycle (L-3).
 
 One batch and its optimizer step are ``step``; the run's record (its events, failure, exit code, summary) is
-``outcome``. The parts come from ``builder``; what a checkpoint holds is ``components``, when and under which name one is
-written is ``checkpointer``; what an emergency level does is ``safety``; the controller's share of an epoch is
-``decisions``; drill faults act through the ``injector``'s hooks. ARCHITECTURE.md has the whole picture.
+``outcome``. The parts come from ``builder``; what a checkpoint holds is ``components``, when and under which
+name one is written is ``checkpointer``; what an emergency level does is ``safety``; the controller's share of
+an epoch is ``decisions``; drill faults act through the ``injector``'s hooks. ARCHITECTURE.md has the whole
+picture.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from esper.core import checkpoint as ck
 from esper.core.checkpoint.background import BackgroundWriter
 from esper.core.checkpoint.write import CheckpointWriteError
 from esper.core.config import from_dict
-from esper.core.tolaria.checkpointer import Checkpointer
+from esper.core.tolaria.checkpointer import Checkpointer, RunConfigRecord
 from esper.core.tolaria.train_state import Position
 
 
@@ -109,8 +109,9 @@ class _Faults:
 
 def _checkpointer(tmp_path: Path, events: list[tuple[str, str]]) -> Checkpointer:
     cfg = from_dict({"checkpoint": {"async": True, "keep_last": 1}})
-    return Checkpointer(cfg, tmp_path, "run", None, None, None, _Faults(),  # type: ignore[arg-type]
-                        lambda _src, event, level, **_kw: events.append((event, level)))
+    return Checkpointer(cfg.checkpoint, tmp_path, "run", None, None, None, _Faults(),  # type: ignore[arg-type]
+                        lambda _src, event, level, **_kw: events.append((event, level)),
+                        config=RunConfigRecord.of(cfg), max_failures=cfg.emergency.max_checkpoint_failures)
 
 
 def _submit(cp: Checkpointer, tmp_path: Path, name: str, before_commit: Callable[[Path], None]) -> None:

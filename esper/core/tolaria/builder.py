@@ -28,7 +28,7 @@ from esper.core.records.rundir import RunDir
 from esper.core.tamiyo import FieldReportLog, Tamiyo
 from esper.core.tamiyo import worker as tamiyo_worker
 from esper.core.tolaria.accumulate import Accumulation
-from esper.core.tolaria.checkpointer import Checkpointer
+from esper.core.tolaria.checkpointer import Checkpointer, RunConfigRecord
 from esper.core.tolaria.components import Components, Layout, ModuleState
 from esper.core.tolaria.compute import ComputeMeter
 from esper.core.tolaria.decisions import Decisions
@@ -184,8 +184,10 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
                             keep_on_rollback=True)
 
         injector = FaultInjector([*(FaultEntry.of(f) for f in cfg.faults), *faults], cfg.emergency, emit)
-        checkpointer = Checkpointer(cfg, run_dir.checkpoints, run_dir.run_id, components, state, machine, injector,
-                                    emit, primary=(task.primary_metric, task.direction))
+        checkpointer = Checkpointer(cfg.checkpoint, run_dir.checkpoints, run_dir.run_id, components, state, machine,
+                                    injector, emit, config=RunConfigRecord.of(cfg),
+                                    max_failures=cfg.emergency.max_checkpoint_failures,
+                                    primary=(task.primary_metric, task.direction))
         rollback = RollbackManager(cfg.rollback, components, state, tamiyo, checkpointer.committed, emit)
         safety = Safety(cfg.emergency, machine, emergency, rollback, checkpointer, state, skips, kasmina, optimizer,
                         emit)

@@ -12,6 +12,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from esper.core.checkpoint import (
     write_pointer,
 )
 from esper.core.checkpoint.background import BackgroundWriter
-from esper.core.config import EsperConfig
+from esper.core.config import CheckpointConfig, EsperConfig
 from esper.core.dist import broadcast, current
 from esper.core.records.rundir import is_disk_error
 from esper.core.tolaria.components import Components
@@ -48,13 +49,29 @@ def checkpoint_name(pos: Position, reason: str) -> str:
     return base + ("-emergency" if reason == "emergency" else "")
 
 
-class Checkpointer:
-    """Writes verified checkpoints of ``components`` into ``root``; ``last`` is the last verified one."""
+@dataclass(frozen=True)
+class RunConfigRecord:
+    """The run's whole config as every checkpoint records it (what a resume without --config trains with)."""
 
-    def __init__(self, cfg: EsperConfig, root: Path, run_id: str, components: Components, state: TrainState,
-                 machine: StrictMachine, faults: FaultInjector, emit: Callable[..., Any],
-                 primary: tuple[str, str] = ("val_loss", "min")) -> None:
+    toml: str
+    hash: str
+
+    @classmethod
+    def of(cls, cfg: EsperConfig) -> RunConfigRecord:
+        return cls(cfg.to_toml(), cfg.config_hash())
+
+
+class Checkpointer:
+    """Writes verified checkpoints of ``components`` into ``root``; ``last`` is the last verified one. Built from
+    its own config section; ``max_failures`` is ``emergency.max_checkpoint_failures`` (failed writes in a row that
+    are a HALT), ``config`` what every manifest records of the run's config."""
+
+    def __init__(self, cfg: CheckpointConfig, root: Path, run_id: str, components: Components, state: TrainState,
+                 machine: StrictMachine, faults: FaultInjector, emit: Callable[..., Any], *,
+                 config: RunConfigRecord, max_failures: int, primary: tuple[str, str] = ("val_loss", "min")) -> None:
         self.cfg = cfg
+        self.config = config
+        self.max_failures = max_failures
         self.primary = primary  # the task's primary metric and its direction: what keep_best ranks by
         self.root = root
         self.run_id = run_id
@@ -67,7 +84,7 @@ class Checkpointer:
         self.failures = 0  # failed writes in a row
         self._quarantine: Path | None = None  # a corrupt checkpoint to move aside after the next good write
         # checkpoint.async: periodic checkpoints staged into reused buffers and written on a thread
-        self.background = BackgroundWriter() if cfg.checkpoint.async_ else None
+        self.background = BackgroundWriter() if cfg.async_ else None
         self._pending: tuple[str, Position] | None = None  # the reason and position of the write in flight
         self._deferred: Signal | None = None  # a settled write's signal not yet handed to the loop (committed())
 
@@ -75,8 +92,8 @@ class Checkpointer:
         """Tensor files and manifest payload of the live state (format v1)."""
         tensors, parts = self.components.to_checkpoint(self.components.state_dict())
         meta = {"run_id": self.run_id, "reason": reason, "saved_at": datetime.now(UTC).isoformat(),
-                "trainer_state": self.machine.state, "config_toml": self.cfg.to_toml(),
-                "config_hash": self.cfg.config_hash(),
+                "trainer_state": self.machine.state, "config_toml": self.config.toml,
+                "config_hash": self.config.hash,
                 "versions": {"esper": esper.__version__, "torch": torch.__version__,
                              "python": platform.python_version()}}
         payload = {**meta, **parts}
@@ -120,12 +137,12 @@ class Checkpointer:
         if self.background is not None and reason == "periodic":
             # the loop stalls for the copy into the staging buffers only; the write runs on its thread
             self.background.submit(self.root, name, self.background.stage(tensors), payload,
-                                   keep_last=self.cfg.checkpoint.keep_last, before_commit=self._before_commit)
+                                   keep_last=self.cfg.keep_last, before_commit=self._before_commit)
             self._pending = (reason, pos)
             self.emit("tolaria", "checkpoint.started", "INFO", name=name, reason=reason, background=True)
             return signal
         try:
-            path = write_checkpoint(self.root, name, tensors, payload, keep_last=self.cfg.checkpoint.keep_last,
+            path = write_checkpoint(self.root, name, tensors, payload, keep_last=self.cfg.keep_last,
                                     before_commit=self._before_commit)
         except (CheckpointPruneError, CheckpointWriteError) as exc:
             return self._settle(reason, pos, exc) or signal
@@ -170,7 +187,7 @@ class Checkpointer:
             self.failures += 1
             self.emit("tolaria", "checkpoint.failed", "CRITICAL", reason=reason, error=str(result),
                       consecutive_failures=self.failures, kept=str(self.last))
-            if self.failures >= self.cfg.emergency.max_checkpoint_failures and reason != "emergency":
+            if self.failures >= self.max_failures and reason != "emergency":
                 return Signal("HALT", "checkpoint_failures", f"{self.failures} checkpoint writes failed in a row", {})
             return Signal("NOTICE", "checkpoint_write_error", str(result), {})
         path = result
@@ -193,7 +210,7 @@ class Checkpointer:
         self.emit("tolaria", "checkpoint.written", "INFO", path=str(path), reason=reason, epoch=pos.epochs_done,
                   step_in_epoch=pos.step_in_epoch, global_step=pos.global_step)
         self.faults.after_write(path)
-        if self.cfg.checkpoint.keep_best and reason == "periodic" and not pos.step_in_epoch:
+        if self.cfg.keep_best and reason == "periodic" and not pos.step_in_epoch:
             return self._best(path, pos)
         return None
 
@@ -201,7 +218,7 @@ class Checkpointer:
         """Move ``best`` to the checkpoint of the epoch just written when its primary metric beats every earlier
         checkpointed epoch still in the history (ties keep the earlier one)."""
         key, direction = self.primary
-        every = self.cfg.checkpoint.every_epochs
+        every = self.cfg.every_epochs
         rows = {r["epoch"]: r.get(key) for r in self.state.history if isinstance(r.get(key), int | float)}
         now = rows.get(pos.epochs_done)
         if now is None:
@@ -219,7 +236,7 @@ class Checkpointer:
             return Signal("NOTICE", "checkpoint_write_error", f"moving '{BEST}' to {path.name} failed: {exc}", {})
         self.emit("tolaria", "checkpoint.best", "INFO", path=str(path), epoch=pos.epochs_done, metric=key, value=now)
         try:
-            prune(self.root, self.cfg.checkpoint.keep_last, keep=path.name)  # the previous best, unprotected now
+            prune(self.root, self.cfg.keep_last, keep=path.name)  # the previous best, unprotected now
         except CheckpointPruneError as exc:
             self.emit("tolaria", "checkpoint.prune_failed", "WARNING", path=str(path), error=str(exc))
         return None
@@ -237,7 +254,7 @@ class Checkpointer:
         return Signal("NOTICE", "checkpoint_corrupt", "; ".join(report.problems), {"path": str(self.last)})
 
     def _before_commit(self, tmp: Path) -> None:
-        delay = self.cfg.checkpoint.commit_delay_ms / 1000.0
+        delay = self.cfg.commit_delay_ms / 1000.0
         if delay:
             time.sleep(delay)  # drills only: holds the write open so a signal or a kill can land inside it
         self.faults.before_commit(tmp)

@@ -34,6 +34,7 @@ from esper.cli.main import app
 from esper.core.checkpoint import manifest_digest
 from esper.core.config import EsperConfig, from_dict
 from esper.core.kasmina import Kasmina, SeedSlot
+from esper.core.model.host import HostProbe
 from esper.core.records.event_log import read_events
 from esper.core.tolaria.rollback import FastSnapshot, RollbackError, RollbackManager, StructureChanged
 
@@ -120,6 +121,14 @@ def make_config(*overrides: str, base: Mapping[str, Any] | Sequence[str] = ()) -
 
 
 # --------------------------------------------------------------------------------------------- seeds
+
+
+def new_kasmina(cfg: EsperConfig, host: torch.nn.Module, probe: HostProbe, emit: Any,
+                build: Callable[..., torch.nn.Module] | None = None) -> Kasmina:
+    """Kasmina built from ``cfg`` as the run's builder builds it (its section and the three values it reads
+    from others)."""
+    return Kasmina(cfg.seeds, host, probe, emit, run_seed=cfg.run.seed, output=cfg.host.output,
+                   fossilize_min_improvement=cfg.controller.fossilize_min_improvement, build=build)
 
 
 def fake_evaluate(bypass: frozenset[str]) -> dict[str, float]:

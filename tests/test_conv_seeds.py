@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EventRecorder, fake_evaluate, make_config, perturb, seed_to_probationary, seed_to_training
+from conftest import (
+    EventRecorder,
+    fake_evaluate,
+    make_config,
+    new_kasmina,
+    perturb,
+    seed_to_probationary,
+    seed_to_training,
+)
 from torch import nn
 
 from esper.core.config import EsperConfig
@@ -57,7 +65,7 @@ def rig(name: str, *overrides: str, build: Any = None) -> Rig:
     x, y = torch.randn(16, *shape, generator=gen), torch.randint(0, N_CLASSES, (16,), generator=gen)
     host = build_host(cfg, shape, N_CLASSES)
     rec = EventRecorder()
-    k = Kasmina(cfg, host, probe_host(host, [s.layer for s in cfg.seeds.slots], x[:2]), rec, build=build)
+    k = new_kasmina(cfg, host, probe_host(host, [s.layer for s in cfg.seeds.slots], x[:2]), rec, build=build)
     return Rig(k, rec, host, cfg, x, y, blueprint, kind)
 
 
@@ -250,7 +258,7 @@ def test_confidence_blending_needs_class_logits_from_the_host() -> None:
     host = nn.Sequential(nn.Linear(5, 12), nn.Unflatten(1, (4, 3)))  # outputs [N, 4, 3]: per-token scores
     cfg = make_config("seeds.slots=[{name='s1', layer='0'}]", "seeds.blend.mode='confidence'")
     with pytest.raises(ConfigError, match=r"gates on class logits \[N, C\]; the host outputs \[N, 4, 3\]"):
-        Kasmina(cfg, host, probe_host(host, ["0"], torch.randn(2, 5)), EventRecorder())
+        new_kasmina(cfg, host, probe_host(host, ["0"], torch.randn(2, 5)), EventRecorder())
 
 
 # --- user blueprints --------------------------------------------------------------------------------------

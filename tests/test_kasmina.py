@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EventRecorder, fake_evaluate, make_config, perturb, seed_to_probationary, seed_to_training
+from conftest import (
+    EventRecorder,
+    fake_evaluate,
+    make_config,
+    new_kasmina,
+    perturb,
+    seed_to_probationary,
+    seed_to_training,
+)
 from torch import nn
 
 from esper.core.config import BlendConfig, EsperConfig
@@ -39,7 +47,7 @@ def make_kasmina(*overrides: str, build: Callable[[str, int], nn.Module] | None 
     host = build_host(cfg, (N_FEATURES,), N_CLASSES)
     probe = probe_host(host, [s.layer for s in cfg.seeds.slots], batch(2)[0])
     rec = EventRecorder()
-    return Kasmina(cfg, host, probe, rec, build=build), rec, host
+    return new_kasmina(cfg, host, probe, rec, build=build), rec, host
 
 
 def batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,8 +461,7 @@ def test_parse_blend_accepts_the_config_model_and_a_dict_alike() -> None:
 
 def test_training_seed_leaves_host_outputs_and_gradients_bit_identical() -> None:
     k, _, host = make_kasmina()
-    cfg = k.cfg
-    plain = build_host(cfg, (N_FEATURES,), N_CLASSES)  # same seed: an identical host without seeds
+    plain = build_host(make_cfg(), (N_FEATURES,), N_CLASSES)  # same seed: an identical host without seeds
     assert all(torch.equal(a, b) for a, b in zip(host.parameters(), plain.parameters(), strict=True))
     slots = [to_training(k, "s1"), to_training(k, "s2", "gated")]
     for s in slots:
@@ -603,7 +610,7 @@ def test_cull_removes_the_module_and_its_param_group() -> None:
     assert [g.name for g in groups] == ["host"]
     assert not seed_params & {id(p) for g in groups for p in g.params}
     x, _ = batch()
-    assert torch.equal(k.forward(x), build_host(k.cfg, (N_FEATURES,), N_CLASSES)(x))
+    assert torch.equal(k.forward(x), build_host(make_cfg(), (N_FEATURES,), N_CLASSES)(x))
 
 
 def test_embargo_lasts_embargo_epochs_then_resets_to_dormant_through_g5() -> None:
@@ -639,7 +646,7 @@ def test_bypass_mode_gives_the_host_alone() -> None:
     slot = to_probationary(k, "s1")
     perturb(slot.module)
     x, _ = batch()
-    plain = build_host(k.cfg, (N_FEATURES,), N_CLASSES)
+    plain = build_host(make_cfg(), (N_FEATURES,), N_CLASSES)
     with k.modes(Mode.BYPASS, ["s1"]):
         assert torch.equal(k.forward(x), plain(x))
     assert not torch.equal(k.forward(x), plain(x))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from esper.core.config import EsperConfig, SlotConfig
+from esper.core.config import SeedsConfig, SlotConfig
 from esper.core.errors import ConfigError
 from esper.core.kasmina.blending import BlendSpec
 from esper.core.kasmina.blueprints import BlueprintRegistry
@@ -21,20 +21,20 @@ def slot_shapes(slots: Sequence[SlotConfig], probe: HostProbe) -> dict[str, Slot
             for i, sc in enumerate(slots)}
 
 
-def check_slots(cfg: EsperConfig, registry: BlueprintRegistry, spec: BlendSpec, shapes: dict[str, SlotShape],
-                probe: HostProbe) -> None:
+def check_slots(seeds: SeedsConfig, run_seed: int, registry: BlueprintRegistry, spec: BlendSpec,
+                shapes: dict[str, SlotShape], probe: HostProbe) -> None:
     """Every slot has a compatible blueprint, fits the blend mode, and every user blueprint builds for each
     slot it accepts, keeping the slot's shape."""
-    for i, sc in enumerate(cfg.seeds.slots):
+    for i, sc in enumerate(seeds.slots):
         shape = shapes[sc.name]
         if not registry.compatible(shape):
-            why = "; ".join(registry[b].refusal(shape) for b in cfg.seeds.blueprints)
+            why = "; ".join(registry[b].refusal(shape) for b in seeds.blueprints)
             hint = ""
             if shape.kind == "channels1d" and sc.kind == "auto":
                 hint = (f"; if {sc.layer!r} outputs tokens [N, T, D] (a transformer's), set kind = \"tokens\" on "
                         f"the slot: {{ name = \"{sc.name}\", layer = \"{sc.layer}\", kind = \"tokens\" }}")
             raise ConfigError(f"seeds.slots[{i}] ({sc.name!r} at layer {sc.layer!r}, {shape}): no blueprint of "
-                              f"seeds.blueprints {list(cfg.seeds.blueprints)} accepts it ({why}){hint}")
+                              f"seeds.blueprints {list(seeds.blueprints)} accepts it ({why}){hint}")
         for name in registry.compatible(shape):
             registry[name].bounds(shape)  # a user blueprint's declared bounds are checked here, not mid-run
     if spec.mode == "channel":
@@ -50,7 +50,7 @@ def check_slots(cfg: EsperConfig, registry: BlueprintRegistry, spec: BlendSpec, 
     for name in registry.user:
         for slot, shape in shapes.items():
             if registry[name].accepts(shape):
-                _check_user_blueprint(registry, name, slot, shape, cfg.run.seed)
+                _check_user_blueprint(registry, name, slot, shape, run_seed)
 
 
 def _check_user_blueprint(registry: BlueprintRegistry, name: str, slot: str, shape: SlotShape, seed: int) -> None:

@@ -6,7 +6,8 @@ A Stateful part of the run (``state_dict``/``load_state_dict``): the seeds' reco
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 import esper.core.kasmina.gates as gates
 import esper.core.kasmina.sandbox as sandbox
-from esper.core.config import EsperConfig
+from esper.core.config import SeedsConfig
 from esper.core.errors import CheckpointError
 from esper.core.kasmina.blending import BlendSpec, parse_blend
 from esper.core.kasmina.blueprints import BlueprintRegistry, param_count
@@ -43,34 +44,29 @@ class Kasmina(SeedPasses):
     ``get``: cache + prefetch). Without them, blueprints are built straight from the registry.
     """
 
-    def __init__(
-        self,
-        cfg: EsperConfig,
-        host: nn.Module,
-        probe: HostProbe,
-        emit: Emit,
-        *,
-        registry: BlueprintRegistry | None = None,
-        build: Build | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.scfg = cfg.seeds
+    def __init__(self, seeds: SeedsConfig, host: nn.Module, probe: HostProbe, emit: Emit, *, run_seed: int,
+                 output: str | None, fossilize_min_improvement: float, registry: BlueprintRegistry | None = None,
+                 build: Build | None = None) -> None:
+        """``run_seed``: run.seed; ``output``: host.output; ``fossilize_min_improvement``: G4's bar (controller)."""
+        self.scfg = seeds
+        self.run_seed = run_seed
+        self.fossilize_min_improvement = fossilize_min_improvement
         self.host = host
         self.emit = emit
-        self.registry = registry if registry is not None else BlueprintRegistry(cfg.seeds)
-        self.spec: BlendSpec = parse_blend(cfg.seeds.blend)
+        self.registry = registry if registry is not None else BlueprintRegistry(seeds)
+        self.spec: BlendSpec = parse_blend(seeds.blend)
         reg = self.registry
-        self.build = build if build is not None else (lambda name, shape: reg.build(name, shape, cfg.run.seed))
+        self.build = build if build is not None else (lambda name, shape: reg.build(name, shape, run_seed))
         # problems a slot would only meet mid-run are config errors now (exit 3, before any training)
-        shapes = slot_shapes(cfg.seeds.slots, probe)
-        check_slots(cfg, self.registry, self.spec, shapes, probe)
-        self.output = cfg.host.output
+        shapes = slot_shapes(seeds.slots, probe)
+        check_slots(seeds, run_seed, self.registry, self.spec, shapes, probe)
+        self.output = output
         resumable = {layer: resumes_from(host, layer, probe.example, self.output)
-                     for layer in {sc.layer for sc in cfg.seeds.slots}}
+                     for layer in {sc.layer for sc in seeds.slots}}
         self.slots: dict[str, SeedSlot] = {}
         modules = dict(host.named_modules())
-        self.layers = {sc.layer: modules[sc.layer] for sc in cfg.seeds.slots}  # what an inheriting seed copies
-        for sc in cfg.seeds.slots:
+        self.layers = {sc.layer: modules[sc.layer] for sc in seeds.slots}  # what an inheriting seed copies
+        for sc in seeds.slots:
             slot = SeedSlot(sc.name, sc.layer, shapes[sc.name], self.spec, self._observer, resumable[sc.layer])
             self.slots[sc.name] = slot
             modules[sc.layer].register_forward_hook(slot.hook)  # for the host's lifetime
@@ -110,22 +106,18 @@ class Kasmina(SeedPasses):
         out: torch.Tensor = select_output(self.host(x), self.output)
         return out
 
-    class _Modes:
-        def __init__(self, slots: list[SeedSlot], mode: Mode) -> None:
-            self.slots, self.mode = slots, mode
-            self.prev: list[Mode] = []
-
-        def __enter__(self) -> None:
-            self.prev = [s.mode for s in self.slots]
-            for s in self.slots:
-                s.mode = self.mode
-
-        def __exit__(self, *exc: object) -> None:
-            for s, m in zip(self.slots, self.prev, strict=True):
+    @contextmanager
+    def modes(self, mode: Mode, names: Any) -> Iterator[None]:
+        """The named slots in ``mode`` for the duration (BYPASS for a counterfactual, SUBSTITUTE for a seed pass)."""
+        slots = [self.slots[n] for n in names]
+        prev = [s.mode for s in slots]
+        for s in slots:
+            s.mode = mode
+        try:
+            yield
+        finally:
+            for s, m in zip(slots, prev, strict=True):
                 s.mode = m
-
-    def modes(self, mode: Mode, names: Any) -> Kasmina._Modes:
-        return Kasmina._Modes([self.slots[n] for n in names], mode)
 
     # -------------------------------------------------------------- parameters
     def param_groups(self) -> list[ParamGroupSpec]:
@@ -221,7 +213,7 @@ class Kasmina(SeedPasses):
         """G1 on a probe batch: finite non-zero seed gradients, no leak into host parameters upstream."""
         slot = self.slots[slot_name]
         upstream = self._upstream_params(slot, x)
-        monitor = IsolationMonitor(upstream, self.scfg.isolation_sample, self.cfg.run.seed)
+        monitor = IsolationMonitor(upstream, self.scfg.isolation_sample, self.run_seed)
         before = [None if p.grad is None else p.grad.clone() for p in self.host.parameters()]
         buffers = sandbox.snapshot(self.host)
         with sandbox.untouched(self.host) as restored:
@@ -299,7 +291,7 @@ class Kasmina(SeedPasses):
         cf = slot.stats.counterfactual
         result = gates.g4_system_impact(loss_with=cf.get("loss_with", float("nan")),
                                         loss_without=cf.get("loss_without", float("nan")),
-                                        min_improvement=self.cfg.controller.fossilize_min_improvement,
+                                        min_improvement=self.fossilize_min_improvement,
                                         degraded=slot.module is None)
         self._gate_event(slot, "fossilize", result)
         slot.machine.fire("fossilize", reason=reason, gate=result)
@@ -391,7 +383,7 @@ class Kasmina(SeedPasses):
         if not self.registry.inherits(blueprint):
             return self.build(blueprint, slot.shape)
         sample = activation.detach()[:2] if activation is not None else None
-        return self.registry.make(blueprint, slot.shape, self.cfg.run.seed, self.layers[slot.layer], sample)
+        return self.registry.make(blueprint, slot.shape, self.run_seed, self.layers[slot.layer], sample)
 
     def _upstream_params(self, slot: SeedSlot, x: torch.Tensor) -> list[nn.Parameter]:
         if slot.layer not in self._upstream:

@@ -135,7 +135,9 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
             emit=emit)
     mediator: Mediator | RankMediator | None = None
     try:
-        kasmina = Kasmina(kcfg, host, host_probe, emit, registry=registry, build=loader.get if loader else None)
+        kasmina = Kasmina(seeds_cfg, host, host_probe, emit, run_seed=cfg.run.seed, output=cfg.host.output,
+                          fossilize_min_improvement=cfg.controller.fossilize_min_improvement, registry=registry,
+                          build=loader.get if loader else None)
         if loader is not None:
             # the controller may germinate any compatible blueprint in any slot: prefetch them all now
             for name, shape in kasmina.prefetch_keys():

@@ -268,3 +268,33 @@ def test_quick_bench_runs_on_the_shipped_config(tmp_path: Path) -> None:
     assert by_id["P-1/cnn"]["goal"] == {"max_ratio": 1.05} and by_id["P-1"]["goal"] == {"max_ratio": 1.15}
     assert by_id["P-1/cnn"]["size"]["host_params"] > by_id["P-1"]["size"]["host_params"]
     assert not list(tmp_path.glob(".bench-*"))
+
+
+@pytest.mark.slow
+def test_scale_out_measures_the_job_and_the_large_cnn_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """P-7 (issue 25): real runs at 1 and 2 processes on the shipped job and on P-1/cnn's host (quick: one pair
+    of 2-epoch runs each, the reduced host); figures are the runs' own, the goal is judged on the ratio."""
+    monkeypatch.chdir(tmp_path)  # the scratch directory is made in the working directory, and removed
+    result = runner.invoke(app, ["--config", str(SHIPPED), "--set", "run.threads=1", "--scale-out", "--quick",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["id"] for r in rows] == ["P-7/default", "P-7/cnn"]
+    for row in rows:
+        one, two = row["steps_per_s"]["1"], row["steps_per_s"]["2"]
+        assert len(one) == len(two) == row["pairs"] == 1 and min(one + two) > 0
+        assert row["ratio"] == pytest.approx(row["median"]["2"] / row["median"]["1"])
+    cnn = rows[1]
+    assert cnn["goal"] == 1.8 and cnn["met"] is (cnn["ratio"] >= 1.8)
+    assert cnn["channels"] == list(BenchPlan.from_config(BenchConfig(), quick=True).p1_host_channels)
+    assert not list(tmp_path.glob(".bench-p7-*"))
+
+
+@pytest.mark.slow
+def test_scale_out_names_why_a_host_has_no_cnn_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["--config", str(BASE_TOML), "--set", 'data.task="synthetic"', "--set",
+                                 "run.threads=1", "--scale-out", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "P-7/default" in result.stdout and "ratio" in result.stdout
+    assert "P-7/cnn skipped: host.factory is 'mlp'" in result.stdout

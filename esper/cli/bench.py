@@ -23,7 +23,8 @@ from esper.cli.common import (
 )
 
 ScaleOutOpt = Annotated[bool, typer.Option(
-    "--scale-out", help="Only P-7: steps/s at 1 and 2 processes for the same global batch (real runs, minutes).")]
+    "--scale-out", help="Only P-7: steps/s at 1 and 2 processes for the same global batch, on the configured job "
+    "and on the >= 1M-parameter cnn host of P-1/cnn (real runs, minutes; --quick: one pair of 2 epochs).")]
 QuickOpt = Annotated[bool, typer.Option("--quick", help="Reduced run (well under a minute) for CI smoke tests.")]
 
 
@@ -85,19 +86,26 @@ def bench(
     scale_out: ScaleOutOpt = False,
 ) -> None:
     """Measure Esper's overheads against plain-PyTorch baselines, alternating in one process (SPEC §9)."""
-    from esper.app.bench.p7 import run_p7  # torch and the engine: this command alone pays for them
+    from esper.app.bench.p7 import run_p7_rows  # torch and the engine: this command alone pays for them
     from esper.app.bench.run import run_bench
     from esper.app.bench.stats import BenchPlan
 
     resolved = load_config(ctx, config, sets)
     if scale_out:
         with tempfile.TemporaryDirectory(prefix=".bench-p7-", dir=".") as scratch:
-            doc = run_p7(resolved.config, Path(scratch))
+            rows = run_p7_rows(resolved.config, Path(scratch), BenchPlan.from_config(resolved.config.bench,
+                                                                                     quick=quick))
         if as_json:
-            print_json(doc)
-        else:
-            stdout().print(f"P-7 {doc['name']}: {doc['median']['1']:.1f} -> {doc['median']['2']:.1f} steps/s, "
-                           f"ratio {doc['ratio']:.2f}x (median of {doc['pairs']} pairs)", highlight=False)
+            print_json({"rows": rows})
+            return
+        for row in rows:
+            if "skipped" in row:
+                stdout().print(f"{row['id']} skipped: {row['skipped']}", highlight=False, markup=False)
+                continue
+            goal = "" if row["goal"] is None else f"; goal >= {row['goal']}x: {'met' if row['met'] else 'MISSED'}"
+            stdout().print(f"{row['id']} {row['name']}: {row['median']['1']:.1f} -> {row['median']['2']:.1f} "
+                           f"steps/s, ratio {row['ratio']:.2f}x (median of {row['pairs']} pairs){goal}",
+                           highlight=False, markup=False)
         return
     plan = BenchPlan.from_config(resolved.config.bench, quick=quick)
     err = stderr()

@@ -13,6 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from esper.app.bench.p1 import host_row_config
+from esper.app.bench.stats import BenchPlan
 from esper.core.config import EsperConfig
 from esper.core.records.event_log import read_events
 
@@ -27,9 +29,30 @@ def _pace(run: Path) -> float:
     return started["attributes"]["steps_per_epoch"] * (len(done) - 1) / seconds
 
 
+# the compute-dominated host's goal (issue 25): 2 processes at >= 1.8x the steps/s of 1 (2.0 is the limit)
+CNN_GOAL = 1.8
+
+
+def run_p7_rows(cfg: EsperConfig, scratch: Path, plan: BenchPlan) -> list[dict[str, Any]]:
+    """P-7 on the configured job (``P-7/default``: no goal, "no slower than before") and on the cnn host of
+    P-1/cnn (``P-7/cnn``, goal >= 1.8x; skipped, with the reason, for another host). ``plan.quick``: one pair of
+    2-epoch runs each (and P-1/cnn's quick host), the shape of the figures only."""
+    kw: dict[str, int] = {"epochs": 2, "pairs": 1} if plan.quick else {}
+    rows = [{**run_p7(cfg, scratch / "default", **kw), "id": "P-7/default", "goal": None}]
+    if cfg.host.factory != "cnn" or not plan.p1_host_channels:
+        rows.append({"id": "P-7/cnn", "skipped": f"host.factory is {cfg.host.factory!r}: the row measures the cnn "
+                     "host at bench.p1_host_channels (host.factory = 'cnn', e.g. the shipped mnist1d job)"})
+        return rows
+    row = run_p7(host_row_config(cfg, plan), scratch / "cnn", **kw)
+    rows.append({**row, "id": "P-7/cnn", "channels": list(plan.p1_host_channels), "goal": CNN_GOAL,
+                 "met": row["ratio"] >= CNN_GOAL})
+    return rows
+
+
 def run_p7(cfg: EsperConfig, scratch: Path, *, epochs: int = 4, pairs: int = 2) -> dict[str, Any]:
     """Steps/s at 1 and 2 processes (``pairs`` alternated runs of ``epochs`` each) and their ratio."""
     cfg = cfg.model_copy(update={"faults": []})
+    scratch.mkdir(parents=True, exist_ok=True)
     config = scratch / "p7.toml"
     config.write_text(cfg.to_toml())
     pace: dict[int, list[float]] = {1: [], 2: []}

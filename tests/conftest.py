@@ -123,6 +123,19 @@ def make_config(*overrides: str, base: Mapping[str, Any] | Sequence[str] = ()) -
 # --------------------------------------------------------------------------------------------- seeds
 
 
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Tests marked ``gpu`` (``gpu(2)``: two devices) run only where torch sees that many CUDA devices; elsewhere
+    they are deselected, never skipped or faked. ``pytest -m gpu`` on a GPU machine runs them all."""
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    keep, drop = [], []
+    for item in items:
+        mark = item.get_closest_marker("gpu")
+        (drop if mark is not None and devices < (mark.args[0] if mark.args else 1) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def new_kasmina(cfg: EsperConfig, host: torch.nn.Module, probe: HostProbe, emit: Any,
                 build: Callable[..., torch.nn.Module] | None = None) -> Kasmina:
     """Kasmina built from ``cfg`` as the run's builder builds it (its section and the three values it reads

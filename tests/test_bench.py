@@ -32,7 +32,7 @@ runner = CliRunner()
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command()(bench)
 
-UNITS = {"ms", "ms/step", "us", "us/step", "MiB", "s"}
+UNITS = {"ms", "ms/step", "us", "us/step", "MiB", "s", "%"}
 
 
 def _invoke(tmp_path: Path, *extra: str) -> Any:
@@ -66,7 +66,7 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
     expected = {"P-1", "P-1L", "P-1/cnn", "P-1c", "P-1+c", "P-2/default", "P-2/default/SLA", "P-2/1M", "P-2/1M/SLA",
                 "P-3/default", "P-3b/default", "P-3/default/SLA", "P-4/default", "P-4b/default",
                 "P-3/1M", "P-4/1M", "P-5/fire", "P-5/may", "P-5/validate", "P-6", "P-6/mediated", "MEM",
-                "P-8/--version", "P-8/runs", "P-8/lifecycle"}
+                "P-8/--version", "P-8/runs", "P-8/lifecycle", "P-9"}
     assert expected <= set(by_id), sorted(expected - set(by_id))
     for rid in ("P-8/--version", "P-8/runs", "P-8/lifecycle"):  # real interpreters, started as a shell would
         row = by_id[rid]
@@ -108,6 +108,10 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
             assert r["met"] is None
     assert by_id["P-5/fire"]["value"]["n"] == 2
     assert by_id["P-6"]["extra"]["accepted_commands"] > 0
+    # a real run of the job, each of its epochs checkpointed: the loop's share spent checkpointing
+    p9 = by_id["P-9"]
+    assert p9["unit"] == "%" and p9["size"] == {"epochs": 2, "checkpoints": 2}
+    assert 0 < p9["value"]["max"] < 100 and p9["goal"]["max"] == 3.5
     assert by_id["MEM"]["esper"]["median"] > 50  # MiB: a torch process, not the launcher
     s = doc["summary"]
     graded = [r for r in doc["results"] if r["met"] is not None]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,19 @@ def test_resume_after_a_torn_events_line_keeps_every_new_event_readable(tmp_path
     names = [e["event"] for e in result.records]
     for event in ("config.changed_on_resume", "run.resuming", "resumed", "run.finished"):
         assert event in names, f"{event} was glued onto the torn line and lost"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("background", [False, True])
+def test_the_summary_says_what_checkpointing_cost_the_loop(tmp_path: Path, background: bool) -> None:
+    """Issue 25's checkpoint share (`esper bench` P-9) is read from summary.json: the checkpoints written this
+    session (a background write counts once it is settled) and the loop's seconds inside checkpointing."""
+    run = tmp_path / "run"
+    r = train(run, *SYNTHETIC, "trainer.epochs=3", "checkpoint.every_epochs=1",
+              f"checkpoint.async={str(background).lower()}")
+    assert r.exit_code == 0, out(r)
+    s = summary(run)
+    done = s["checkpointing"]
+    assert done["written"] == len(events(run, "checkpoint.written")) == 3
+    wall = datetime.fromisoformat(s["finished"]) - datetime.fromisoformat(s["started"])
+    assert 0 < done["loop_seconds"] < wall.total_seconds()

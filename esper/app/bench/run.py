@@ -13,6 +13,7 @@ from esper.app.bench.memory import run_memory
 from esper.app.bench.micro import run_p5, run_p6
 from esper.app.bench.p1 import run_p1, run_p1_controller, run_p1_host, setup_p1
 from esper.app.bench.p1l import run_p1l
+from esper.app.bench.share import run_p9
 from esper.app.bench.startup import run_p8
 from esper.app.bench.state import linear_stack, run_p2, run_p3_p4, stack_components
 from esper.app.bench.stats import SCHEMA, BenchPlan, Progress, Result, machine_info
@@ -87,6 +88,8 @@ def run_bench(cfg: EsperConfig, plan: BenchPlan, *, progress: Progress | None = 
                                      cfg.rollback.full_sla_ms))
             del model, opt, stack, groups
             gc.collect()
+        say("P-9 checkpointing's share of a real run")
+        results.append(run_p9(cfg, scratch, plan))
         say("P-5 lifecycle transition and validation cost")
         results.extend(run_p5(cfg, plan))
         say("memory: peak RSS of esper train vs a plain loop")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,6 +88,22 @@ class Checkpointer:
         self.background = BackgroundWriter() if cfg.async_ else None
         self._pending: tuple[str, Position] | None = None  # the reason and position of the write in flight
         self._deferred: Signal | None = None  # a settled write's signal not yet handed to the loop (committed())
+        # what checkpointing cost the loop this session: the seconds it waited in save/poll/flush/re-verification
+        # and the checkpoints it wrote (summary.json `checkpointing`; `esper bench`'s checkpoint share)
+        self.loop_seconds = 0.0
+        self.written = 0
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """The loop's time inside the block counts as checkpointing."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.loop_seconds += time.perf_counter() - t0
+
+    def describe(self) -> dict[str, Any]:
+        return {"written": self.written, "loop_seconds": round(self.loop_seconds, 4)}
 
     def capture(self, reason: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         """Tensor files and manifest payload of the live state (format v1)."""
@@ -207,6 +224,7 @@ class Checkpointer:
             else:
                 self.emit("tolaria", "checkpoint.quarantined", "WARNING", path=str(target))
             self._quarantine = None
+        self.written += 1
         self.emit("tolaria", "checkpoint.written", "INFO", path=str(path), reason=reason, epoch=pos.epochs_done,
                   step_in_epoch=pos.step_in_epoch, global_step=pos.global_step)
         self.faults.after_write(path)

@@ -150,6 +150,7 @@ def summary(run_id: str, status: str, exit_code: int, parts: Parts | None, failu
         "precision": parts.precision.describe() if parts else None,  # fp16: steps the loss scaler skipped
         "compute": parts.compute.describe() if parts else None,  # FLOPs and training seconds (issue 24)
         "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpointing": parts.checkpointer.describe() if parts else None,  # its share of the loop's time
         "failure": failure,
         "run_dir": run_dir,
         "world": run_record(Path(run_dir)),  # None in a world of one; rank 0 lists every rank's own files

@@ -101,7 +101,8 @@ class Trainer(RunRecord, Steps):
                 p.rollback.take()
                 with p.profiler:
                     self._loop(p)
-                p.safety.handle(p.checkpointer.flush())  # the last background write ends before the summary
+                with p.checkpointer.timed():  # the last background write ends before the summary
+                    p.safety.handle(p.checkpointer.flush())
                 self._finish_reports(p)
             except Halt as h:
                 assert self.parts is not None  # only safety raises Halt
@@ -193,9 +194,10 @@ class Trainer(RunRecord, Steps):
             p.loader.report_window()  # the blueprint cache's counters of this epoch (O-4)
         if epoch % self.cfg.checkpoint.every_epochs == 0 or epoch == self.cfg.trainer.epochs:
             self.machine.fire("checkpoint", reason=f"every {self.cfg.checkpoint.every_epochs} epoch(s)")
-            p.safety.handle(p.checkpointer.poll())  # a background write that has ended: settled first
-            p.safety.handle(p.checkpointer.check_latest())
-            p.safety.handle(p.checkpointer.save("periodic"))
+            with p.checkpointer.timed():  # a checkpoint signal is a NOTICE or a HALT (its emergency write)
+                p.safety.handle(p.checkpointer.poll())  # a background write that has ended: settled first
+                p.safety.handle(p.checkpointer.check_latest())
+                p.safety.handle(p.checkpointer.save("periodic"))
         if p.emergency.last_epoch_healthy:
             p.rollback.take()  # a healthy boundary: the new last-known-good
         self.emitter.flush()  # readers following the run (`esper watch`) see every epoch's events as it ends

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -52,8 +53,10 @@ def _check_stats(block: dict[str, Any], n: int) -> None:
 
 @pytest.mark.slow
 def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> None:
+    allowed = os.sched_getaffinity(0)
     result = _invoke(tmp_path, "--set", "bench.warmup=0", "--set", "bench.repeats=2", "--quick", "--json")
     assert result.exit_code == 0, result.output
+    assert os.sched_getaffinity(0) == allowed  # the one-core rows put the process's cores back
     doc = json.loads(result.stdout)  # exactly one JSON document on stdout
     assert doc["schema"] == SCHEMA and doc["quick"] is True
     m = doc["machine"]
@@ -65,7 +68,8 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
     by_id = {r["id"]: r for r in doc["results"]}
     expected = {"P-1", "P-1L", "P-1/cnn", "P-1c", "P-1+c", "P-2/default", "P-2/default/SLA", "P-2/1M", "P-2/1M/SLA",
                 "P-3/default", "P-3b/default", "P-3/default/SLA", "P-4/default", "P-4b/default",
-                "P-3/1M", "P-4/1M", "P-5/fire", "P-5/may", "P-5/validate", "P-6", "P-6/mediated", "MEM",
+                "P-3/1M", "P-4/1M", "P-3/1M/1core", "P-4/1M/1core",
+                "P-5/fire", "P-5/may", "P-5/validate", "P-6", "P-6/mediated", "MEM",
                 "P-8/--version", "P-8/runs", "P-8/lifecycle", "P-9"}
     assert expected <= set(by_id), sorted(expected - set(by_id))
     for rid in ("P-8/--version", "P-8/runs", "P-8/lifecycle"):  # real interpreters, started as a shell would

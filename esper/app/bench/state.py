@@ -8,9 +8,11 @@ file ever given to ``torch.load`` is the one ``torch.save`` wrote moments before
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,19 @@ def run_p2(get_tensors: Callable[[], dict[str, torch.Tensor]], label: str, param
 
 
 # --------------------------------------------------------------------------------------------- P-3 / P-4
+
+
+@contextmanager
+def one_core() -> Iterator[int]:
+    """The calling thread (and every thread it starts: the writer's hashing thread, the verifier's readers) on
+    one core of those it may use, as on a machine whose other cores are busy; the affinity is put back after."""
+    allowed = os.sched_getaffinity(0)
+    core = min(allowed)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield core
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def run_p3_p4(tensors: dict[str, dict[str, torch.Tensor]], payload: dict[str, Any], label: str, params: int,

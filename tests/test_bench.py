@@ -19,7 +19,16 @@ from typer.testing import CliRunner
 from esper.app.bench.baseline import PlainNet
 from esper.app.bench.memory import run_child
 from esper.app.bench.state import linear_stack, stack_components
-from esper.app.bench.stats import SCHEMA, Absolute, BenchError, BenchPlan, Comparison, alternate, summarize
+from esper.app.bench.stats import (
+    SCHEMA,
+    Absolute,
+    BenchError,
+    BenchPlan,
+    Comparison,
+    Speedup,
+    alternate,
+    summarize,
+)
 from esper.cli.bench import bench, results_table
 from esper.core.config import BenchConfig
 from esper.core.errors import ExitCode
@@ -33,7 +42,7 @@ runner = CliRunner()
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command()(bench)
 
-UNITS = {"ms", "ms/step", "us", "us/step", "MiB", "s", "%"}
+UNITS = {"ms", "ms/step", "us", "us/step", "MiB", "s", "%", "steps/s"}
 
 
 def _invoke(tmp_path: Path, *extra: str) -> Any:
@@ -70,7 +79,7 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
                 "P-3/default", "P-3b/default", "P-3/default/SLA", "P-4/default", "P-4b/default",
                 "P-3/1M", "P-4/1M", "P-3/1M/1core", "P-4/1M/1core",
                 "P-5/fire", "P-5/may", "P-5/validate", "P-6", "P-6/mediated", "MEM",
-                "P-8/--version", "P-8/runs", "P-8/lifecycle", "P-9"}
+                "P-8/--version", "P-8/runs", "P-8/lifecycle", "P-9", "P-7/default", "P-7/cnn"}
     assert expected <= set(by_id), sorted(expected - set(by_id))
     for rid in ("P-8/--version", "P-8/runs", "P-8/lifecycle"):  # real interpreters, started as a shell would
         row = by_id[rid]
@@ -85,6 +94,8 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
     assert by_id["P-1"]["size"]["seed_stages"] == {"s1": "BLENDING", "s2": "TRAINING"}
     # the base config's host is the mlp: the realistic-host row says why it is not there
     assert by_id["P-1/cnn"]["kind"] == "skipped" and "host.factory is 'mlp'" in by_id["P-1/cnn"]["reason"]
+    assert by_id["P-7/cnn"]["kind"] == "skipped" and "host.factory is 'mlp'" in by_id["P-7/cnn"]["reason"]
+    assert by_id["P-7/default"]["goal"] is None and by_id["P-7/default"]["size"]["pairs"] == 1
     assert by_id["P-1L"]["kind"] == "ratio" and by_id["P-1L"]["goal"] is None  # dev installs lightning
 
     for r in doc["results"]:
@@ -102,6 +113,13 @@ def test_quick_json_document_has_every_figure_with_its_unit(tmp_path: Path) -> N
             assert r["ratio"]["unit"] == "esper/baseline"
             if r["goal"] is not None:
                 assert r["met"] is (r["ratio"]["median"] <= r["goal"]["max_ratio"])
+        elif r["kind"] == "speedup":  # real runs at 1 and 2 processes: their paces, and the ratio of the medians
+            one, two = r["baseline"], r["esper"]
+            _check_stats(one, one["n"])
+            _check_stats(two, two["n"])
+            assert r["ratio"]["median"] == pytest.approx(two["median"] / one["median"])
+            if r["goal"] is not None:
+                assert r["met"] is (r["ratio"]["median"] >= r["goal"]["min_ratio"])
         else:
             assert r["kind"] == "absolute"
             v = r["value"]
@@ -143,6 +161,7 @@ def test_table_shows_every_result_with_goal_and_verdict() -> None:
             Comparison("P-1", "step", "ms/step", "plain", "esper", [1.0, 2.0], [1.5, 2.2], 1.05).to_dict(),
             Absolute("P-2/1M/SLA", "sla", "ms", [3.0, 600.0], goal_max=500.0).to_dict(),
             Absolute("P-5/fire", "fire", "us", [40.0, 42.0]).to_dict(),
+            Speedup("P-7/cnn", "scale-out", [20.0, 24.0], [30.0, 36.0], goal_min=1.8).to_dict(),
         ],
     }
     console = Console(width=200, record=True)
@@ -154,6 +173,8 @@ def test_table_shows_every_result_with_goal_and_verdict() -> None:
     assert lines["P-1"].rstrip(" │").endswith("no")
     assert lines["P-2/1M/SLA"].rstrip(" │").endswith("no")
     assert lines["P-5/fire"].rstrip(" │").endswith("-")
+    assert "1.50x" in lines["P-7/cnn"] and ">= 1.8x" in lines["P-7/cnn"]  # median 33 over median 22
+    assert lines["P-7/cnn"].rstrip(" │").endswith("no")
 
 
 # --- statistics and pairing ----------------------------------------------------------------------------
@@ -275,27 +296,11 @@ def test_quick_bench_runs_on_the_shipped_config(tmp_path: Path) -> None:
         assert by_id[rid]["kind"] == "ratio", by_id[rid]
     assert by_id["P-1/cnn"]["goal"] == {"max_ratio": 1.05} and by_id["P-1"]["goal"] == {"max_ratio": 1.15}
     assert by_id["P-1/cnn"]["size"]["host_params"] > by_id["P-1"]["size"]["host_params"]
+    # P-7 on the job and on P-1/cnn's (quick: reduced) host: real 1- and 2-process runs of each
+    default, cnn = by_id["P-7/default"], by_id["P-7/cnn"]
+    assert default["kind"] == cnn["kind"] == "speedup" and cnn["goal"] == {"min_ratio": 1.8}
+    assert cnn["size"]["params"] > default["size"]["params"]
     assert not list(tmp_path.glob(".bench-*"))
-
-
-@pytest.mark.slow
-def test_scale_out_measures_the_job_and_the_large_cnn_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """P-7 (issue 25): real runs at 1 and 2 processes on the shipped job and on P-1/cnn's host (quick: one pair
-    of 2-epoch runs each, the reduced host); figures are the runs' own, the goal is judged on the ratio."""
-    monkeypatch.chdir(tmp_path)  # the scratch directory is made in the working directory, and removed
-    result = runner.invoke(app, ["--config", str(SHIPPED), "--set", "run.threads=1", "--scale-out", "--quick",
-                                 "--json"])
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["rows"]
-    assert [r["id"] for r in rows] == ["P-7/default", "P-7/cnn"]
-    for row in rows:
-        one, two = row["steps_per_s"]["1"], row["steps_per_s"]["2"]
-        assert len(one) == len(two) == row["pairs"] == 1 and min(one + two) > 0
-        assert row["ratio"] == pytest.approx(row["median"]["2"] / row["median"]["1"])
-    cnn = rows[1]
-    assert cnn["goal"] == 1.8 and cnn["met"] is (cnn["ratio"] >= 1.8)
-    assert cnn["channels"] == list(BenchPlan.from_config(BenchConfig(), quick=True).p1_host_channels)
-    assert not list(tmp_path.glob(".bench-p7-*"))
 
 
 @pytest.mark.slow

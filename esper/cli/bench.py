@@ -44,6 +44,8 @@ def _goal(r: dict[str, Any]) -> str:
         return "-"
     if "max_ratio" in goal:
         return f"<= {goal['max_ratio']:g}x"
+    if "min_ratio" in goal:
+        return f">= {goal['min_ratio']:g}x"
     return f"<= {_num(goal['max'])} {goal['unit']}"
 
 
@@ -65,6 +67,11 @@ def results_table(doc: dict[str, Any]) -> Table:
             table.add_row(name, "-", Text(f"skipped: {r['reason']}"), "-", "-", "-")  # Text: "[bench]" stays
             continue
         unit = r["unit"]
+        if r["kind"] == "speedup":
+            table.add_row(name, f"{_num(r['baseline']['median'])} {unit} (1 process)",
+                          f"{_num(r['esper']['median'])} {unit} (2)", f"{r['ratio']['median']:.2f}x", _goal(r),
+                          _met(r["met"]))
+            continue
         if r["kind"] == "ratio":
             ratio = r["ratio"]
             table.add_row(name, f"{_num(r['baseline']['median'])} {unit}", f"{_num(r['esper']['median'])} {unit}",
@@ -93,19 +100,20 @@ def bench(
     resolved = load_config(ctx, config, sets)
     if scale_out:
         with tempfile.TemporaryDirectory(prefix=".bench-p7-", dir=".") as scratch:
-            rows = run_p7_rows(resolved.config, Path(scratch), BenchPlan.from_config(resolved.config.bench,
-                                                                                     quick=quick))
+            rows = [r.to_dict() for r in run_p7_rows(resolved.config, Path(scratch),
+                                                     BenchPlan.from_config(resolved.config.bench, quick=quick))]
         if as_json:
-            print_json({"rows": rows})
+            print_json({"results": rows})
             return
         for row in rows:
-            if "skipped" in row:
-                stdout().print(f"{row['id']} skipped: {row['skipped']}", highlight=False, markup=False)
+            if row["kind"] == "skipped":
+                stdout().print(f"{row['id']} skipped: {row['reason']}", highlight=False, markup=False)
                 continue
-            goal = "" if row["goal"] is None else f"; goal >= {row['goal']}x: {'met' if row['met'] else 'MISSED'}"
-            stdout().print(f"{row['id']} {row['name']}: {row['median']['1']:.1f} -> {row['median']['2']:.1f} "
-                           f"steps/s, ratio {row['ratio']:.2f}x (median of {row['pairs']} pairs){goal}",
-                           highlight=False, markup=False)
+            goal = "" if row["goal"] is None else (f"; goal >= {row['goal']['min_ratio']}x: "
+                                                   f"{'met' if row['met'] else 'MISSED'}")
+            stdout().print(f"{row['id']} {row['name']}: {row['baseline']['median']:.1f} -> "
+                           f"{row['esper']['median']:.1f} steps/s, ratio {row['ratio']['median']:.2f}x (median of "
+                           f"{row['size']['pairs']} pairs){goal}", highlight=False, markup=False)
         return
     plan = BenchPlan.from_config(resolved.config.bench, quick=quick)
     err = stderr()

@@ -5,16 +5,15 @@ so both pay the same launcher), alternated in pairs; a side's pace is the steps 
 
 from __future__ import annotations
 
+import json
 import os
-import statistics
 import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from esper.app.bench.p1 import host_row_config
-from esper.app.bench.stats import BenchPlan
+from esper.app.bench.stats import BenchError, BenchPlan, Skipped, Speedup
 from esper.core.config import EsperConfig
 from esper.core.records.event_log import read_events
 
@@ -33,23 +32,26 @@ def _pace(run: Path) -> float:
 CNN_GOAL = 1.8
 
 
-def run_p7_rows(cfg: EsperConfig, scratch: Path, plan: BenchPlan) -> list[dict[str, Any]]:
+def run_p7_rows(cfg: EsperConfig, scratch: Path, plan: BenchPlan) -> list[Speedup | Skipped]:
     """P-7 on the configured job (``P-7/default``: no goal, "no slower than before") and on the cnn host of
     P-1/cnn (``P-7/cnn``, goal >= 1.8x; skipped, with the reason, for another host). ``plan.quick``: one pair of
     2-epoch runs each (and P-1/cnn's quick host), the shape of the figures only."""
     kw: dict[str, int] = {"epochs": 2, "pairs": 1} if plan.quick else {}
-    rows = [{**run_p7(cfg, scratch / "default", **kw), "id": "P-7/default", "goal": None}]
+    name = "steps/s at 2 processes vs 1, same global batch (gloo, cpu)"
+    rows: list[Speedup | Skipped] = [run_p7("P-7/default", f"{name}: the configured job", cfg, scratch / "default",
+                                            **kw)]
     if cfg.host.factory != "cnn" or not plan.p1_host_channels:
-        rows.append({"id": "P-7/cnn", "skipped": f"host.factory is {cfg.host.factory!r}: the row measures the cnn "
-                     "host at bench.p1_host_channels (host.factory = 'cnn', e.g. the shipped mnist1d job)"})
+        rows.append(Skipped("P-7/cnn", f"{name}: P-1/cnn's host", f"host.factory is {cfg.host.factory!r}: the row "
+                            "measures the cnn host at bench.p1_host_channels (host.factory = 'cnn', e.g. the shipped "
+                            "mnist1d job)"))
         return rows
-    row = run_p7(host_row_config(cfg, plan), scratch / "cnn", **kw)
-    rows.append({**row, "id": "P-7/cnn", "channels": list(plan.p1_host_channels), "goal": CNN_GOAL,
-                 "met": row["ratio"] >= CNN_GOAL})
+    rows.append(run_p7("P-7/cnn", f"{name}: P-1/cnn's host", host_row_config(cfg, plan), scratch / "cnn",
+                       goal=CNN_GOAL, **kw))
     return rows
 
 
-def run_p7(cfg: EsperConfig, scratch: Path, *, epochs: int = 4, pairs: int = 2) -> dict[str, Any]:
+def run_p7(rid: str, name: str, cfg: EsperConfig, scratch: Path, *, goal: float | None = None, epochs: int = 4,
+           pairs: int = 2) -> Speedup:
     """Steps/s at 1 and 2 processes (``pairs`` alternated runs of ``epochs`` each) and their ratio."""
     cfg = cfg.model_copy(update={"faults": []})
     scratch.mkdir(parents=True, exist_ok=True)
@@ -65,9 +67,9 @@ def run_p7(cfg: EsperConfig, scratch: Path, *, epochs: int = 4, pairs: int = 2) 
                    f"trainer.epochs={epochs}"]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
-                raise RuntimeError(f"P-7 run at {n} process(es) failed ({done.returncode}): {done.stderr[-2000:]}")
+                raise BenchError(f"{rid} run at {n} process(es) failed ({done.returncode}): {done.stderr[-2000:]}")
             pace[n].append(_pace(run))
-    one, two = statistics.median(pace[1]), statistics.median(pace[2])
-    return {"id": "P-7", "name": "steps/s at 2 processes vs 1 (same global batch, gloo, cpu)",
-            "global_batch": cfg.data.batch_size, "epochs": epochs, "pairs": pairs, "cores": os.cpu_count(),
-            "steps_per_s": {"1": pace[1], "2": pace[2]}, "median": {"1": one, "2": two}, "ratio": two / one}
+    final = json.loads((scratch / "p7-1-0" / "summary.json").read_text(encoding="utf-8"))["final"]
+    return Speedup(rid, name, pace[1], pace[2], goal,
+                   size={"params": final["params"], "global_batch": cfg.data.batch_size, "epochs": epochs,
+                         "pairs": pairs, "cores": os.cpu_count()})

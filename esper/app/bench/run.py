@@ -13,6 +13,7 @@ from esper.app.bench.memory import run_memory
 from esper.app.bench.micro import run_p5, run_p6
 from esper.app.bench.p1 import run_p1, run_p1_controller, run_p1_host, setup_p1
 from esper.app.bench.p1l import run_p1l
+from esper.app.bench.p7 import run_p7_rows
 from esper.app.bench.share import run_p9
 from esper.app.bench.startup import run_p8
 from esper.app.bench.state import linear_stack, one_core, run_p2, run_p3_p4, stack_components
@@ -102,6 +103,8 @@ def run_bench(cfg: EsperConfig, plan: BenchPlan, *, progress: Progress | None = 
         results.append(run_memory(cfg, scratch, plan))
         say("P-8 CLI start-up")
         results.extend(run_p8(scratch, plan))
+        say("P-7 scale-out: 2 processes vs 1")
+        results.extend(run_p7_rows(cfg, scratch / "p7", plan))
     finally:
         shutil.rmtree(scratch)
     marks.append(("end", time.perf_counter()))

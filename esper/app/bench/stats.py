@@ -173,6 +173,37 @@ class Absolute:
 
 
 @dataclass
+class Speedup:
+    """A scale-out figure (P-7): steps/s at 2 processes over 1 for the same global batch; higher is better."""
+
+    id: str
+    name: str
+    one: list[float]  # steps/s of each 1-process run
+    two: list[float]  # ... and of each 2-process run, alternated with them
+    goal_min: float | None = None
+    size: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.two) / statistics.median(self.one)
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.goal_min is None else self.ratio >= self.goal_min
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "kind": "speedup", "unit": "steps/s", "size": self.size,
+            "baseline": {"label": "1 process", **_side(self.one)}, "esper": {"label": "2 processes", **_side(self.two)},
+            "ratio": {"median": self.ratio, "unit": "2 processes / 1"},
+            "goal": None if self.goal_min is None else {"min_ratio": self.goal_min},
+            "met": self.met,
+            "extra": self.extra,
+        }
+
+
+@dataclass
 class Skipped:
     """A measurement this run could not make, and why (an optional extra not installed, a host it needs)."""
 
@@ -187,7 +218,7 @@ class Skipped:
                 "met": None}
 
 
-Result = Comparison | Absolute | Skipped
+Result = Comparison | Absolute | Speedup | Skipped
 
 
 def alternate(baseline: Callable[[], float], esper_side: Callable[[], float], *, warmup: int,

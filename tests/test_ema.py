@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GROWING, SYNTHETIC, UNHURRIED, esper, latest, metrics, out, tensors, train
+from conftest import GROWING, SYNTHETIC, UNHURRIED, esper, events, latest, manifest, metrics, out, tensors, train
 from safetensors.torch import load_file
 from torch import nn
 
@@ -113,3 +113,18 @@ def test_eval_and_export_use_the_averaged_weights_of_a_growing_run(tmp_path: Pat
             matched.append(key)
     assert {k for k in averages if k.startswith("host.")} <= set(matched)
     assert any(k.startswith("seed.") for k in matched)  # a grown seed is exported with its own average
+
+
+@pytest.mark.slow
+def test_a_rollback_takes_the_average_back_with_the_weights(tmp_path: Path) -> None:
+    """A NaN at epoch 2 rolls back to the start of the epoch: the average and its update counts go back with the
+    weights, so every host parameter has had exactly one update per optimizer step kept (its first makes it)."""
+    run = tmp_path / "run"
+    r = train(run, *SYNTHETIC, *UNHURRIED, "seeds.enabled=false", "trainer.epochs=3", "trainer.ema=0.9",
+              extra=["--fault", "nan_loss@2:3"])
+    assert r.exit_code == 0, out(r)
+    assert [e["attributes"]["tier"] for e in events(run, "rollback.completed")] == ["fast"]
+    steps = metrics(run)[-1]["global_step"]
+    assert steps == 3 * 6 - 1  # the bad batch is left out of the replay
+    updates = manifest(latest(run))["ema"]["updates"]
+    assert updates and set(updates.values()) == {steps - 1}

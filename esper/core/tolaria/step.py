@@ -44,12 +44,9 @@ class Steps:
         x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
         task = p.task
         opt = p.optimizer.optimizer
-        if not acc.pending:
-            opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)  # this batch's gradients only: a window's sum is the accumulation's
         p.parallel.buffers(p.host)  # rank 0's BatchNorm statistics on every rank, as DDP's broadcast_buffers
         amp = p.precision
-        # the window's mean gradient: each batch's loss scaled by its share (a window of one: the loss as it is)
-        scale = amp.scale if size == 1 else (lambda t: amp.scale(t / size))
         layout = layout_key(x, True, p.kasmina.slots.values())  # what this step's FLOPs depend on
         try:
             with amp.autocast(), p.compute.phase("forward", layout):
@@ -63,15 +60,22 @@ class Steps:
             if bad is not None:
                 return self._bad_step(p, bad, stats)
             with p.compute.phase("backward", layout):
-                scale(loss).backward()
+                amp.scale(loss).backward()
             with amp.autocast(), p.compute.phase("seeds", layout):
-                measured = p.kasmina.seed_passes(training_slots, x, y, task.loss, scale=scale, teacher=out.detach())
+                measured = p.kasmina.seed_passes(training_slots, x, y, task.loss, scale=amp.scale,
+                                                 teacher=out.detach())
         except SeedForwardError as exc:
             return self._bad_step(p, Signal("ELEVATED", "seed_forward_error", str(exc), {"slot": exc.slot}), stats,
                                   cull=exc.slot)
         p.faults.after_backward(p.host.parameters())
-        acc.add(measured)
-        if last and not self._optimizer_step(p, stats, training_slots):
+        # reduced while still scaled (every rank sees one overflow); the seeds' losses and latencies ride along, so
+        # G2 judges the global batch's figures on every rank alike. In a window of several batches each batch is
+        # reduced as it is taken, so every rank holds the same window (a checkpoint inside one resumes every rank)
+        measured = p.parallel.grads(p.optimizer.named_params(), measured)
+        if size > 1:
+            acc.add(measured)
+            measured = acc.close() if last else measured  # the window's mean gradient, in .grad
+        if last and not self._optimizer_step(p, stats, training_slots, measured):
             return False
         p.emergency.accept_loss(value)
         ms = (time.perf_counter() - t0) * 1000.0
@@ -87,13 +91,11 @@ class Steps:
                                    f"{self.cfg.emergency.slow_step_ms:.0f} ms", {"step_ms": ms}))
         return True
 
-    def _optimizer_step(self, p: Parts, stats: EpochStats, training_slots: list[SeedSlot]) -> bool:
-        """The end of a window: the gradients reduced, checked, clipped and applied; returns whether they were."""
+    def _optimizer_step(self, p: Parts, stats: EpochStats, training_slots: list[SeedSlot],
+                        measured: list[float]) -> bool:
+        """The end of a window: its (reduced) gradients checked, clipped and applied; returns whether they were."""
         opt = p.optimizer.optimizer
         amp = p.precision
-        # reduced while still scaled (every rank sees one overflow); the seeds' losses and latencies ride along, so
-        # G2 judges the global batch's figures on every rank alike
-        measured = p.parallel.grads(p.optimizer.named_params(), p.accumulation.close())
         p.kasmina.record_seed_steps(training_slots, measured)
         overflowed = amp.unscale(opt)  # fp16: the scaler skips this step; not an emergency
         bad = None if overflowed else p.emergency.check_grads(p.optimizer.named_params())

@@ -6,8 +6,8 @@ Kasmina's slots are forward hooks on the host and TRAINING seeds take their own 
 (``Kasmina.seed_passes``) after the host's, so one step runs more than one backward over a parameter set that
 changes with every germinate, cull and fossilize. DDP's reducer fires during one backward and must be rebuilt
 (and its buckets re-planned) at each structural change; a single coalesced all-reduce after all the step's
-backward passes is exact for this loop and needs nothing rebuilt. A step makes two collectives (a window of
-``trainer.accumulate_steps`` batches makes one small one per batch and one gradient all-reduce): the small one
+backward passes is exact for this loop and needs nothing rebuilt. A step makes two collectives (with
+``trainer.accumulate_steps`` every batch of a window makes both, so every rank holds the same window): the small one
 carries the loss, the batch size, the metrics, a stop request and a check that every rank registers the same
 parameters (a mismatch is all-gathered and HALT naming the ranks); the other, the gradients with the seeds'
 measured figures. On a small model each collective is a fixed cost (about 1.4 ms over loopback gloo on the

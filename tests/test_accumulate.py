@@ -11,12 +11,15 @@ import torch
 from conftest import (
     SYNTHETIC,
     UNHURRIED,
+    assert_same_tensors,
+    esper,
     latest,
     manifest,
     metrics,
     out,
     resume,
     rewrite_manifest,
+    sets,
     tensors,
     train,
 )
@@ -43,14 +46,22 @@ def test_windows_are_aligned_to_the_epoch_and_the_last_may_be_shorter() -> None:
 
 def test_the_window_means_its_seed_figures_and_a_bad_step_drops_them() -> None:
     acc = Accumulation(3, lambda: [])
-    acc.add([1.0, 10.0])
-    acc.add([3.0, 20.0])
-    assert acc.pending == 2
+    acc.add(3, [1.0, 10.0])
+    acc.add(4, [3.0, 20.0])
+    assert (acc.pending, acc.start) == (2, 3)
     assert acc.close() == [2.0, 15.0] and acc.pending == 0  # one G2 step per window, its batches' mean
-    acc.add([5.0, 1.0])
+    acc.add(6, [5.0, 1.0])
     acc.reset()
-    acc.add([7.0, 2.0])
+    acc.add(7, [7.0, 2.0])
     assert acc.close() == [7.0, 2.0]
+
+
+def test_a_window_whose_remaining_batches_are_left_out_is_closed_where_it_is_found() -> None:
+    acc = Accumulation(4, lambda: [])
+    assert not acc.left_open(None) and not acc.left_open(5)  # nothing pending
+    acc.add(4, [1.0])
+    assert not acc.left_open(5)  # batch 5 is the same window's
+    assert acc.left_open(8) and acc.left_open(None)  # a later window, or the epoch's end
 
 
 @pytest.mark.slow
@@ -75,21 +86,23 @@ def test_loading_a_window_checks_what_it_is_given() -> None:
     named = _params((2,), (3,))
     acc = Accumulation(4, lambda: named)
     grad = torch.ones(2)
-    acc.load_state_dict({"pending": 2, "measured": [0.5], "grad.host.p0": grad})
-    assert acc.pending == 2 and set(acc.sums) == {"host.p0"}
+    acc.load_state_dict({"pending": 2, "window": 4, "measured": [0.5], "grad.host.p0": grad})
+    assert (acc.pending, acc.start) == (2, 4) and set(acc.sums) == {"host.p0"}
     assert torch.equal(acc.sums["host.p0"], grad) and acc.sums["host.p0"] is not grad  # copied, never kept
-    assert set(acc.state_dict()) == {"pending", "measured", "grad.host.p0"}
+    assert set(acc.state_dict()) == {"pending", "window", "measured", "grad.host.p0"}
     forged = {
-        "pending 4 in a window of 4": {"pending": 4, "measured": []},
-        "gradients outside a window": {"pending": 0, "measured": [], "grad.host.p0": grad},
-        "a parameter the run lacks": {"pending": 1, "measured": [], "grad.host.nope": grad},
-        "a wrong shape": {"pending": 1, "measured": [], "grad.host.p1": grad},
-        "a non-finite figure": {"pending": 1, "measured": [float("nan")]},
+        "pending 4 in a window of 4": {"pending": 4, "window": 0, "measured": []},
+        "gradients outside a window": {"pending": 0, "window": 0, "measured": [], "grad.host.p0": grad},
+        "a parameter the run lacks": {"pending": 1, "window": 0, "measured": [], "grad.host.nope": grad},
+        "a wrong shape": {"pending": 1, "window": 0, "measured": [], "grad.host.p1": grad},
+        "a non-finite figure": {"pending": 1, "window": 0, "measured": [float("nan")]},
+        "a window that does not start one": {"pending": 1, "window": 3, "measured": []},
     }
     for what, state in forged.items():
         with pytest.raises(CheckpointError, match="accumulation"):
             acc.load_state_dict(state)
-        assert acc.pending == 2 and torch.equal(acc.sums["host.p0"], grad), what  # a refused state changes nothing
+        # a refused state changes nothing
+        assert acc.pending == 2 and acc.start == 4 and torch.equal(acc.sums["host.p0"], grad), what
 
 
 def test_a_window_resumed_inside_it_and_shortened_by_a_rollback_sums_as_a_straight_one() -> None:
@@ -102,7 +115,7 @@ def test_a_window_resumed_inside_it_and_shortened_by_a_rollback_sums_as_a_straig
 
     def take(acc: Accumulation, i: int) -> None:
         w.grad = g[i].clone()
-        acc.add([float(i)])
+        acc.add(i, [float(i)])
 
     straight = Accumulation(4, lambda: [("host.w", w)])
     for i in (0, 2, 3):
@@ -138,3 +151,22 @@ def test_a_forged_window_in_a_stop_checkpoint_is_refused_on_resume(tmp_path: Pat
     assert r.exit_code == ExitCode.CHECKPOINT, out(r)
     assert "accumulation" in out(r) and "Traceback" not in out(r)
     assert manifest(ckpt)["global_step"] == original["global_step"]  # nothing was trained or rewritten
+
+
+@pytest.mark.slow
+def test_a_window_cut_short_after_a_resume_steps_as_the_straight_run_did(tmp_path: Path) -> None:
+    """Windows of 4 of 6 batches: [0-3], [4, 5]. Stopped after batch 4 of epoch 3 (a window open), resumed, and a NaN
+    at batch 5 rolls back to the resume point and leaves batch 5 out: the window's last batch taken is behind the
+    resumed run. The straight run rolled back to the epoch's start and stepped at batch 4 as a window of one; the
+    resumed one steps on the open window at the epoch's end: the same steps, bit for bit."""
+    items = [*HOST_ONLY, "trainer.epochs=4", "trainer.accumulate_steps=4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    r = train(straight, *items, extra=["--fault", "nan_loss@3:5"])
+    assert r.exit_code == 0, out(r)
+    stopped = train(split, *items, extra=["--fault", "sigterm@3:4"])
+    assert stopped.exit_code == ExitCode.SIGTERM, out(stopped)
+    assert manifest(latest(split))["accumulation"]["pending"] == 1
+    r = esper("train", "--quiet", "--resume", str(split), *sets(*items), "--fault", "nan_loss@3:5")
+    assert r.exit_code == 0, out(r)
+    assert [m["global_step"] for m in metrics(split)] == [m["global_step"] for m in metrics(straight)]
+    assert_same_tensors(tensors(latest(straight), "model"), tensors(latest(split), "model"))

@@ -178,6 +178,7 @@ class AccumulationRecord(BaseModel):
     model_config = _CLOSED
 
     pending: int = Field(ge=0, le=4096)
+    window: int = Field(ge=0, le=1 << 40)  # the open window's first batch index in its epoch
     measured: list[float] = Field(max_length=4096)
 
 

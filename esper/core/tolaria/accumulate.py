@@ -30,12 +30,13 @@ GRAD = "grad."  # the prefix of a window's gradient sum in the checkpoint's ``ac
 class Accumulation:
     """The window in progress: the batches taken, their gradient sums by parameter and their seeds' figures."""
 
-    ABSENT = {"pending": 0, "measured": []}  # a checkpoint from before accumulation: never inside a window
+    ABSENT = {"pending": 0, "window": 0, "measured": []}  # a checkpoint from before accumulation: no window open
 
     def __init__(self, steps: int, named: Callable[[], list[tuple[str, nn.Parameter]]]) -> None:
         self.steps = steps
         self._named = named
         self.pending = 0  # batches of the current window in ``sums``
+        self.start = 0  # that window's first batch index in its epoch
         self.sums: dict[str, torch.Tensor] = {}
         self.measured: list[float] = []  # their seeds' losses and latencies, summed
 
@@ -45,9 +46,17 @@ class Accumulation:
         taken = [i for i in range(start, min(start + self.steps, steps_per_epoch)) if i not in skipped]
         return len(taken), index == taken[-1]
 
+    def left_open(self, index: int | None) -> bool:
+        """Whether a window holds batches but can no longer reach its last one: batch ``index`` is in a later
+        window (``None``: the epoch has ended). A run resumed inside a window whose remaining batches a rollback
+        then leaves out reaches this; the straight run stepped at the window's last batch taken, so it steps now."""
+        return self.pending > 0 and (index is None or index - index % self.steps != self.start)
+
     @torch.no_grad()
-    def add(self, measured: list[float]) -> None:
-        """One batch's gradients (in ``.grad``) and its seeds' figures join the window's sums."""
+    def add(self, index: int, measured: list[float]) -> None:
+        """Batch ``index``'s gradients (in ``.grad``) and its seeds' figures join the window's sums."""
+        if not self.pending:
+            self.start = index - index % self.steps
         for name, param in self._named():
             if param.grad is None:
                 continue
@@ -82,14 +91,16 @@ class Accumulation:
         return {GRAD + name: t for name, t in self.sums.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pending": self.pending, "measured": list(self.measured), **self.tensors()}
+        return {"pending": self.pending, "window": self.start, "measured": list(self.measured), **self.tensors()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pending, measured = state["pending"], state["measured"]
+        pending, start, measured = state["pending"], state["window"], state["measured"]
         sums = {k.removeprefix(GRAD): v for k, v in state.items() if k.startswith(GRAD)}
         if type(pending) is not int or not 0 <= pending < self.steps:
             raise CheckpointError(f"accumulation: {pending!r} batches pending does not fit a window of "
                                   f"{self.steps} (trainer.accumulate_steps)")
+        if type(start) is not int or start < 0 or start % self.steps:
+            raise CheckpointError(f"accumulation: window {start!r} is not the first batch of a window of {self.steps}")
         if not isinstance(measured, list) or not all(type(v) is float and math.isfinite(v) for v in measured):
             raise CheckpointError("accumulation: 'measured' is not a list of finite numbers")
         if sums and not pending:
@@ -106,4 +117,4 @@ class Accumulation:
         # copied, never kept (the fast rollback hands back the live sums themselves: nothing to copy then)
         self.sums = {name: t if self.sums.get(name) is t else t.detach().to(live[name].device, copy=True)
                      for name, t in sums.items()}
-        self.pending, self.measured = pending, list(measured)
+        self.pending, self.start, self.measured = pending, start, list(measured)

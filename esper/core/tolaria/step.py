@@ -40,6 +40,8 @@ class Steps:
         size, last = (1, True) if index is None else acc.window(index, p.steps_per_epoch, p.skips.steps(p.state.epoch))
         if training_slots is None:
             training_slots = [s for s in p.kasmina.slots.values() if s.stage == "TRAINING"]
+        if acc.left_open(index) and not self.close_window(p, stats, training_slots):
+            return False
         p.safety.handle(p.faults.before_step(p.kasmina))
         x, y = x.to(p.device, non_blocking=p.pin_memory), y.to(p.device, non_blocking=p.pin_memory)
         task = p.task
@@ -73,7 +75,8 @@ class Steps:
         # reduced as it is taken, so every rank holds the same window (a checkpoint inside one resumes every rank)
         measured = p.parallel.grads(p.optimizer.named_params(), measured)
         if size > 1:
-            acc.add(measured)
+            assert index is not None  # a window of several batches is an epoch's
+            acc.add(index, measured)
             measured = acc.close() if last else measured  # the window's mean gradient, in .grad
         if last and not self._optimizer_step(p, stats, training_slots, measured):
             return False
@@ -90,6 +93,10 @@ class Steps:
             p.safety.handle(Signal("NOTICE", "slow_step", f"step took {ms:.0f} ms > "
                                    f"{self.cfg.emergency.slow_step_ms:.0f} ms", {"step_ms": ms}))
         return True
+
+    def close_window(self, p: Parts, stats: EpochStats, training_slots: list[SeedSlot]) -> bool:
+        """Step on a window left open (:meth:`Accumulation.left_open`); returns whether the step was applied."""
+        return self._optimizer_step(p, stats, training_slots, p.accumulation.close())
 
     def _optimizer_step(self, p: Parts, stats: EpochStats, training_slots: list[SeedSlot],
                         measured: list[float]) -> bool:

@@ -233,6 +233,8 @@ class Trainer(RunRecord, Steps):
                 p.state.step_in_epoch = index + 1
         finally:
             data.close()  # its loader (and any worker processes) end here, also on a rollback's Restart
+        if p.accumulation.left_open(None):  # a window never spans two epochs
+            self.close_window(p, stats, training_slots)
         if self.stop.requested and epoch < self.cfg.trainer.epochs:
             self._graceful_stop(p)
             return None

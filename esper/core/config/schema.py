@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -256,6 +257,26 @@ class RiskConfig(_Section):
     rollback_window_epochs: int = Field(3, ge=1, description="epochs that count as 'recent' for rollbacks")
 
 
+def _grow_epoch(v: int | str) -> int | str:
+    if isinstance(v, bool):
+        raise ValueError("a growth epoch is an epoch count (>= 1) or a percentage of trainer.epochs, e.g. \"10%\"")
+    if isinstance(v, int):
+        if v < 1:
+            raise ValueError(f"a growth epoch must be >= 1, got {v}")
+        return v
+    m = re.fullmatch(r"(\d{1,3}(?:\.\d{1,6})?)%", v.strip())
+    if m is None or not 0 < float(m.group(1)) < 100:
+        raise ValueError(f"a relative growth epoch is a percentage of trainer.epochs in (0%, 100%), e.g. \"10%\"; "
+                         f"got {bounded.clip(v, 40)!r}")
+    return v.strip()
+
+
+def _epoch_of(at: int | str, epochs: int) -> int:
+    if isinstance(at, int):
+        return at
+    return max(1, math.ceil(epochs * float(at[:-1]) / 100))
+
+
 class ControllerConfig(_Section):
     policy: str = Field("heuristic", description="heuristic | module:function", json_schema_extra=CODE)
     timeout_ms: int = Field(2000, ge=1, le=MAX_TIMEOUT_MS,
@@ -271,11 +292,29 @@ class ControllerConfig(_Section):
     grow_when: Literal["plateau", "epoch"] = Field(
         "plateau", description="plateau: germinate one seed at a time when validation loss plateaus; epoch: "
         "germinate in every free slot (up to seeds.max_active) once controller.grow_at_epoch epochs are done")
-    grow_at_epoch: int = Field(1, ge=1, description="grow_when = \"epoch\": the epoch after which seeds grow")
+    grow_at_epoch: int | str | dict[str, int | str] = Field(
+        1, description="grow_when = \"epoch\": the epoch after which seeds grow; a percentage (\"10%\") of "
+        "trainer.epochs; or a table slot -> epoch for growth in stages ({s1 = 3, s2 = 6})")
     fossilize_min_improvement: float = Field(0.0, description="G4: val loss without the seed minus with it")
     stall_epochs: int = Field(6, ge=1, description="cull a seed stuck this many epochs in one stage")
     report_window_epochs: int = Field(2, ge=1, description="epochs observed before a field report is filed")
     risk: RiskConfig = Field(default_factory=RiskConfig)
+
+    @field_validator("grow_at_epoch")
+    @classmethod
+    def _grow_at(cls, v: int | str | dict[str, int | str]) -> int | str | dict[str, int | str]:
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("a table of growth epochs names at least one slot")
+            return {name: _grow_epoch(at) for name, at in v.items()}
+        return _grow_epoch(v)
+
+    def grow_epochs(self, epochs: int) -> int | dict[str, int]:
+        """``grow_at_epoch`` in epochs for a run of ``epochs`` (a percentage rounds up, at least epoch 1)."""
+        at = self.grow_at_epoch
+        if isinstance(at, dict):
+            return {name: _epoch_of(e, epochs) for name, e in at.items()}
+        return _epoch_of(at, epochs)
 
     @field_validator("policy")
     @classmethod
@@ -369,6 +408,16 @@ class EsperConfig(_Section):
     dist: DistConfig = Field(default_factory=DistConfig)
     faults: list[FaultConfig] = Field(default_factory=list, max_length=1000)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    @model_validator(mode="after")
+    def _growth_table(self) -> EsperConfig:
+        at = self.controller.grow_at_epoch
+        if isinstance(at, dict):
+            slots = [s.name for s in self.seeds.slots]
+            if set(at) != set(slots):
+                raise ValueError(f"controller.grow_at_epoch names slots {sorted(at)}, but seeds.slots are {slots}: "
+                                 "a table of growth epochs names every slot once")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

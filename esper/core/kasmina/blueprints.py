@@ -202,8 +202,9 @@ BUILTIN: dict[str, Blueprint] = {
                   TOKENS, lambda s: BlockSeed(s.channels), _exact(lambda s: block_params(s.channels))),
         Blueprint("attention", "x + causal self-attention(LayerNorm(x)), output projection zeroed", TOKENS,
                   lambda s: AttentionSeed(s.channels), _exact(lambda s: attention_params(s.channels))),
-        Blueprint("layer_copy", "a copy of the trained layer the slot follows, its output projections zeroed: the "
-                  "identity at birth (LLaMA-Pro); residual blocks whose output has their input's shape",
+        Blueprint("layer_copy", "a copy of the trained layer the slot follows, its output projections (or last "
+                  "norm) zeroed: the identity at birth (LLaMA-Pro); residual blocks whose output has their input's "
+                  "shape",
                   LAST_AXIS | CHANNELS, _from_layer, lambda s: (0, 0), inherits="zeroed"),
         Blueprint("layer_stack", "an exact copy of the trained layer the slot follows (G_stack): the layer runs "
                   "twice at alpha 1; layers whose output has their input's shape", LAST_AXIS | CHANNELS,

@@ -48,14 +48,7 @@ def copy_layer(layer: nn.Module, how: str, activation: torch.Tensor) -> nn.Modul
     for p in seed.parameters():
         p.requires_grad_(True)
     if how == "zeroed":
-        zeroed = [name for name, p in seed.named_parameters() if OUTPUT_PROJECTION.search(name)]
-        if not zeroed:
-            raise InheritError(f"{type(layer).__name__} has no output projection to zero (parameters named like "
-                               f"attn.proj, c_proj, o_proj, out_proj or down_proj): use the exact copy")
-        with torch.no_grad():
-            for name, p in seed.named_parameters():
-                if OUTPUT_PROJECTION.search(name):
-                    p.zero_()
+        _zero_residual_outputs(seed, type(layer).__name__)
     was = seed.training
     seed.eval()  # the check must not draw dropout masks or move running statistics
     try:
@@ -75,3 +68,24 @@ def copy_layer(layer: nn.Module, how: str, activation: torch.Tensor) -> nn.Modul
                            f"(largest change {float((out - activation).abs().max()):.3g}): it is not a residual "
                            f"block; use the exact copy")
     return seed
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def _zero_residual_outputs(seed: nn.Module, kind: str) -> None:
+    """Zero what ends each residual branch: the output projections by name (transformer blocks) or, in a block
+    that has none, its last normalization's scale and shift (a ResNet block: zero-init-residual). The caller
+    checks the result is the identity on a real activation, so a wrong guess is refused, never trained."""
+    named = [p for name, p in seed.named_parameters() if OUTPUT_PROJECTION.search(name)]
+    if not named:
+        norms = [m for m in seed.modules() if isinstance(m, _NORMS) and getattr(m, "weight", None) is not None]
+        if not norms:
+            raise InheritError(f"{kind} has no output projection to zero (parameters named like attn.proj, c_proj, "
+                               f"o_proj, out_proj or down_proj) and no normalization with a scale ending a "
+                               f"residual branch: use the exact copy")
+        last = norms[-1]
+        named = [last.weight] + ([last.bias] if last.bias is not None else [])
+    with torch.no_grad():
+        for p in named:
+            p.zero_()

@@ -113,18 +113,26 @@ class HeuristicPolicy:
         if not free:
             return []
         if self._c.grow_when == "epoch":
-            if state.observed_epochs < self._c.grow_at_epoch:
-                return []
-            why = (f"schedule: {state.observed_epochs} epochs done >= controller.grow_at_epoch "
-                   f"{self._c.grow_at_epoch}")
-            return [self._proposal(slot, options[slot], state, why, "schedule")
-                    for slot in free[: self._s.max_active - alive]]  # every free slot at once, in config order
+            due = [(slot, self._grow_epoch(slot)) for slot in free]
+            due = [(slot, at) for slot, at in due if state.observed_epochs >= at]
+            # every slot that is due at once, in config order
+            return [self._proposal(slot, options[slot], state, f"schedule: {state.observed_epochs} epochs done >= "
+                                   f"controller.grow_at_epoch {at} for slot {slot}", "schedule")
+                    for slot, at in due[: self._s.max_active - alive]]
         plateau, detail = self.plateaued(state)
         if not plateau:
             return []
         # Round-robin by past germinations; ties go to config order, so the choice is deterministic.
         slot = min(free, key=lambda n: (state.germinations_by_slot.get(n, 0), self._slot_order.index(n)))
         return [self._proposal(slot, options[slot], state, f"plateau: {detail}", "plateau")]
+
+    def _grow_epoch(self, slot: str) -> int:
+        at = self._c.grow_at_epoch  # resolved to epochs by the builder (a percentage needs trainer.epochs)
+        if isinstance(at, dict):
+            at = at[slot]
+        if not isinstance(at, int):
+            raise ObservationError(f"controller.grow_at_epoch {at!r} is relative: resolve it with grow_epochs()")
+        return at
 
     def _proposal(self, slot: str, usable: list[str], state: ControllerState, reason: str, trigger: str
                   ) -> Proposal:

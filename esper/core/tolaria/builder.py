@@ -124,7 +124,9 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
     seeds_cfg = cfg.seeds.model_copy(update=resolved if cfg.seeds.enabled else {**resolved, "slots": []})
     host_probe = probe_host(host, [s.layer for s in seeds_cfg.slots], task.example_x().to(device), cfg.host.output)
     check_output(host_probe, task.n_outputs)
-    kcfg = cfg.model_copy(update={"seeds": seeds_cfg})
+    # and a percentage of trainer.epochs in controller.grow_at_epoch becomes an epoch
+    ccfg = cfg.controller.model_copy(update={"grow_at_epoch": cfg.controller.grow_epochs(cfg.trainer.epochs)})
+    kcfg = cfg.model_copy(update={"seeds": seeds_cfg, "controller": ccfg})
     registry = BlueprintRegistry(kcfg.seeds)
     loader = None
     if seeds_cfg.slots:
@@ -155,7 +157,7 @@ def build_parts(cfg: EsperConfig, run_dir: RunDir, machine: StrictMachine, emit:
             tamiyo = controller(kcfg, run_dir.run_id)
             mediator = open_mediator(lambda: Mediator(cfg.controller.timeout_ms, emit, controller=open_controller(
                 cfg.controller.isolation, tamiyo_worker.FACTORY,
-                tamiyo_worker.factory_args(cfg.controller, kcfg.seeds, run_dir.run_id),
+                tamiyo_worker.factory_args(kcfg.controller, kcfg.seeds, run_dir.run_id),
                 start_timeout_ms=cfg.controller.start_timeout_ms)))
         state = TrainState()
         skips = BatchSkips()

@@ -216,8 +216,8 @@ class SeedsConfig(_Section):
             return v
         m = re.fullmatch(r"(\d{1,4}(?:\.\d{1,6})?)%", v.strip())
         if m is None or not 0 < float(m.group(1)) <= 1000:
-            raise ValueError(f"a relative budget is a percentage of the host's parameters in (0%, 1000%], e.g. "
-                             f"\"5%\"; got {bounded.clip(v, 40)!r}")
+            raise ValueError("a relative budget is a percentage of the host's parameters in (0%, 1000%], e.g. "
+                             "\"5%\"")  # the error's own line says what was given
         return v.strip()
 
     def budget_for(self, host_params: int) -> int:
@@ -266,8 +266,7 @@ def _grow_epoch(v: int | str) -> int | str:
         return v
     m = re.fullmatch(r"(\d{1,3}(?:\.\d{1,6})?)%", v.strip())
     if m is None or not 0 < float(m.group(1)) < 100:
-        raise ValueError(f"a relative growth epoch is a percentage of trainer.epochs in (0%, 100%), e.g. \"10%\"; "
-                         f"got {bounded.clip(v, 40)!r}")
+        raise ValueError("a relative growth epoch is a percentage of trainer.epochs in (0%, 100%), e.g. \"10%\"")
     return v.strip()
 
 
@@ -306,7 +305,13 @@ class ControllerConfig(_Section):
         if isinstance(v, dict):
             if not v:
                 raise ValueError("a table of growth epochs names at least one slot")
-            return {name: _grow_epoch(at) for name, at in v.items()}
+            out: dict[str, int | str] = {}
+            for name, at in v.items():
+                try:
+                    out[name] = _grow_epoch(at)
+                except ValueError as exc:  # a table is not echoed whole: say which entry, and what it held
+                    raise ValueError(f"slot {bounded.clip(name, 40)!r} = {bounded.clip(repr(at), 40)}: {exc}") from exc
+            return out
         return _grow_epoch(v)
 
     def grow_epochs(self, epochs: int) -> int | dict[str, int]:
@@ -414,9 +419,12 @@ class EsperConfig(_Section):
         at = self.controller.grow_at_epoch
         if isinstance(at, dict):
             slots = [s.name for s in self.seeds.slots]
-            if set(at) != set(slots):
-                raise ValueError(f"controller.grow_at_epoch names slots {sorted(at)}, but seeds.slots are {slots}: "
-                                 "a table of growth epochs names every slot once")
+            unknown, missing = sorted(set(at) - set(slots)), [n for n in slots if n not in at]
+            if unknown or missing:
+                said = "; ".join(f"{what} {bounded.clip(', '.join(names), 120)}" for what, names in
+                                 (("names no such slot:", unknown), ("leaves out", missing)) if names)
+                raise ValueError(f"controller.grow_at_epoch {said} (seeds.slots: {bounded.clip(', '.join(slots), 120)})"
+                                 ": a table of growth epochs names every slot once")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Seeds that start from what the host has learned (issue 24): a copy of the trained layer the slot follows.
 
-``zeroed`` (LLaMA-Pro's block expansion): the copy with its residual branches' output projections zeroed, so at
-birth the seed is the identity on the slot's activation (checked on a real activation, never assumed). ``exact``
+``zeroed`` (LLaMA-Pro's block expansion): the copy with its residual branches' output projections zeroed (in a
+ResNet block, which has none, its last normalization's scale and shift), so at birth the seed is the identity on
+the slot's activation (checked on a real activation, never assumed). ``exact``
 (G_stack / MIDAS stacking): the copy as it is, so at alpha 1 the network runs the trained layer twice; blending
 ramps it in from alpha 0, so the switch is smooth either way.
 
@@ -64,7 +65,7 @@ def copy_layer(layer: nn.Module, how: str, activation: torch.Tensor) -> nn.Modul
         raise InheritError(f"{type(layer).__name__} maps {tuple(activation.shape)} to {got}: only a layer whose "
                            f"output has its input's shape can be copied after itself")
     if how == "zeroed" and not torch.equal(out, activation):
-        raise InheritError(f"{type(layer).__name__} with its output projections zeroed is not the identity "
+        raise InheritError(f"{type(layer).__name__} with its residual outputs zeroed is not the identity "
                            f"(largest change {float((out - activation).abs().max()):.3g}): it is not a residual "
                            f"block; use the exact copy")
     return seed

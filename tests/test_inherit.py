@@ -152,7 +152,7 @@ def test_an_unresolved_percentage_is_never_read_as_an_epoch() -> None:
 @pytest.mark.parametrize(("value", "message"), [
     ("0", "must be >= 1"), ("true", "valid integer"), ('"0%"', "in \\(0%, 100%\\)"), ('"100%"', "100%"),
     ('"ten"', "percentage"), ("{}", "at least one slot"), ("{s1 = 0}", ">= 1"),
-    ('{s1 = "x%", s2 = 1, s3 = 1}', "slot 's1' = 'x%': a relative growth epoch"),
+    ('{s1 = "x%", s2 = 1, s3 = 1}', "slot 's1' = 'x%': a relative value is a percentage of trainer.epochs"),
     ("{s1 = 2, s2 = 2, s3 = 2, s9 = 3}", "names no such slot: s9 \\("), ("{s1 = 2}", "leaves out s2, s3 \\("),
 ])
 def test_a_bad_growth_epoch_is_a_config_error_naming_the_key(value: str, message: str) -> None:

@@ -1,8 +1,10 @@
-"""What every config section shares: the strict base model, the trust marks and the plug-in reference form."""
+"""What every config section shares: the strict base model, the trust marks, the plug-in reference form and the
+count-or-percentage form of a key resolved against the run."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -24,3 +26,24 @@ def is_factory_ref(text: str) -> bool:
 class _Section(BaseModel):
     # inf/nan would pass one-sided bounds (lr = inf) or none at all, and poison every comparison downstream.
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
+
+
+def count_or_percentage(v: int | str, count: str, percentage: str, fits: Callable[[float], bool],
+                        example: str) -> int | str:
+    """A key that is a count (>= 1) or a percentage of something the run knows later ("5%"): the value, checked.
+    The error names what the key takes; the error's own line shows what was given."""
+    if isinstance(v, bool):
+        raise ValueError(f"must be {count} or {percentage}, e.g. \"{example}\"")
+    if isinstance(v, int):
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+    m = re.fullmatch(r"(\d{1,4}(?:\.\d{1,6})?)%", v.strip())
+    if m is None or not fits(float(m.group(1))):
+        raise ValueError(f"a relative value is {percentage}, e.g. \"{example}\"")
+    return v.strip()
+
+
+def share(percentage: str) -> float:
+    """A percentage checked by :func:`count_or_percentage` as a fraction ("12.5%" -> 0.125)."""
+    return float(percentage[:-1]) / 100

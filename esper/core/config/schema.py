@@ -15,7 +15,16 @@ from typing import Any, Literal, get_args
 import tomli_w
 from pydantic import Field, field_validator, model_validator
 
-from esper.core.config.base import _NAME, CODE, MAX_TIMEOUT_MS, PATH, _Section, is_factory_ref
+from esper.core.config.base import (
+    _NAME,
+    CODE,
+    MAX_TIMEOUT_MS,
+    PATH,
+    _Section,
+    count_or_percentage,
+    is_factory_ref,
+    share,
+)
 from esper.core.config.ops import (
     BenchConfig,
     CheckpointConfig,
@@ -208,23 +217,14 @@ class SeedsConfig(_Section):
     @field_validator("param_budget")
     @classmethod
     def _budget(cls, v: int | str) -> int | str:
-        if isinstance(v, bool):
-            raise ValueError("must be a parameter count or a percentage of the host's parameters, e.g. \"5%\"")
-        if isinstance(v, int):
-            if v < 1:
-                raise ValueError(f"must be >= 1, got {v}")
-            return v
-        m = re.fullmatch(r"(\d{1,4}(?:\.\d{1,6})?)%", v.strip())
-        if m is None or not 0 < float(m.group(1)) <= 1000:
-            raise ValueError("a relative budget is a percentage of the host's parameters in (0%, 1000%], e.g. "
-                             "\"5%\"")  # the error's own line says what was given
-        return v.strip()
+        return count_or_percentage(v, "a parameter count", "a percentage of the host's parameters in (0%, 1000%]",
+                                   lambda pct: 0 < pct <= 1000, "5%")
 
     def budget_for(self, host_params: int) -> int:
         """The budget in parameters for a host of ``host_params`` (a percentage rounds down, at least 1)."""
         if isinstance(self.param_budget, int):
             return self.param_budget
-        return max(1, int(host_params * float(self.param_budget[:-1]) / 100))
+        return max(1, int(host_params * share(self.param_budget)))
 
     @property
     def budget(self) -> int:
@@ -258,22 +258,14 @@ class RiskConfig(_Section):
 
 
 def _grow_epoch(v: int | str) -> int | str:
-    if isinstance(v, bool):
-        raise ValueError("a growth epoch is an epoch count (>= 1) or a percentage of trainer.epochs, e.g. \"10%\"")
-    if isinstance(v, int):
-        if v < 1:
-            raise ValueError(f"a growth epoch must be >= 1, got {v}")
-        return v
-    m = re.fullmatch(r"(\d{1,3}(?:\.\d{1,6})?)%", v.strip())
-    if m is None or not 0 < float(m.group(1)) < 100:
-        raise ValueError("a relative growth epoch is a percentage of trainer.epochs in (0%, 100%), e.g. \"10%\"")
-    return v.strip()
+    return count_or_percentage(v, "an epoch", "a percentage of trainer.epochs in (0%, 100%)",
+                               lambda pct: 0 < pct < 100, "10%")
 
 
 def _epoch_of(at: int | str, epochs: int) -> int:
     if isinstance(at, int):
         return at
-    return max(1, math.ceil(epochs * float(at[:-1]) / 100))
+    return max(1, math.ceil(epochs * share(at)))
 
 
 class ControllerConfig(_Section):
